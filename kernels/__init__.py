@@ -1,0 +1,1 @@
+"""Triton kernel sources, installed as ``fastmtl.kernels``; importing needs triton."""

@@ -1,0 +1,72 @@
+"""The command line: --help everywhere, train -> checkpoint -> eval, JSON, clear errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastmtl.cli import main
+
+from conftest import omniglot_root
+
+
+@pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["eval"]])
+def test_help(sub):
+    out = subprocess.run([sys.executable, "-m", "fastmtl", *sub, "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "usage: fastmtl" in out
+    if sub == ["train"]:
+        assert "--tasks-per-step" in out and "--normalize-features" in out
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("fastmtl")
+    if exe is None:
+        pytest.skip("the fastmtl console script is not on PATH (package not pip-installed)")
+    assert "demo" in subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
+
+
+def test_train_then_eval_writes_json(tmp_path, capsys):
+    out, ck = tmp_path / "train.json", tmp_path / "ck"
+    rc = main(["train", "--data", "synthetic", "--epochs", "2", "--tasks-per-epoch", "8",
+               "--tasks-per-step", "4", "--images-per-class", "5", "--val-episodes", "10",
+               "--eval-episodes", "20", "--checkpoint-dir", str(ck), "--out", str(out),
+               "--plot", str(tmp_path / "curve.png")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert len(res["history"]) == 2 and {r["k_shot"] for r in res["results"]} == {1, 5}
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert "| 5-way 1-shot |" in capsys.readouterr().out
+    ev = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--episodes", "20",
+                 "--shots", "1", "--out", str(ev)]) == 0
+    assert json.loads(ev.read_text())["results"][0]["episodes"] == 20
+
+
+def test_demo_runs_short(tmp_path):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--minutes", "0.01", "--episodes", "20", "--out", str(out),
+                 "--plot", str(tmp_path / "demo.png")]) == 0
+    res = json.loads(out.read_text())
+    assert [r["k_shot"] for r in res["results"]] == [1, 5]
+    assert (tmp_path / "demo.png").exists()
+
+
+def test_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--data", "omniglot", "--root", str(tmp_path / "missing"),
+                 "--epochs", "1"]) == 2
+    assert "root" in capsys.readouterr().err
+    assert main(["train", "--data", "omniglot", "--epochs", "1"]) == 2
+    assert "--root" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_train_on_real_omniglot_cli(tmp_path):
+    root = omniglot_root()
+    out = tmp_path / "o.json"
+    assert main(["train", "--data", "omniglot", "--root", root, "--epochs", "1",
+                 "--tasks-per-epoch", "16", "--tasks-per-step", "8", "--val-episodes", "10",
+                 "--eval-episodes", "20", "--shots", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["mean"] > 20

@@ -1,0 +1,72 @@
+"""The evaluation protocol: seeded, the CI formula, the logistic head, clear errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from fastmtl import evaluate
+from fastmtl.data import FewShotDataset
+from fastmtl.evaluate import embed
+
+
+class _Pixels(nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def _blobs(n_classes=12, per=20, size=8, noise=0.6, seed=0):
+    """Each class a random grey pattern; images are the pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    proto = rng.uniform(0, 255, (n_classes, size, size))
+    imgs = proto[:, None] + rng.normal(0, 255 * noise, (n_classes, per, size, size))
+    imgs = np.clip(imgs, 0, 255).astype(np.uint8).reshape(-1, size, size)
+    return FewShotDataset(imgs, np.repeat(np.arange(n_classes), per),
+                          [f"c{i}" for i in range(n_classes)])
+
+
+def test_evaluate_is_seeded_and_reports_the_ci():
+    ds = _blobs()
+    a = evaluate(_Pixels(), ds, n_way=5, k_shot=1, n_query=5, episodes=60, seed=3, progress=False)
+    b = evaluate(_Pixels(), ds, n_way=5, k_shot=1, n_query=5, episodes=60, seed=3, progress=False)
+    c = evaluate(_Pixels(), ds, n_way=5, k_shot=1, n_query=5, episodes=60, seed=4, progress=False)
+    assert a["accuracies"] == b["accuracies"] and a["accuracies"] != c["accuracies"]
+    acc = np.array(a["accuracies"])
+    assert a["mean"] == pytest.approx(acc.mean())
+    assert a["ci95"] == pytest.approx(1.96 * acc.std() / math.sqrt(60))
+    assert a["episodes"] == 60 and a["n_way"] == 5 and a["k_shot"] == 1
+
+
+def test_more_shots_and_less_noise_help():
+    easy, hard = _blobs(noise=0.3), _blobs(noise=1.2)
+    r = {name: evaluate(_Pixels(), ds, n_way=5, k_shot=k, n_query=5, episodes=80, progress=False)
+         for name, ds, k in (("easy1", easy, 1), ("hard1", hard, 1), ("hard5", hard, 5))}
+    assert r["easy1"]["mean"] > 90
+    assert r["hard5"]["mean"] > r["hard1"]["mean"] + 5
+    assert r["hard1"]["mean"] > 25
+
+
+def test_precomputed_features_give_the_same_result():
+    ds = _blobs()
+    feats = embed(_Pixels(), ds)
+    assert torch.allclose(feats.norm(dim=1), torch.ones(len(ds)))
+    a = evaluate(_Pixels(), ds, k_shot=5, n_query=5, episodes=30, progress=False)
+    b = evaluate(None, ds, k_shot=5, n_query=5, episodes=30, features=feats, progress=False)
+    assert a["accuracies"] == b["accuracies"]
+
+
+def test_evaluate_errors():
+    ds = _blobs(n_classes=6, per=10)
+    with pytest.raises(ValueError, match="k_shot \\+ n_query"):
+        evaluate(_Pixels(), ds, n_way=5, k_shot=5, n_query=6, episodes=5, progress=False)
+    with pytest.raises(ValueError, match="n_way"):
+        evaluate(_Pixels(), ds, n_way=7, k_shot=1, n_query=5, episodes=5, progress=False)
+    with pytest.raises(ValueError, match="episodes"):
+        evaluate(_Pixels(), ds, episodes=0, progress=False)
+    with pytest.raises(ValueError, match="n_query"):
+        evaluate(_Pixels(), ds, n_query=0, episodes=3, progress=False)
+    with pytest.raises(ValueError, match="features"):
+        evaluate(_Pixels(), ds, n_query=5, episodes=3, features=torch.zeros(3, 4), progress=False)
+    with pytest.raises(ValueError, match="dataset"):
+        evaluate(_Pixels(), np.zeros((5, 8, 8)), episodes=3, progress=False)

@@ -53,7 +53,7 @@ def test_trainer_learns_and_records_history():
     data = _glyphs()
     train, test = data.subset(range(20)), data.subset(range(20, 30))
     cfg = MTLConfig(tasks_per_step=4, tasks_per_epoch=40, epochs=3, scale=10.0,
-                    images_per_class=6, val_episodes=20)
+                    images_per_class=6, val_episodes=20, val_queries=5)
     trainer = MTLTrainer(conv4(in_channels=1), cfg)
     hist = trainer.fit(train, test, progress=False)
     assert [h["epoch"] for h in hist] == [1, 2, 3]

@@ -1,4 +1,12 @@
 """Data sets: real few-shot benchmarks read from a folder, and a built-in procedural default."""
 from .base import FewShotDataset
+from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_SPLITS, OMNIGLOT_STD, Omniglot
+from .pickles import (CIFAR_MEAN, CIFAR_STD, CIFARFS, FC100, IMAGENET_MEAN, IMAGENET_STD,
+                      MiniImageNet, TieredImageNet)
+from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, SyntheticGlyphs
+from .transforms import with_rotations
 
-__all__ = ["FewShotDataset"]
+__all__ = ["FewShotDataset", "Omniglot", "OMNIGLOT_SPLITS", "OMNIGLOT_MEAN", "OMNIGLOT_STD",
+           "MiniImageNet", "TieredImageNet", "CIFARFS", "FC100", "IMAGENET_MEAN",
+           "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "SyntheticGlyphs", "SYNTHETIC_MEAN",
+           "SYNTHETIC_STD", "with_rotations"]

@@ -1,0 +1,38 @@
+"""Backbones: Conv-4 and ResNet-12, plain ``nn.Module``s mapping (B, C, H, W) images to (B, d)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .conv4 import Conv4, conv4
+from .resnet12 import ResNet12, resnet12
+
+__all__ = ["conv4", "resnet12", "Conv4", "ResNet12", "feature_dim"]
+
+
+def feature_dim(backbone: nn.Module, image_shape) -> int:
+    """Feature size d of ``backbone`` for images of shape (C, H, W), by one dummy forward.
+
+    The forward runs in eval mode without gradients (running statistics and the DropBlock
+    ramp are untouched) on the device and dtype of the backbone's parameters; the
+    training mode of every submodule is restored afterwards.
+    """
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
+    param = next(iter(backbone.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        # Two images: a BatchNorm without running statistics (as under vmap) uses batch
+        # statistics even in eval, which fail on a single 1x1 value per channel.
+        with torch.no_grad():
+            out = backbone(torch.zeros((2,) + shape, device=device, dtype=dtype))
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if out.dim() != 2:
+        raise ValueError(f"backbone must return (B, d) features, got shape {tuple(out.shape)}")
+    return int(out.shape[1])

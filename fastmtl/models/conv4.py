@@ -1,0 +1,68 @@
+"""Conv-4: the four-block convolutional backbone of MAML and Prototypical Networks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["Conv4", "conv4"]
+
+# Four 2x max-pools: anything smaller than 16 pixels would pool down to nothing.
+_MIN_SIZE = 16
+
+
+class Conv4(nn.Module):
+    """Four blocks of conv3x3 (padding 1) - BatchNorm - ReLU - MaxPool(2), then flatten.
+
+    Input (B, C, H, W) float; output (B, out_channels * (H // 16) * (W // 16)):
+    64 for 28x28, 256 for 32x32, 1600 for 84x84 with the default widths.
+    """
+
+    def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64):
+        super().__init__()
+        if min(in_channels, hidden, out_channels) < 1:
+            raise ValueError(f"channel counts must be >= 1, got in_channels={in_channels}, "
+                             f"hidden={hidden}, out_channels={out_channels}")
+        self.in_channels = in_channels
+        widths = [in_channels, hidden, hidden, hidden, out_channels]
+        self.blocks = nn.Sequential(*(_block(a, b) for a, b in zip(widths[:-1], widths[1:])))
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.in_channels, _MIN_SIZE)
+        return self.blocks(x).flatten(1)
+
+
+def conv4(in_channels: int = 1, hidden: int = 64, out_channels: int = 64) -> Conv4:
+    """The MAML/ProtoNet Conv-4 backbone (see :class:`Conv4`)."""
+    return Conv4(in_channels, hidden, out_channels)
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    # No conv bias: the BatchNorm right after it would cancel it.
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(), nn.MaxPool2d(2))
+
+
+def _init_weights(net: nn.Module, negative_slope: float = 0.0) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nonlinearity = "leaky_relu" if negative_slope else "relu"
+            nn.init.kaiming_normal_(m.weight, a=negative_slope, mode="fan_out",
+                                    nonlinearity=nonlinearity)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _check_input(x: torch.Tensor, in_channels: int, min_size: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected images of shape (B, C, H, W), got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected floating-point images, got {x.dtype}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"expected {in_channels} input channels, got {x.shape[1]} "
+                         f"(images of shape {tuple(x.shape)})")
+    if min(x.shape[-2:]) < min_size:
+        raise ValueError(f"images must be at least {min_size}x{min_size}, got "
+                         f"{x.shape[-2]}x{x.shape[-1]}")

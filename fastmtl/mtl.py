@@ -53,10 +53,12 @@ class MTLConfig:
             the training loss without a validation set).
         normalize_features: L2-normalize features before the head in training (the
             paper: on for all data sets but FC100).
-        scale: logit scale (inverse temperature) applied after normalization; with unit
-            features and small head rows, logits are small without it.
+        head: "linear" (the paper: plain class rows, Kaiming-uniform init scaled by
+            sqrt(C / n)) or "cosine" (rows L2-normalized before use, so every logit is
+            ``scale * cos(z, w)``; with unit features this fixes the logit range).
+        scale: logit scale (inverse temperature), multiplies the features before the head.
+        learn_scale: make ``scale`` a trained parameter (log-parameterized).
         augment: random affine jitter of training images (rotation, scale, shift).
-        label_smoothing: not used by the paper; 0 keeps its loss.
         chunking: "auto", "task" or "batch"; see the module docstring.
         grad_clip: max gradient norm, or None (the default: no clipping).
         val_episodes, val_shots, val_queries: validation protocol per epoch.
@@ -79,9 +81,10 @@ class MTLConfig:
     plateau_patience: int = 4
     plateau_factor: float = 0.1
     normalize_features: bool = True
+    head: str = "linear"
     scale: float = 1.0
+    learn_scale: bool = False
     augment: bool = False
-    label_smoothing: float = 0.0
     chunking: str = "auto"
     grad_clip: float | None = None
     val_episodes: int = 200
@@ -98,6 +101,8 @@ class MTLConfig:
                      "epochs", "val_shots"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.head not in ("linear", "cosine"):
+            raise ValueError(f"head must be 'linear' or 'cosine', got {self.head!r}")
         if self.chunking not in ("auto", "task", "batch"):
             raise ValueError(f"chunking must be 'auto', 'task' or 'batch', got {self.chunking!r}")
         if self.lr <= 0:
@@ -169,10 +174,23 @@ class MTLTrainer:
 
     def _init_head(self, n_classes: int, dim: int, gen: torch.Generator) -> torch.Tensor:
         # Kaiming-uniform for a (C, d) linear layer, scaled by sqrt(C / n) as the official
-        # code does (its head is a C-way layer of which each task uses n rows).
+        # code does (its head is a C-way layer of which each task uses n rows). A cosine
+        # head only uses the rows' directions.
         bound = 1.0 / math.sqrt(dim) * math.sqrt(n_classes / self.config.n_way)
+        if self.config.head == "cosine":
+            # Small rows: an Adam step (~lr per entry) then turns a row's direction within
+            # a few updates, instead of the thousands a row of the paper's size needs when
+            # each class is drawn in only a few percent of the steps.
+            bound = 1e-3
         w = (torch.rand(n_classes, dim, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         return w.to(self.device).requires_grad_(True)
+
+    def _head_inputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features times the logit scale, and the head rows, as the head op takes them."""
+        w = F.normalize(self.head, dim=1) if self.config.head == "cosine" else self.head
+        if self.config.learn_scale:
+            return z * self.log_scale.exp(), w
+        return (z * self.config.scale if self.config.scale != 1.0 else z), w
 
     def _features(self, x: torch.Tensor, n_tasks: int) -> torch.Tensor:
         if self._chunking() == "task":
@@ -185,7 +203,11 @@ class MTLTrainer:
         from .models import feature_dim  # models import nothing of ours; late to keep import light
         dim = feature_dim(self.backbone, train.image_shape)
         self.head = self._init_head(train.n_classes, dim, gen)
+        self.log_scale = torch.tensor(math.log(cfg.scale), device=self.device,
+                                      requires_grad=cfg.learn_scale)
         params = list(self.backbone.parameters()) + [self.head]
+        if cfg.learn_scale:
+            params.append(self.log_scale)
         opt = torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="max" if val is not None else "min", factor=cfg.plateau_factor,
@@ -222,10 +244,9 @@ class MTLTrainer:
                 if cfg.normalize_features:
                     z = F.normalize(z, dim=1)
                 with _nvtx("mtl/heads"):
-                    loss = multihead_ce(z, self.head, task_classes, sample_task, labels,
-                                        scale=cfg.scale, backend=cfg.backend)
-                    if cfg.label_smoothing:
-                        loss = self._smoothed(z, task_classes, labels, loss)
+                    zs, w = self._head_inputs(z)
+                    loss = multihead_ce(zs, w, task_classes, sample_task, labels,
+                                        backend=cfg.backend)
                 with _nvtx("mtl/backward"):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -233,14 +254,14 @@ class MTLTrainer:
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     opt.step()
                 with torch.no_grad():
-                    heads = self.head[task_classes]                              # (T, n, d)
-                    logits = torch.bmm(z.detach().view(T, n * k, -1), heads.transpose(1, 2))
+                    heads = w[task_classes]                                      # (T, n, d)
+                    logits = torch.bmm(zs.view(T, n * k, -1), heads.transpose(1, 2))
                     accs.append((logits.argmax(-1).view(-1) == labels).float().mean().item())
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
                       "train_acc": 100.0 * float(np.mean(accs)),
-                      "lr": opt.param_groups[0]["lr"]}
+                      "lr": opt.param_groups[0]["lr"], "scale": float(self.log_scale.exp())}
             if val is not None:
                 from .evaluate import evaluate
                 res = evaluate(self.backbone, val, n_way=cfg.n_way, k_shot=cfg.val_shots,
@@ -274,23 +295,14 @@ class MTLTrainer:
         self.best_epoch = best["epoch"]
         return self.history
 
-    def _smoothed(self, z, task_classes, labels, loss):
-        # Label smoothing adds eps * (mean over the task's classes of -log p): the mean
-        # negative log-likelihood of a uniform target, computed from the same logits.
-        cfg = self.config
-        T, n = task_classes.shape
-        heads = self.head[task_classes]
-        logits = torch.bmm(z.view(T, -1, z.shape[1]), heads.transpose(1, 2)) * cfg.scale
-        uniform = -(logits.log_softmax(-1).mean(-1)).mean()
-        return (1 - cfg.label_smoothing) * loss + cfg.label_smoothing * uniform
-
     def _save(self, epoch, opt, sched, best):
         directory = self.config.checkpoint_dir
         if directory is None:
             return
         os.makedirs(directory, exist_ok=True)
         state = {"epoch": epoch, "backbone": self.backbone.state_dict(),
-                 "head": self.head.detach().cpu(), "optimizer": opt.state_dict(),
+                 "head": self.head.detach().cpu(), "log_scale": self.log_scale.detach().cpu(),
+                 "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "history": self.history,
                  "config": dataclasses.asdict(self.config),
                  "best": {"score": best["score"], "epoch": best["epoch"]},
@@ -313,6 +325,7 @@ class MTLTrainer:
         self.backbone.load_state_dict(state["backbone"])
         with torch.no_grad():
             self.head.copy_(state["head"].to(self.device))
+            self.log_scale.copy_(state["log_scale"].to(self.device))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         self.history = list(state["history"])

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .data.base import FewShotDataset
 from .ops import multihead_ce
-from .sampling import EpisodeSampler
+from .sampling import EpisodeLoader
 
 __all__ = ["MTLConfig", "MTLTrainer"]
 
@@ -61,7 +61,8 @@ class MTLConfig:
         augment: random affine jitter of training images (rotation, scale, shift).
         chunking: "auto", "task" or "batch"; see the module docstring.
         grad_clip: max gradient norm, or None (the default: no clipping).
-        val_episodes, val_shots, val_queries: validation protocol per epoch.
+        val_episodes, val_ways, val_shots, val_queries: validation protocol per epoch
+            (the test protocol: logistic regression on the support features).
         early_stop_patience: stop after this many epochs without a better validation
             accuracy (None: never); the best epoch's weights are restored at the end.
         max_minutes: wall-clock budget for fit (None: none); stops after the epoch that
@@ -88,6 +89,7 @@ class MTLConfig:
     chunking: str = "auto"
     grad_clip: float | None = None
     val_episodes: int = 200
+    val_ways: int = 5
     val_shots: int = 1
     val_queries: int = 15
     early_stop_patience: int | None = None
@@ -98,7 +100,7 @@ class MTLConfig:
 
     def validate(self) -> None:
         for name in ("n_way", "images_per_class", "tasks_per_step", "tasks_per_epoch",
-                     "epochs", "val_shots"):
+                     "epochs", "val_ways", "val_shots"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.head not in ("linear", "cosine"):
@@ -157,10 +159,9 @@ class MTLTrainer:
         if cfg.images_per_class > smallest:
             raise ValueError(f"images_per_class={cfg.images_per_class} is larger than the "
                              f"smallest training class ({smallest} images)")
-        sampler = EpisodeSampler(train.labels, cfg.n_way, cfg.images_per_class, 0, cfg.seed)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
-            return self._fit(train, val, sampler, resume, progress)
+            return self._fit(train, val, resume, progress)
 
     def state_dict(self) -> dict[str, Any]:
         return {"backbone": self.backbone.state_dict(), "head": self.head,
@@ -197,7 +198,7 @@ class MTLTrainer:
             return torch.cat([self.backbone(c) for c in x.chunk(n_tasks)])
         return self.backbone(x)
 
-    def _fit(self, train, val, sampler, resume, progress):
+    def _fit(self, train, val, resume, progress):
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
         from .models import feature_dim  # models import nothing of ours; late to keep import light
@@ -230,15 +231,15 @@ class MTLTrainer:
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))
             self.backbone.train()
             losses, accs = [], []
-            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+            loader = EpisodeLoader(train, n, k, 0, T, cfg.seed, start=epoch * steps * T,
+                                   device=self.device, batches=steps)
+            bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress)
-            for step in bar:
-                first = (epoch * steps + step) * T
-                classes, index = sampler.episodes(first, T)
-                x = train.tensor(index, device=self.device).flatten(0, 2)
+            for batch in bar:
+                x = batch.images.flatten(0, 2)
+                task_classes = batch.classes
                 if cfg.augment:
                     x = _random_affine(x, gen)
-                task_classes = torch.as_tensor(classes, device=self.device)
                 with _nvtx("mtl/backbone"):
                     z = self._features(x, T)
                 if cfg.normalize_features:
@@ -264,7 +265,7 @@ class MTLTrainer:
                       "lr": opt.param_groups[0]["lr"], "scale": float(self.log_scale.exp())}
             if val is not None:
                 from .evaluate import evaluate
-                res = evaluate(self.backbone, val, n_way=cfg.n_way, k_shot=cfg.val_shots,
+                res = evaluate(self.backbone, val, n_way=cfg.val_ways, k_shot=cfg.val_shots,
                                n_query=cfg.val_queries, episodes=cfg.val_episodes,
                                seed=cfg.seed, device=self.device, progress=False)
                 record.update(val_acc=res["mean"], val_ci95=res["ci95"])

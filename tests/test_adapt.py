@@ -1,0 +1,304 @@
+"""fit_logistic against scikit-learn's LogisticRegression, its edge cases, and its errors.
+
+The reference is scikit-learn run to a tight tolerance (tol=1e-10, max_iter=10000):
+heads must match to 1e-3 relative (intercepts compared centred, as both return them),
+and query predictions must agree with scikit-learn's default settings on >= 99%.
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+
+from fastmtl import adapt
+from fastmtl.adapt import LogisticHeads, fit_logistic
+
+TIGHT = {"tol": 1e-10, "max_iter": 10000}
+DEFAULT = {"max_iter": 1000}          # the paper's protocol, scikit-learn's default tol
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The solver makes many small calls; on a machine shared with other jobs, torch's
+    # threads mostly wait on each other there (10x slower), so these tests use one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _episodes(E, n_way, shot, d, kind="normalized", n_query=15, seed=0):
+    """Support/query features of E episodes: class means plus noise.
+
+    kind: "normalized" (L2-normalized, like backbone features), "easy" (well separated),
+    "hard" (noise swamps the class means), "raw" (unnormalized Gaussian, norm ~ sqrt(d)).
+    """
+    g = torch.Generator().manual_seed(seed)
+    noise = {"normalized": 1.5, "easy": 0.2, "hard": 10.0, "raw": 1.0}[kind]
+    means = torch.randn(E, n_way, 1, d, generator=g, dtype=torch.float64)
+    z = means + noise * torch.randn(E, n_way, shot + n_query, d, generator=g,
+                                    dtype=torch.float64)
+    if kind != "raw":
+        z = F.normalize(z, dim=-1)
+    support = z[:, :, :shot].reshape(E, n_way * shot, d)
+    query = z[:, :, shot:].reshape(E, n_way * n_query, d)
+    y_support = torch.arange(n_way).repeat_interleave(shot).expand(E, -1)
+    y_query = torch.arange(n_way).repeat_interleave(n_query).expand(E, -1)
+    return support, y_support, query, y_query
+
+
+def _sklearn(z, y, n_classes, C=3.0, **kw):
+    """scikit-learn per episode, as full heads: absent classes get zero weights and a -inf
+    intercept, a binary fit becomes its symmetric two-row form, intercepts are centred."""
+    E, _, d = z.shape
+    weight = np.zeros((E, n_classes, d))
+    bias = np.full((E, n_classes), -np.inf)
+    models = []
+    for e in range(E):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = LogisticRegression(C=C, solver="lbfgs", **kw).fit(z[e].numpy(),
+                                                                      y[e].numpy())
+        cls = model.classes_
+        coef, icpt = model.coef_, model.intercept_
+        if len(cls) == 2:
+            coef = np.concatenate([-coef / 2, coef / 2])
+            icpt = np.concatenate([-icpt / 2, icpt / 2])
+        weight[e, cls] = coef
+        bias[e, cls] = icpt - icpt.mean()
+        models.append(model)
+    return weight, bias, models
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _assert_matches(heads, weight, bias, tol=1e-3):
+    W, b = heads.weight.double().numpy(), heads.bias.double().numpy()
+    for e in range(W.shape[0]):
+        present = np.isfinite(bias[e])
+        assert np.array_equal(np.isfinite(b[e]), present)
+        assert _rel(W[e], weight[e]) < tol, f"episode {e}: weights off"
+        assert _rel(b[e, present], bias[e, present]) < tol, f"episode {e}: intercepts off"
+
+
+CASES = [  # n_way, shot, d, kind
+    (5, 1, 640, "normalized"),
+    (5, 5, 640, "normalized"),
+    (5, 5, 64, "easy"),
+    (5, 5, 64, "hard"),
+    (5, 1, 16, "normalized"),
+    (5, 5, 16, "raw"),               # S = 25 > d = 16: a singular Gram matrix
+    (3, 5, 640, "normalized"),
+    (3, 1, 64, "raw"),
+    (20, 1, 64, "normalized"),
+]
+
+
+@pytest.mark.parametrize("n_way,shot,d,kind", CASES)
+def test_matches_sklearn(n_way, shot, d, kind):
+    zs, ys, zq, _ = _episodes(3, n_way, shot, d, kind, seed=n_way * 100 + shot * 10 + d)
+    heads = fit_logistic(zs, ys, C=3.0)
+    assert heads.weight.shape == (3, n_way, d) and heads.bias.shape == (3, n_way)
+    assert bool(heads.converged.all())
+    weight, bias, models = _sklearn(zs, ys, n_way, **TIGHT)
+    _assert_matches(heads, weight, bias)
+    pred = heads.predict(zq).numpy()
+    ref = np.stack([m.predict(zq[e].numpy()) for e, m in enumerate(models)])
+    assert (pred == ref).mean() >= 0.99
+
+
+@pytest.mark.parametrize("C", [0.1, 1.0, 30.0])
+def test_matches_sklearn_for_other_C(C):
+    zs, ys, _, _ = _episodes(3, 5, 5, 64, seed=7)
+    heads = fit_logistic(zs, ys, C=C)
+    weight, bias, _ = _sklearn(zs, ys, 5, C=C, **TIGHT)
+    _assert_matches(heads, weight, bias)
+
+
+@pytest.mark.parametrize("shot", [1, 5])
+def test_predictions_agree_with_default_sklearn(shot):
+    zs, ys, zq, yq = _episodes(20, 5, shot, 640, seed=shot)
+    pred = fit_logistic(zs, ys).predict(zq).numpy()
+    _, _, models = _sklearn(zs, ys, 5, **DEFAULT)
+    ref = np.stack([m.predict(zq[e].numpy()) for e, m in enumerate(models)])
+    assert (pred == ref).mean() >= 0.99
+    assert (pred == yq.numpy()).mean() > 0.5      # the features carry the classes
+
+
+def test_solution_is_stationary():
+    """Independent of scikit-learn: the gradient of the objective vanishes at the heads."""
+    zs, ys, _, _ = _episodes(2, 5, 5, 64, kind="raw", seed=3)
+    heads = fit_logistic(zs, ys, C=3.0, tol=1e-10)
+    W = heads.weight.clone().requires_grad_()
+    b = heads.bias.clone().requires_grad_()
+    logits = zs @ W.transpose(1, 2) + b.unsqueeze(1)
+    ce = F.cross_entropy(logits.reshape(-1, 5), ys.reshape(-1), reduction="sum")
+    (3.0 * ce + 0.5 * W.square().sum()).backward()
+    assert W.grad.abs().max() < 1e-7 and b.grad.abs().max() < 1e-7
+    assert heads.bias.sum(1).abs().max() < 1e-10       # centred intercepts
+
+
+def test_two_classes_match_sklearns_binomial_model():
+    zs, ys, _, _ = _episodes(3, 2, 5, 64, seed=11)
+    heads = fit_logistic(zs, ys)
+    weight, bias, models = _sklearn(zs, ys, 2, **TIGHT)
+    _assert_matches(heads, weight, bias)
+    W = heads.weight.numpy()
+    for e, m in enumerate(models):
+        assert _rel(W[e, 1] - W[e, 0], m.coef_[0]) < 1e-3
+
+
+def test_absent_classes_get_minus_infinity_and_the_rest_matches():
+    zs, _, zq, _ = _episodes(3, 4, 3, 64, seed=5)
+    ys = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3, 0, 1, 2, 3],     # 4 of 6 classes
+                       [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 1],     # 2 of 6: binomial
+                       [5, 5, 5, 2, 2, 2, 1, 1, 1, 5, 2, 1]])    # 3 of 6
+    heads = fit_logistic(zs, ys, n_classes=6)
+    weight, bias, _ = _sklearn(zs, ys, 6, **TIGHT)
+    _assert_matches(heads, weight, bias)
+    absent = ~torch.from_numpy(np.isfinite(bias))
+    assert torch.all(heads.weight[absent] == 0)
+    assert torch.all(heads.bias[absent] == float("-inf"))
+    pred = heads.predict(zq)
+    for e in range(3):
+        assert set(pred[e].tolist()) <= set(ys[e].tolist())
+    assert torch.isfinite(heads.logits(zq).softmax(-1)).all()
+
+
+def test_single_class_episode_predicts_it():
+    zs, _, zq, _ = _episodes(2, 1, 4, 32, seed=2)
+    ys = torch.full((2, 4), 2)
+    heads = fit_logistic(zs, ys, n_classes=3)
+    assert torch.all(heads.weight == 0)
+    assert torch.all(heads.predict(zq) == 2)
+    assert bool(heads.converged.all())
+
+
+def test_duplicate_support_points():
+    zs, ys, _, _ = _episodes(2, 5, 1, 64, seed=4)
+    zs, ys = zs.repeat_interleave(3, dim=1), ys.repeat_interleave(3, dim=1)
+    heads = fit_logistic(zs, ys)
+    weight, bias, _ = _sklearn(zs, ys, 5, **TIGHT)
+    _assert_matches(heads, weight, bias)
+
+
+def test_identical_or_zero_support_points_leave_only_intercepts():
+    ys = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 3]] * 2)
+    zs = torch.stack([torch.full((10, 16), 0.3), torch.zeros(10, 16)]).double()
+    heads = fit_logistic(zs, ys)
+    weight, bias, _ = _sklearn(zs, ys, 4, **TIGHT)
+    assert heads.weight.abs().max() < 1e-6 and np.abs(weight).max() < 1e-6
+    np.testing.assert_allclose(heads.bias.numpy(), bias, rtol=1e-4)
+    assert bool(heads.converged.all())
+
+
+def test_one_episode_and_batching_do_not_change_the_heads():
+    # Easy and hard episodes in one batch converge at different iterations.
+    easy, ys, _, _ = _episodes(3, 5, 5, 64, "easy", seed=8)
+    hard, _, _, _ = _episodes(3, 5, 5, 64, "raw", seed=9)
+    zs = torch.cat([easy, hard])
+    ys = torch.cat([ys, ys])
+    batched = fit_logistic(zs, ys, tol=1e-10)
+    assert batched.n_iter.unique().numel() > 1
+    for e in (0, 4, 5):
+        alone = fit_logistic(zs[e:e + 1], ys[e:e + 1], tol=1e-10)
+        torch.testing.assert_close(alone.weight[0], batched.weight[e], rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(alone.bias[0], batched.bias[e], rtol=1e-7, atol=1e-9)
+
+
+def test_chunked_fit_equals_one_fit(monkeypatch):
+    zs, ys, _, _ = _episodes(5, 5, 2, 32, seed=6)
+    whole = fit_logistic(zs, ys)
+    monkeypatch.setattr(adapt, "_CHUNK_BYTES", 2 * 10 * 32 * 8)      # two episodes a chunk
+    chunked = fit_logistic(zs, ys)
+    torch.testing.assert_close(chunked.weight, whole.weight)
+    torch.testing.assert_close(chunked.bias, whole.bias)
+
+
+def test_float32_features():
+    zs, ys, zq, _ = _episodes(4, 5, 5, 640, seed=12)
+    ref = fit_logistic(zs, ys, tol=1e-10)
+    heads = fit_logistic(zs.float(), ys)
+    assert heads.weight.dtype == torch.float32 and heads.bias.dtype == torch.float32
+    W = heads.weight.double()
+    assert ((W - ref.weight).norm(dim=(1, 2)) / ref.weight.norm(dim=(1, 2))).max() < 1e-5
+    assert (heads.predict(zq.float()) == ref.predict(zq)).float().mean() >= 0.99
+    assert heads.logits(zq).dtype == torch.float64       # promoted to the query's dtype
+
+
+def test_logits_predict_and_label_layouts():
+    zs, ys, zq, _ = _episodes(3, 4, 2, 16, seed=13)
+    heads = fit_logistic(zs, ys.to(torch.int32))         # int32, expanded (strided) labels
+    assert isinstance(heads, LogisticHeads)
+    logits = heads.logits(zq)
+    torch.testing.assert_close(logits, zq @ heads.weight.transpose(1, 2) + heads.bias[:, None])
+    assert torch.equal(heads.predict(zq), logits.argmax(-1))
+    assert heads.predict(zq).dtype == torch.int64
+    assert heads.n_iter.shape == (3,) and heads.converged.shape == (3,)
+
+
+def test_n_classes_defaults_to_the_largest_label():
+    zs, ys, _, _ = _episodes(2, 3, 2, 16, seed=14)
+    assert fit_logistic(zs, ys).weight.shape[1] == 3
+    assert fit_logistic(zs, ys, n_classes=5).weight.shape[1] == 5
+
+
+def test_max_iter_caps_the_iterations():
+    zs, ys, _, _ = _episodes(3, 5, 5, 64, "raw", seed=15)
+    heads = fit_logistic(zs, ys, max_iter=1)
+    assert int(heads.n_iter.max()) <= 1 and not bool(heads.converged.any())
+    assert torch.isfinite(heads.weight).all()
+
+
+def test_errors_name_the_argument():
+    zs, ys, zq, _ = _episodes(2, 3, 2, 8, seed=16)
+    bad = [
+        (dict(z_support=zs[0]), "z_support"),
+        (dict(z_support=zs.long()), "z_support"),
+        (dict(z_support=zs.numpy()), "z_support"),
+        (dict(z_support=zs[:, :0]), "z_support"),
+        (dict(y_support=ys[:, :-1]), "y_support"),
+        (dict(y_support=ys[:1]), "y_support"),
+        (dict(y_support=ys.double()), "y_support"),
+        (dict(y_support=ys > 0), "y_support"),
+        (dict(y_support=ys.numpy()), "y_support"),
+        (dict(y_support=ys - 1), "y_support"),
+        (dict(y_support=ys, n_classes=2), "y_support"),
+        (dict(n_classes=0), "n_classes"),
+        (dict(n_classes=2.5), "n_classes"),
+        (dict(C=0.0), "C"),
+        (dict(C=-1.0), "C"),
+        (dict(C=float("nan")), "C"),
+        (dict(C=float("inf")), "C"),
+        (dict(C="3"), "C"),
+        (dict(tol=0.0), "tol"),
+        (dict(max_iter=0), "max_iter"),
+    ]
+    for kwargs, name in bad:
+        args = {"z_support": zs, "y_support": ys, **kwargs}
+        with pytest.raises(ValueError, match=name):
+            fit_logistic(**args)
+    nan = zs.clone()
+    nan[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="z_support"):
+        fit_logistic(nan, ys)
+    heads = fit_logistic(zs, ys)
+    for z_query in (zq[0], zq[:, :, :-1], zq[:1], zq.long(), zq.numpy()):
+        with pytest.raises(ValueError, match="z_query"):
+            heads.predict(z_query)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    zs, ys, zq, _ = _episodes(8, 5, 5, 640, seed=17)
+    cpu = fit_logistic(zs.float(), ys)
+    gpu = fit_logistic(zs.float().cuda(), ys.cuda())
+    assert gpu.weight.is_cuda and gpu.bias.is_cuda
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gpu.bias.cpu(), cpu.bias, rtol=1e-4, atol=1e-6)
+    assert torch.equal(gpu.predict(zq.float().cuda()).cpu(), cpu.predict(zq.float()))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data.base import FewShotDataset
+from .models import feature_dim
 from .ops import multihead_ce
 from .sampling import EpisodeLoader
 
@@ -201,7 +202,6 @@ class MTLTrainer:
     def _fit(self, train, val, resume, progress):
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
-        from .models import feature_dim  # models import nothing of ours; late to keep import light
         dim = feature_dim(self.backbone, train.image_shape)
         self.head = self._init_head(train.n_classes, dim, gen)
         self.log_scale = torch.tensor(math.log(cfg.scale), device=self.device,
@@ -264,6 +264,8 @@ class MTLTrainer:
                       "train_acc": 100.0 * float(np.mean(accs)),
                       "lr": opt.param_groups[0]["lr"], "scale": float(self.log_scale.exp())}
             if val is not None:
+                # Validation is the test protocol itself; imported here because evaluate
+                # sits above the trainers in the layering and never imports them.
                 from .evaluate import evaluate
                 res = evaluate(self.backbone, val, n_way=cfg.val_ways, k_shot=cfg.val_shots,
                                n_query=cfg.val_queries, episodes=cfg.val_episodes,

@@ -17,6 +17,7 @@ from .mtl import MTLConfig
 
 DATASETS = ("synthetic", "omniglot", "miniimagenet", "tieredimagenet", "cifarfs", "fc100")
 BACKBONES = ("conv4", "resnet12")
+METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # Class ranges of the built-in SyntheticGlyphs default (generated, never downloaded):
 # classes are a pure function of (seed, class index), so splits are disjoint prefixes.
 SYNTHETIC_SPLITS = {"train": (0, 240), "val": (240, 280), "test": (280, 400),
@@ -124,10 +125,13 @@ def _evaluate_all(backbone, test, shots, ways, queries, episodes, seed, progress
 
 
 # -- config flags -------------------------------------------------------------------------
-def _add_config_flags(parser: argparse.ArgumentParser, defaults: MTLConfig) -> None:
-    hints = typing.get_type_hints(MTLConfig)
-    doc = MTLConfig.__doc__ or ""
-    for f in dataclasses.fields(MTLConfig):
+def _add_config_flags(parser: argparse.ArgumentParser, defaults, fixed=()) -> None:
+    cls = type(defaults)
+    hints = typing.get_type_hints(cls)
+    doc = cls.__doc__ or ""
+    for f in dataclasses.fields(cls):
+        if f.name in fixed:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         hint = hints[f.name]
@@ -157,9 +161,20 @@ def _field_help(doc: str, name: str) -> str:
     return name.replace("_", " ")
 
 
-def _config_from(args, base: MTLConfig) -> MTLConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MTLConfig)}
-    return dataclasses.replace(base, **values)
+def _config_from(args, base, fixed=None):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(base)
+              if hasattr(args, f.name)}
+    return dataclasses.replace(base, **values, **(fixed or {}))
+
+
+def _method_config(method: str):
+    """(trainer class, default config, fixed fields) of ``--method``."""
+    if method == "mtl":
+        from .mtl import MTLTrainer
+        return MTLTrainer, MTLConfig(), {}
+    from .gbml import METHODS as GBML
+    trainer_cls, config_cls, fixed = GBML[method]
+    return trainer_cls, config_cls(), fixed
 
 
 # -- subcommands --------------------------------------------------------------------------
@@ -199,27 +214,31 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     t0 = time.perf_counter()
-    cfg = _config_from(args, MTLConfig())
+    trainer_cls, defaults, fixed = _method_config(args.method)
+    cfg = _config_from(args, defaults, fixed)
     train = load_dataset(args.data, args.root, args.train_split, args.image_size, args.data_seed,
                          rotations=args.rotations)
     val = None if args.no_val else load_dataset(args.data, args.root, "val", args.image_size,
                                                 args.data_seed)
     print(f"train: {train!r}" + (f"\nval: {val!r}" if val is not None else ""))
     backbone = build_backbone(args.backbone, train.channels)
-    from .mtl import MTLTrainer
-    trainer = MTLTrainer(backbone, cfg)
+    trainer = trainer_cls(backbone, cfg)
     history = trainer.fit(train, val, resume=args.resume)
     train_s = time.perf_counter() - t0
-    payload = {"command": " ".join(["fastmtl"] + sys.argv[1:]), "data": args.data,
+    payload = {"command": " ".join(["fastmtl"] + sys.argv[1:]), "method": args.method,
+               "data": args.data,
                "backbone": args.backbone, "rotations": args.rotations,
                "config": dataclasses.asdict(cfg), "history": history,
                "best_epoch": trainer.best_epoch, "train_seconds": train_s,
                "machine": _machine()}
     if cfg.checkpoint_dir:
-        torch.save({"backbone": trainer.backbone.state_dict(), "backbone_spec": backbone.spec,
-                    "head": trainer.head.detach().cpu(), "config": dataclasses.asdict(cfg),
-                    "data": args.data, "image_size": args.image_size},
-                   os.path.join(cfg.checkpoint_dir, "final.pt"))
+        if args.method == "mtl":
+            state = {"backbone": trainer.backbone.state_dict(),
+                     "head": trainer.head.detach().cpu(), "config": dataclasses.asdict(cfg)}
+        else:   # method, model, backbone, batchnorm="batch-statistics", config, history
+            state = trainer.state_dict()
+        state.update(backbone_spec=backbone.spec, data=args.data, image_size=args.image_size)
+        torch.save(state, os.path.join(cfg.checkpoint_dir, "final.pt"))
         print(f"wrote {os.path.join(cfg.checkpoint_dir, 'final.pt')}")
     if args.eval_episodes > 0:
         test = load_dataset(args.data, args.root, "test", args.image_size, args.data_seed)
@@ -227,9 +246,20 @@ def cmd_train(args) -> int:
                              args.eval_episodes, args.eval_seed)
         print(_table(rows))
         payload["results"] = rows
+        # The method's own test-time adaptation on the same episodes (MAML/ANIL heads are
+        # n_way-way, so only at --ways == --n-way).
+        if args.method != "mtl" and (args.method not in ("maml", "fomaml", "anil")
+                                     or args.ways == cfg.n_way):
+            own = [trainer.evaluate(test, n_way=args.ways, k_shot=k, n_query=args.queries,
+                                    episodes=args.eval_episodes, seed=args.eval_seed)
+                   for k in args.shots]
+            for r in own:
+                r.pop("accuracies")
+            print(f"{args.method} own adaptation:\n" + _table(own))
+            payload["results_own"] = own
     payload["total_seconds"] = time.perf_counter() - t0
     _write_json(args.out, payload)
-    _plot(args.plot, history, f"MTL, {args.backbone}, {args.data}")
+    _plot(args.plot, history, f"{args.method.upper()}, {args.backbone}, {args.data}")
     return 0
 
 
@@ -241,6 +271,9 @@ def cmd_eval(args) -> int:
     if not spec:
         raise ValueError(f"checkpoint {args.checkpoint!r} does not say which backbone it holds")
     backbone = build_backbone(spec["name"], spec["in_channels"])
+    if state.get("batchnorm") == "batch-statistics":     # a GBML checkpoint
+        from .gbml import use_batch_stats
+        use_batch_stats(backbone)
     backbone.load_state_dict(state["backbone"])
     data_name = args.data or state.get("data")
     test = load_dataset(data_name, args.root, args.split, args.image_size or state.get("image_size"),
@@ -271,7 +304,7 @@ def _add_eval_flags(p, episodes_flag: str) -> None:
                    help="test episodes per setting (default: 1000; 0 skips evaluation)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmtl", description="Multi-task learning for few-shot classification, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,10 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="demo.png", help="learning-curve PNG (default: demo.png)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train MTL on a data set, then evaluate on its test split",
-                       description="Train the MTL learner; validate each epoch on the val "
-                                   "split; evaluate the best epoch on the test split.",
+    p = sub.add_parser("train", help="train MTL or a GBML baseline, then evaluate on the test split",
+                       description="Train the MTL learner (or, with --method, a GBML baseline); "
+                                   "validate each epoch on the val split; evaluate the best "
+                                   "epoch on the test split. The settings listed depend on "
+                                   "--method (see `fastmtl train --method maml --help`).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=METHODS, default=method,
+                   help="learner: MTL, or a torch.func baseline from fastmtl.gbml")
     p.add_argument("--data", choices=DATASETS, default="synthetic", help="data set")
     p.add_argument("--root", default=None, help="folder holding the data set's files")
     p.add_argument("--backbone", choices=BACKBONES, default="conv4", help="feature extractor")
@@ -303,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a learning-curve PNG here")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the test episodes")
     _add_eval_flags(p, "--eval-episodes")
-    _add_config_flags(p.add_argument_group("MTL settings (fastmtl.MTLConfig)"), MTLConfig())
+    _, defaults, fixed = _method_config(method)
+    _add_config_flags(p.add_argument_group(
+        f"{method} settings (fastmtl.{'gbml.' if method != 'mtl' else ''}"
+        f"{type(defaults).__name__})"), defaults, fixed)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint with the logistic-regression protocol",
@@ -321,8 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _method_arg(argv: list[str]) -> str:
+    # The settings flags depend on --method, so it is read before the full parse.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", choices=METHODS, default="mtl")
+    known, _ = pre.parse_known_args(argv)
+    return known.method
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_method_arg(argv)).parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:

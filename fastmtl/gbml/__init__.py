@@ -1,0 +1,44 @@
+"""Gradient-based and metric meta-learning baselines, vectorized with ``torch.func``.
+
+MAML and first-order MAML (:class:`MAML`, ``MAMLConfig(first_order=True)``), ANIL
+(:class:`ANIL`), MetaOptNet-style R2-D2 (:class:`R2D2`) and Prototypical Networks
+(:class:`ProtoNet`). A meta-batch is one computation: a task is a pure function of the
+weights (``torch.func.functional_call``, inner steps with ``torch.func.grad``) and
+``torch.func.vmap`` runs it over all tasks; ``config.vectorize=False`` runs the same math
+as a per-task loop. Every trainer has the shape of :class:`fastmtl.MTLTrainer`::
+
+    trainer = fastmtl.gbml.MAML(fastmtl.models.conv4(), fastmtl.gbml.MAMLConfig())
+    history = trainer.fit(train, val)                 # checkpoints, tqdm, exact resume
+    trainer.evaluate(test, n_way=5, k_shot=1)         # the method's own test-time adaptation
+    fastmtl.evaluate(trainer.backbone, test)          # the logistic-regression protocol
+
+BatchNorm convention: the trainer replaces every BatchNorm of the backbone it is given
+(in place) by a batch-statistics-only normalization (:func:`use_batch_stats`). In
+training, each task is normalized with its own batch statistics (MAML and ANIL: support
+and query sets separately, as the MAML reference code; ProtoNet and R2D2: a task's
+images together); no running statistics exist, so no state passes between tasks, and
+evaluation normalizes with batch statistics too (transductive BatchNorm, as the MAML
+reference code does): per test episode in ``trainer.evaluate``, per embedding batch in
+:func:`fastmtl.evaluate`. To reload a checkpoint's ``backbone`` state into a fresh
+backbone, call :func:`use_batch_stats` on it first.
+"""
+from __future__ import annotations
+
+from ._common import use_batch_stats
+from .anil import ANIL, ANILConfig
+from .maml import MAML, MAMLConfig
+from .protonet import ProtoNet, ProtoNetConfig, prototype_logits
+from .r2d2 import R2D2, R2D2Config, ridge_regression
+
+__all__ = ["MAML", "MAMLConfig", "ANIL", "ANILConfig", "R2D2", "R2D2Config", "ProtoNet",
+           "ProtoNetConfig", "METHODS", "prototype_logits", "ridge_regression",
+           "use_batch_stats"]
+
+# `fastmtl train --method NAME`: the trainer, its config class, and fixed config fields.
+METHODS = {
+    "maml": (MAML, MAMLConfig, {}),
+    "fomaml": (MAML, MAMLConfig, {"first_order": True}),
+    "anil": (ANIL, ANILConfig, {}),
+    "r2d2": (R2D2, R2D2Config, {}),
+    "protonet": (ProtoNet, ProtoNetConfig, {}),
+}

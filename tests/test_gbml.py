@@ -1,0 +1,306 @@
+"""GBML baselines: the vmapped meta-gradient equals a per-task loop, the closed-form heads
+equal direct computations, BatchNorm keeps tasks apart, and the trainers learn and resume."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import fastmtl
+from fastmtl.data import SyntheticGlyphs
+from fastmtl.gbml import (ANIL, MAML, METHODS, R2D2, ANILConfig, MAMLConfig, ProtoNet,
+                          ProtoNetConfig, R2D2Config, prototype_logits, ridge_regression,
+                          use_batch_stats)
+from fastmtl.models import conv4
+
+from conftest import omniglot_root
+
+
+class _TinyConv(nn.Module):
+    """Conv-BN-ReLU-pool and a linear layer: small, but with BatchNorm to exercise it.
+
+    No conv bias, as in Conv-4: BatchNorm cancels it, so its gradient is rounding noise
+    and has no relative accuracy to test."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4),
+                                  nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                  nn.Linear(4 * 4 * 4, 6))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    net = _TinyConv().double()
+    with torch.no_grad():       # non-trivial BN affine parameters
+        net.body[1].weight.uniform_(0.5, 1.5)
+        net.body[1].bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def _batch(T=4, n=3, k=2, q=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(T, n * k, 1, 8, 8, generator=g, dtype=torch.float64)
+    xq = torch.randn(T, n * q, 1, 8, 8, generator=g, dtype=torch.float64)
+    ys = torch.arange(n).repeat_interleave(k).expand(T, -1)
+    yq = torch.arange(n).repeat_interleave(q).expand(T, -1)
+    return xs, ys, xq, yq
+
+
+def _reference_bn(module):
+    """A copy whose BatchNorms use the fused F.batch_norm with batch statistics."""
+    ref = copy.deepcopy(module)
+    for m in ref.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+            m.num_batches_tracked = None
+    return ref
+
+
+def _loop_meta_grad(net, head, xs, ys, xq, yq, steps, lr, first_order, head_only):
+    """MAML/ANIL meta-gradient the textbook way: a for loop, autograd.grad(create_graph)."""
+    body_params = dict(net.named_parameters())
+    head_params = dict(head.named_parameters())
+    total = 0
+    for t in range(xs.shape[0]):
+        if head_only:
+            zs, zq = functional_call(net, body_params, (xs[t],)), functional_call(
+                net, body_params, (xq[t],))
+            fast = dict(head_params)
+            for _ in range(steps):
+                loss = F.cross_entropy(functional_call(head, fast, (zs,)), ys[t])
+                g = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+                fast = {k: v - lr * gi for (k, v), gi in zip(fast.items(), g)}
+            logits = functional_call(head, fast, (zq,))
+        else:
+            fast = {**{"b." + k: v for k, v in body_params.items()},
+                    **{"h." + k: v for k, v in head_params.items()}}
+
+            def forward(p, x):
+                z = functional_call(net, {k[2:]: v for k, v in p.items() if k[0] == "b"}, (x,))
+                return functional_call(head, {k[2:]: v for k, v in p.items() if k[0] == "h"},
+                                       (z,))
+            for _ in range(steps):
+                loss = F.cross_entropy(forward(fast, xs[t]), ys[t])
+                g = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+                fast = {k: v - lr * gi for (k, v), gi in zip(fast.items(), g)}
+            logits = forward(fast, xq[t])
+        total = total + F.cross_entropy(logits, yq[t]) / xs.shape[0]
+    params = list(body_params.values()) + list(head_params.values())
+    return total, torch.autograd.grad(total, params)
+
+
+def _assert_rel(actual, expected, rtol):
+    """Per-tensor relative error; gradients that vanish exactly (a bias before BatchNorm or
+    under a translation-invariant head) are held to the scale of the whole gradient."""
+    floor = 1e-6 * sum(e.norm() ** 2 for e in expected).sqrt().item()
+    for a, e in zip(actual, expected):
+        err = (a - e).norm().item()
+        assert err <= rtol * max(e.norm().item(), floor), (err, e.norm().item())
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("method", ["maml", "fomaml", "anil"])
+def test_vmapped_meta_gradient_equals_per_task_loop(method, steps):
+    xs, ys, xq, yq = _batch()
+    net = _net()
+    ref_net = _reference_bn(net)          # fused BatchNorm, not the trainer's composite
+    cls, config_cls, fixed = METHODS[method]
+    cfg = config_cls(n_way=3, inner_steps=steps, inner_lr=0.3, **fixed)
+    trainer = cls(net, cfg, device="cpu").build((1, 8, 8))
+    ref_head = copy.deepcopy(trainer.model.head)
+    loss, _ = trainer.meta_loss(xs, ys, xq, yq)
+    params = list(trainer.model.backbone.parameters()) + list(trainer.model.head.parameters())
+    grads = torch.autograd.grad(loss, params)
+    ref_loss, ref_grads = _loop_meta_grad(ref_net, ref_head, xs, ys, xq, yq, steps, 0.3,
+                                          cfg.first_order, head_only=method == "anil")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    _assert_rel(grads, ref_grads, 1e-6)
+    # The library's own loop (vectorize=False) is the same math too.
+    trainer.config.vectorize = False
+    loop_loss, _ = trainer.meta_loss(xs, ys, xq, yq)
+    _assert_rel(torch.autograd.grad(loop_loss, params), ref_grads, 1e-6)
+
+
+def test_second_order_terms_are_present_and_meta_sgd_lrs_get_gradients():
+    xs, ys, xq, yq = _batch()
+    grads = {}
+    for fo in (False, True):
+        tr = MAML(_net(), MAMLConfig(n_way=3, inner_lr=0.3, first_order=fo)).build((1, 8, 8))
+        loss, _ = tr.meta_loss(xs, ys, xq, yq)
+        grads[fo] = torch.autograd.grad(loss, list(tr.model.backbone.parameters()))
+    diff = sum((a - b).norm() for a, b in zip(grads[False], grads[True]))
+    assert diff > 1e-4 * sum(a.norm() for a in grads[True])
+
+    tr = MAML(_net(), MAMLConfig(n_way=3, inner_lr=0.3, inner_steps=2,
+                                 learn_inner_lr=True)).build((1, 8, 8))
+    loss, _ = tr.meta_loss(xs, ys, xq, yq)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.model.inner_lr)
+    # With every step size at inner_lr, Meta-SGD is exactly MAML.
+    plain = MAML(_net(), MAMLConfig(n_way=3, inner_lr=0.3, inner_steps=2)).build((1, 8, 8))
+    torch.testing.assert_close(plain.meta_loss(xs, ys, xq, yq)[0], loss, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("S,d", [(5, 12), (12, 5)])
+def test_ridge_head_equals_direct_solve(S, d):
+    g = torch.Generator().manual_seed(0)
+    T, n, lam = 3, 4, 0.7
+    z = torch.randn(T, S, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, n, (T, S), generator=g)
+    w = ridge_regression(z, y, n, lam)
+    for t in range(T):
+        x, onehot = z[t], F.one_hot(y[t], n).double()
+        direct = torch.linalg.solve(x.T @ x + lam * torch.eye(d, dtype=x.dtype), x.T @ onehot)
+        torch.testing.assert_close(w[t], direct, rtol=1e-10, atol=1e-12)
+    # Differentiable in the features and in lambda (what R2D2 meta-trains through).
+    lam_t = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
+    zr = z[:1, :4, :3].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ridge_regression(a, y[:1, :4], n, b),
+                                    (zr, lam_t), fast_mode=True)
+
+
+def test_protonet_logits_equal_loop():
+    g = torch.Generator().manual_seed(0)
+    T, n, k, Q, d = 3, 4, 3, 5, 7
+    zs = torch.randn(T, n * k, d, generator=g, dtype=torch.float64)
+    ys = torch.arange(n).repeat_interleave(k)[torch.randperm(n * k, generator=g)].expand(T, -1)
+    zq = torch.randn(T, Q, d, generator=g, dtype=torch.float64)
+    logits = prototype_logits(zs, ys, zq, n)
+    for t in range(T):
+        for c in range(n):
+            proto = zs[t][ys[t] == c].mean(0)
+            for i in range(Q):
+                expected = -((zq[t, i] - proto) ** 2).sum()
+                torch.testing.assert_close(logits[t, i, c], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_r2d2_and_protonet_vmapped_equal_loop():
+    xs, ys, xq, yq = _batch(n=3)
+    for cls, cfg in ((R2D2, R2D2Config(n_way=3)), (ProtoNet, ProtoNetConfig(n_way=3))):
+        tr = cls(_net(), cfg).build((1, 8, 8))
+        loss, _ = tr.meta_loss(xs, ys, xq, yq)
+        grads = torch.autograd.grad(loss, list(tr.model.parameters()), allow_unused=True)
+        tr.config.vectorize = False
+        loop_loss, _ = tr.meta_loss(xs, ys, xq, yq)
+        loop_grads = torch.autograd.grad(loop_loss, list(tr.model.parameters()), allow_unused=True)
+        torch.testing.assert_close(loss, loop_loss, rtol=1e-10, atol=0)
+        _assert_rel([a for a in grads if a is not None],
+                    [b for b in loop_grads if b is not None], 1e-8)
+
+
+def test_batchnorm_keeps_tasks_apart():
+    net = _net()
+    tr = MAML(net, MAMLConfig(n_way=3, inner_lr=0.3, inner_steps=2)).build((1, 8, 8))
+    # No BatchNorm (hence no running statistics) is left in the trainer's backbone.
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert not any("running" in k for k in net.state_dict())
+    xs, ys, xq, yq = _batch(T=3)
+    _, logits = tr.meta_loss(xs, ys, xq, yq)
+    xs2, xq2 = xs.clone(), xq.clone()
+    xs2[1:] = 5 * xs2[1:] + 3      # other tasks' images change, task 0's do not
+    xq2[1:] = -xq2[1:]
+    _, logits2 = tr.meta_loss(xs2, ys, xq2, yq)
+    torch.testing.assert_close(logits[0], logits2[0], rtol=1e-12, atol=1e-12)
+    _, alone = tr.meta_loss(xs[:1], ys[:1], xq[:1], yq[:1])
+    torch.testing.assert_close(logits[:1], alone, rtol=1e-12, atol=1e-12)
+    # Batch statistics in eval mode too: the mode does not change the features.
+    x = xs[0]
+    a = net.train()(x)
+    b = net.eval()(x)
+    torch.testing.assert_close(a, b)
+    # A fresh backbone converted by use_batch_stats loads the trainer's backbone state.
+    fresh = use_batch_stats(_TinyConv().double())
+    fresh.load_state_dict(net.state_dict())
+
+
+def _glyphs():
+    data = SyntheticGlyphs(30, 12, seed=0)
+    return data.subset(range(20)), data.subset(range(20, 30))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_fits_checkpoints_and_evaluates(method, tmp_path):
+    train, test = _glyphs()
+    cls, config_cls, fixed = METHODS[method]
+    extra = {"inner_steps": 1, "inner_lr": 0.1, "test_inner_steps": 1} if cls in (MAML, ANIL) \
+        else {}
+    cfg = config_cls(n_way=5, k_shot=1, n_query=3, meta_batch=4, tasks_per_epoch=8, epochs=2,
+                     val_episodes=5, val_queries=5, checkpoint_dir=str(tmp_path), **extra,
+                     **fixed)
+    tr = cls(conv4(hidden=8, out_channels=8), cfg)
+    hist = tr.fit(train, test, progress=False)
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert {"train_loss", "train_acc", "val_acc", "val_ci95", "lr", "elapsed_s"} <= set(hist[0])
+    assert all(np.isfinite(h["train_loss"]) for h in hist)
+    for name in ("last.pt", "best.pt", "history.json"):
+        assert os.path.exists(tmp_path / name)
+    assert json.load(open(tmp_path / "history.json"))[-1]["epoch"] == 2
+    own = tr.evaluate(test, n_way=5, k_shot=1, n_query=5, episodes=8, progress=False)
+    logistic = fastmtl.evaluate(tr.backbone, test, n_way=5, k_shot=1, n_query=5, episodes=8,
+                                progress=False)
+    for res in (own, logistic):
+        assert 0 <= res["mean"] <= 100 and len(res["accuracies"]) == 8
+
+
+def test_resume_repeats_an_uninterrupted_run(tmp_path):
+    train, _ = _glyphs()
+    cfg = ANILConfig(n_way=5, n_query=3, meta_batch=4, tasks_per_epoch=8, epochs=2,
+                     inner_lr=0.1)
+
+    def backbone():
+        torch.manual_seed(0)
+        return conv4(hidden=8, out_channels=8)
+    full = ANIL(backbone(), cfg)
+    full.fit(train, progress=False)
+    half = ANIL(backbone(), ANILConfig(**{**cfg.__dict__, "epochs": 1,
+                                          "checkpoint_dir": str(tmp_path)}))
+    half.fit(train, progress=False)
+    resumed = ANIL(backbone(), cfg)
+    hist = resumed.fit(train, resume=str(tmp_path / "last.pt"), progress=False)
+    assert [h["epoch"] for h in hist] == [1, 2]
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bad_settings_raise_value_errors():
+    with pytest.raises(ValueError, match="inner_lr"):
+        MAMLConfig(inner_lr=0).validate()
+    with pytest.raises(ValueError, match="meta_batch"):
+        MAML(conv4(), MAMLConfig(meta_batch=0))
+    with pytest.raises(ValueError, match="val_protocol"):
+        R2D2(conv4(), R2D2Config(val_protocol="nope"))
+    with pytest.raises(ValueError, match="R2D2Config"):
+        R2D2(conv4(), MAMLConfig())
+    _, test = _glyphs()
+    with pytest.raises(ValueError, match="5-way head"):
+        MAML(conv4(hidden=8), MAMLConfig()).evaluate(test, n_way=3, episodes=2, progress=False)
+    tr = ProtoNet(conv4(hidden=8), ProtoNetConfig(n_way=5)).build((1, 28, 28))
+    with pytest.raises(ValueError, match="xs"):
+        tr.meta_loss(torch.zeros(2, 5, 28, 28), torch.zeros(2, 5), torch.zeros(2, 5, 1, 28, 28),
+                     torch.zeros(2, 5))
+
+
+def test_protonet_learns_real_omniglot():
+    """A short ProtoNet run on the real alphabet split beats its own untrained backbone
+    on the same test episodes by a clear margin."""
+    root = omniglot_root()
+    from fastmtl.data import Omniglot
+    train, test = Omniglot(root, split="train"), Omniglot(root, split="test")
+    cfg = ProtoNetConfig(n_way=20, k_shot=1, n_query=5, meta_batch=2, tasks_per_epoch=80,
+                         epochs=1, lr_decay_every=None)
+    torch.manual_seed(0)
+    tr = ProtoNet(conv4(hidden=32, out_channels=32), cfg).build(train.image_shape)
+    kwargs = dict(n_way=5, k_shot=1, n_query=10, episodes=60, progress=False)
+    before = tr.evaluate(test, **kwargs)["mean"]
+    tr.fit(train, progress=False)
+    after = tr.evaluate(test, **kwargs)["mean"]
+    assert after > before + 8.0, (before, after)     # chance is 20%

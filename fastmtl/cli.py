@@ -179,8 +179,8 @@ def _method_config(method: str):
 
 # -- subcommands --------------------------------------------------------------------------
 # The demo uses the recipe that worked best on real Omniglot (see README): 20-way tasks,
-# a cosine head with scale 10 and affine augmentation; 100 steps an epoch.
-DEMO_CONFIG = MTLConfig(n_way=20, tasks_per_step=2, images_per_class=10, tasks_per_epoch=200,
+# a cosine head with scale 10 and affine augmentation; 50 steps an epoch.
+DEMO_CONFIG = MTLConfig(n_way=20, tasks_per_step=2, images_per_class=10, tasks_per_epoch=100,
                         epochs=100, head="cosine", scale=10.0, augment=True, val_episodes=200,
                         max_minutes=2.5)
 

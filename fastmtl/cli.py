@@ -85,12 +85,14 @@ def _plot(path: str | None, history: list[dict[str, Any]], title: str) -> None:
     if not path or not history:
         return
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(ep, [h["train_loss"] for h in history], "o-", color="tab:blue", label="train loss")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("train loss", color="tab:blue")
     if "val_acc" in history[0]:
         ax2 = ax.twinx()

@@ -66,8 +66,8 @@ class MTLConfig:
             (the test protocol: logistic regression on the support features).
         early_stop_patience: stop after this many epochs without a better validation
             accuracy (None: never); the best epoch's weights are restored at the end.
-        max_minutes: wall-clock budget for fit (None: none); stops after the epoch that
-            crosses it.
+        max_minutes: wall-clock budget for fit (None: none): training stops at the first
+            step past it; that (partial) epoch is still validated, recorded and saved.
         seed: seeds episodes, head init, augmentation and dropout (one seed, repeatable).
         backend: multihead_ce backend (None: fastest for the device).
         checkpoint_dir: where ``last.pt`` and ``best.pt`` go every epoch (None: none).
@@ -235,7 +235,11 @@ class MTLTrainer:
                                    device=self.device, batches=steps)
             bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress)
+            out_of_time = False
             for batch in bar:
+                if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                    out_of_time = True
+                    break
                 x = batch.images.flatten(0, 2)
                 task_classes = batch.classes
                 if cfg.augment:
@@ -260,7 +264,9 @@ class MTLTrainer:
                     accs.append((logits.argmax(-1).view(-1) == labels).float().mean().item())
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+            if not losses:  # the budget ran out before this epoch's first step
+                break
+            record = {"epoch": epoch + 1, "steps": len(losses), "train_loss": float(np.mean(losses)),
                       "train_acc": 100.0 * float(np.mean(accs)),
                       "lr": opt.param_groups[0]["lr"], "scale": float(self.log_scale.exp())}
             if val is not None:
@@ -289,7 +295,7 @@ class MTLTrainer:
             self._save(epoch + 1, opt, sched, best)
             if cfg.early_stop_patience is not None and stale >= cfg.early_stop_patience:
                 break
-            if cfg.max_minutes is not None and record["elapsed_s"] > 60 * cfg.max_minutes:
+            if out_of_time:
                 break
         if val is not None and best["state"] is not None:
             self.backbone.load_state_dict(best["state"][0])

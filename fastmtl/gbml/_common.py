@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from ..data.base import FewShotDataset
 from ..mtl import _epoch_seed, _format_record, _nvtx
-from ..sampling import EpisodeSampler
+from ..sampling import EpisodeSampler, assemble
 
 _VAL_PROTOCOLS = ("logistic", "own")
 
@@ -212,7 +212,8 @@ def _episodes(dataset: FewShotDataset, sampler: EpisodeSampler, first: int, coun
     """Support/query images and labels of episodes first..first+count-1, task-major."""
     _, index = sampler.episodes(first, count)
     k, n = sampler.k_shot, sampler.n_way
-    x = dataset.tensor(index, device=device).to(dtype)           # (T, n, k+q, C, H, W)
+    x = assemble(dataset.images, index, mean=dataset.mean, std=dataset.std)
+    x = x.to(device=device, dtype=dtype)                          # (T, n, k+q, C, H, W)
     xs, xq = x[:, :, :k].flatten(1, 2), x[:, :, k:].flatten(1, 2)
     return (xs, _labels(n, k, count, device), xq, _labels(n, sampler.n_query, count, device))
 

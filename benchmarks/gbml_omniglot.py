@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fastmtl import evaluate
-from fastmtl.cli import _machine
+from fastmtl._env import machine_info
 from fastmtl.data import Omniglot, with_rotations
 from fastmtl.gbml import METHODS
 from fastmtl.models import conv4
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             backbone="conv4(in_channels=1), 64 filters",
             batchnorm="batch statistics everywhere (the GBML convention), training and test",
             budget_minutes_per_method=args.minutes,
-            machine=dict(_machine(), torch_threads=torch.get_num_threads(),
+            machine=dict(machine_info(), torch_threads=torch.get_num_threads(),
                          malloc=args.malloc))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1) + "\n")

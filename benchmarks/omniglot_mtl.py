@@ -18,7 +18,8 @@ import time
 import torch
 
 from fastmtl import MTLConfig, MTLTrainer
-from fastmtl.cli import _evaluate_all, _machine, build_backbone, load_dataset
+from fastmtl._env import machine_info
+from fastmtl.cli import _evaluate_all, build_backbone, load_dataset
 
 # name -> (use rotations as classes, config changes from the paper's recipe)
 VARIANTS = {
@@ -72,7 +73,7 @@ def main() -> None:
                                  "history": history, "test": rows}
         print(f"{name}: 1-shot {rows[0]['mean']:.2f}±{rows[0]['ci95']:.2f}  "
               f"5-shot {rows[1]['mean']:.2f}±{rows[1]['ci95']:.2f}  ({seconds:.0f}s)", flush=True)
-        results["machine"] = _machine()
+        results["machine"] = machine_info()
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 

@@ -19,10 +19,8 @@ query predictions are compared.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +29,8 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from fastmtl.adapt import fit_logistic
+
+from _results import write_result  # benchmarks/_results.py
 
 EPISODES, N_WAY, N_QUERY, DIM, C = 600, 5, 15, 640, 3.0
 SHOTS = {"5w-1s": 1, "5w-5s": 5}
@@ -130,15 +130,6 @@ def test_fastmtl_threads(benchmark, shape):
     _record(f"{shape}/fastmtl-threads", benchmark, threads=torch.get_num_threads())
 
 
-def _write_result(name: str, payload: dict) -> None:
-    # By path: "conftest" names a different module when tests/ is collected as well.
-    spec = importlib.util.spec_from_file_location(
-        "_fastmtl_bench_conftest", Path(__file__).with_name("conftest.py"))
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
-    helper.write_result(name, payload)
-
-
 def _summary() -> dict:
     out = {}
     for shape in SHOTS:
@@ -169,7 +160,7 @@ def _report():
     yield
     if not _RECORDS:
         return
-    _write_result("adapt_cpu", {
+    write_result("adapt_cpu", {
         "started": started,
         "setting": {"episodes": EPISODES, "n_way": N_WAY, "shots": SHOTS, "n_query": N_QUERY,
                     "dim": DIM, "C": C, "sklearn": "LogisticRegression(C=3, lbfgs, "

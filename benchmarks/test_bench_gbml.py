@@ -28,19 +28,18 @@ caching allocator such as jemalloc) before anything is timed.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
 from fastmtl.models import conv4
+
+from _results import machine_info, write_result  # benchmarks/_results.py
 
 META_BATCH = 32
 INNER_STEPS = 5
@@ -118,19 +117,6 @@ def test_meta_step(benchmark, batch, method, impl):
         assert abs(loss - other) <= 1e-2 * abs(other), (loss, other)
 
 
-def _machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "logical_cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def _summary() -> dict:
@@ -160,29 +146,16 @@ def _merged(payload: dict) -> dict:
     return {"runs": runs}
 
 
-def _write(name: str, payload: dict) -> None:
-    helper = Path(__file__).with_name("conftest.py")
-    if helper.exists():
-        spec = importlib.util.spec_from_file_location("_fastmtl_bench_conftest", helper)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if hasattr(module, "write_result"):
-            module.write_result(name, payload)
-            return
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({"name": name, "machine": _machine(), **payload}, indent=2) + "\n")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    load = _machine()["load_average"]
+    load = machine_info()["load_average"]
     yield
     if not _RECORDS:
         return
     summary = _summary()
     run = {"started": started, "load_average_at_start": load,
-           "load_average_at_end": _machine()["load_average"], "malloc": MALLOC,
+           "load_average_at_end": machine_info()["load_average"], "malloc": MALLOC,
            "torch_threads": THREADS, "records": _RECORDS, **summary}
     payload = {"setting": {"backbone": "conv4(in_channels=1, hidden=64)", "image": [1, 28, 28],
                            "meta_batch": META_BATCH, "n_way": N_WAY, "k_shot": K_SHOT,
@@ -190,5 +163,5 @@ def _report():
                            "second_order": True, "dtype": "float32",
                            "timed": "meta-loss forward + backward, no optimizer step"},
                **_merged(run)}
-    _write("gbml_cpu", payload)
+    write_result("gbml_cpu", payload)
     print("\n" + RUN + " " + json.dumps(summary, indent=2))

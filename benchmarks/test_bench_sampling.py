@@ -15,13 +15,9 @@ the same bytes. Ratios come from the medians of one run, so machine load mostly 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
-import os
-import platform
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,12 +26,13 @@ import torch
 from fastmtl import sampling
 from fastmtl.sampling import EpisodeSampler, assemble
 
+from _results import machine_info, write_result  # benchmarks/_results.py
+
 HAVE_CPP = sampling._cpp is not None
 SHAPES = {"5w-1s-15q": (5, 1, 15), "5w-5s-15q": (5, 5, 15)}
 EPISODES = 2000                      # per timed call
 LABELS = np.repeat(np.arange(64), 600)
 ROUNDS = {"cpp": 40, "cpp-1thread": 40, "numpy": 8, "naive": 4}
-RESULT = Path(__file__).parent / "results" / "sampling_cpu.json"
 _RECORDS: dict[str, dict] = {}
 
 
@@ -136,19 +133,6 @@ def test_batch_assembly(benchmark, batch, impl):
 
 # -- the summary ---------------------------------------------------------------------------
 
-def _machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "logical_cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def _summary() -> dict:
@@ -180,28 +164,15 @@ def _summary() -> dict:
     return out
 
 
-def _write(name: str, payload: dict) -> None:
-    helper = Path(__file__).with_name("conftest.py")
-    if helper.exists():
-        spec = importlib.util.spec_from_file_location("_fastmtl_bench_conftest", helper)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if hasattr(module, "write_result"):
-            module.write_result(name, payload)
-            return
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({"name": name, "machine": _machine(), **payload}, indent=2) + "\n")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _report():
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    load = _machine()["load_average"]
+    load = machine_info()["load_average"]
     yield
     if not _RECORDS:
         return
     summary = _summary()
     payload = {"started": started, "load_average_at_start": load,
                "backend": sampling.backend(), "records": _RECORDS, **summary}
-    _write("sampling_cpu", payload)
+    write_result("sampling_cpu", payload)
     print("\n" + json.dumps(summary, indent=2))

@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 import typing
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ._env import machine_info
 from .mtl import MTLConfig
 
 DATASETS = ("synthetic", "omniglot", "miniimagenet", "tieredimagenet", "cifarfs", "fc100")
@@ -55,21 +55,6 @@ def build_backbone(name: str, in_channels: int) -> torch.nn.Module:
     net = getattr(models, name)(in_channels=in_channels)
     net.spec = {"name": name, "in_channels": in_channels}
     return net
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
@@ -208,7 +193,7 @@ def cmd_demo(args) -> int:
                "config": dataclasses.asdict(cfg), "history": history,
                "best_epoch": trainer.best_epoch, "results": rows,
                "train_seconds": train_s, "total_seconds": time.perf_counter() - t0,
-               "machine": _machine()}
+               "machine": machine_info()}
     _write_json(args.out, payload)
     _plot(args.plot, history, "fastmtl demo: MTL, Conv-4, SyntheticGlyphs")
     return 0
@@ -232,7 +217,7 @@ def cmd_train(args) -> int:
                "backbone": args.backbone, "rotations": args.rotations,
                "config": dataclasses.asdict(cfg), "history": history,
                "best_epoch": trainer.best_epoch, "train_seconds": train_s,
-               "machine": _machine()}
+               "machine": machine_info()}
     if cfg.checkpoint_dir:
         if args.method == "mtl":
             state = {"backbone": trainer.backbone.state_dict(),
@@ -286,7 +271,7 @@ def cmd_eval(args) -> int:
     print(_table(rows))
     _write_json(args.out, {"command": " ".join(["fastmtl"] + sys.argv[1:]),
                            "checkpoint": args.checkpoint, "data": data_name,
-                           "split": args.split, "results": rows, "machine": _machine()})
+                           "split": args.split, "results": rows, "machine": machine_info()})
     return 0
 
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastmtl import MTLConfig, MTLTrainer, evaluate
-from fastmtl.data import FewShotDataset, SyntheticGlyphs
+from fastmtl.data import SyntheticGlyphs
 from fastmtl.models import conv4
 from fastmtl.ops import multihead_ce
 

@@ -1,0 +1,20 @@
+"""Where benchmark results go: ``benchmarks/results/<name>.json`` with the machine named."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastmtl._env import machine_info
+
+RESULTS = Path(__file__).parent / "results"
+
+__all__ = ["RESULTS", "machine_info", "write_result"]
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write ``results/<name>.json``: ``{"name", "machine", **payload}``; returns the path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    body = {"name": name, "machine": machine_info(), **payload}
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    return path

@@ -8,7 +8,7 @@ from fastmtl._env import machine_info
 
 RESULTS = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS", "machine_info", "write_result"]
+__all__ = ["RESULTS", "machine_info", "record", "write_result"]
 
 
 def write_result(name: str, payload: dict) -> Path:
@@ -18,3 +18,12 @@ def write_result(name: str, payload: dict) -> Path:
     body = {"name": name, "machine": machine_info(), **payload}
     path.write_text(json.dumps(body, indent=2) + "\n")
     return path
+
+
+def record(store: dict, name: str, benchmark, **extra) -> None:
+    """Put a pytest-benchmark fixture's timings (seconds) and ``extra`` in ``store[name]``."""
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is None:                # --benchmark-disable: nothing was timed
+        return
+    store[name] = {"median_s": stats.median, "min_s": stats.min, "mean_s": stats.mean,
+                   "rounds": stats.rounds, **extra}

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from fastmtl.adapt import fit_logistic
 
-from _results import write_result  # benchmarks/_results.py
+from _results import record, write_result  # benchmarks/_results.py
 
 EPISODES, N_WAY, N_QUERY, DIM, C = 600, 5, 15, 640, 3.0
 SHOTS = {"5w-1s": 1, "5w-5s": 5}
@@ -76,14 +76,6 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def _record(name: str, benchmark, **extra) -> None:
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if stats is None:                # --benchmark-disable: nothing was timed
-        return
-    _RECORDS[name] = {"median_s": stats.median, "min_s": stats.min, "mean_s": stats.mean,
-                      "rounds": stats.rounds, **extra}
-
-
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()
@@ -101,7 +93,7 @@ def test_sklearn(benchmark, shape):
     pred, predict_s = _timed(_sklearn_predict, models, query)
     _PREDICTIONS[f"{shape}/sklearn"] = pred
     accuracy = float((pred == y_query.numpy()).mean())
-    _record(f"{shape}/sklearn", benchmark, accuracy=accuracy, predict_s=predict_s, threads=1,
+    record(_RECORDS, f"{shape}/sklearn", benchmark, accuracy=accuracy, predict_s=predict_s, threads=1,
             lbfgs_iterations_mean=float(np.mean([m.n_iter_[0] for m in models])))
     assert accuracy > 1.5 / N_WAY
 
@@ -114,7 +106,7 @@ def test_fastmtl(benchmark, shape, one_thread):
                                iterations=1, warmup_rounds=2)
     pred, predict_s = _timed(lambda: heads.predict(query).numpy())
     _PREDICTIONS[f"{shape}/fastmtl"] = pred
-    _record(f"{shape}/fastmtl", benchmark, accuracy=float((pred == y_query.numpy()).mean()),
+    record(_RECORDS, f"{shape}/fastmtl", benchmark, accuracy=float((pred == y_query.numpy()).mean()),
             predict_s=predict_s, threads=1,
             newton_iterations_mean=float(heads.n_iter.double().mean()),
             all_converged=bool(heads.converged.all()))
@@ -127,7 +119,7 @@ def test_fastmtl_threads(benchmark, shape):
     support, y_support, _, _ = _episodes(SHOTS[shape])
     benchmark.pedantic(_fastmtl_fit, args=(support, y_support), rounds=10, iterations=1,
                        warmup_rounds=2)
-    _record(f"{shape}/fastmtl-threads", benchmark, threads=torch.get_num_threads())
+    record(_RECORDS, f"{shape}/fastmtl-threads", benchmark, threads=torch.get_num_threads())
 
 
 def _summary() -> dict:

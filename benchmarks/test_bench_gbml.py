@@ -39,7 +39,7 @@ import torch
 from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
 from fastmtl.models import conv4
 
-from _results import machine_info, write_result  # benchmarks/_results.py
+from _results import machine_info, record, write_result  # benchmarks/_results.py
 
 META_BATCH = 32
 INNER_STEPS = 5
@@ -52,14 +52,6 @@ RESULT = Path(__file__).parent / "results" / "gbml_cpu.json"
 _RECORDS: dict[str, dict] = {}
 _LOSSES: dict[str, float] = {}
 METHODS = {"maml": (MAML, MAMLConfig), "anil": (ANIL, ANILConfig)}
-
-
-def _record(name: str, benchmark, **extra) -> None:
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if stats is None:                # --benchmark-disable: nothing was timed
-        return
-    _RECORDS[name] = {"median_s": stats.median, "min_s": stats.min, "mean_s": stats.mean,
-                      "rounds": stats.rounds, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +100,7 @@ def test_meta_step(benchmark, batch, method, impl):
         return trainer._step(*batch)[0]
 
     loss = benchmark.pedantic(step, rounds=ROUNDS[method], warmup_rounds=1, iterations=1)
-    _record(f"{method}/{impl}", benchmark, loss=loss)
+    record(_RECORDS, f"{method}/{impl}", benchmark, loss=loss)
     _LOSSES[f"{method}/{impl}"] = loss
     other = _LOSSES.get(f"{method}/{'loop' if impl == 'vmap' else 'vmap'}")
     if other is not None:

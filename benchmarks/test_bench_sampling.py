@@ -26,7 +26,7 @@ import torch
 from fastmtl import sampling
 from fastmtl.sampling import EpisodeSampler, assemble
 
-from _results import machine_info, write_result  # benchmarks/_results.py
+from _results import machine_info, record, write_result  # benchmarks/_results.py
 
 HAVE_CPP = sampling._cpp is not None
 SHAPES = {"5w-1s-15q": (5, 1, 15), "5w-5s-15q": (5, 5, 15)}
@@ -60,14 +60,6 @@ class _NaiveSampler:
             count, self.n_way, self.shots)
 
 
-def _record(name: str, benchmark, **extra) -> None:
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if stats is None:                # --benchmark-disable: nothing was timed
-        return
-    _RECORDS[name] = {"median_s": stats.median, "min_s": stats.min, "mean_s": stats.mean,
-                      "rounds": stats.rounds, **extra}
-
-
 def _impls(names):
     return [pytest.param(n, marks=pytest.mark.skipif(
         n.startswith("cpp") and not HAVE_CPP, reason="C++ extension not built")) for n in names]
@@ -88,7 +80,7 @@ def test_index_sampling(benchmark, shape, impl):
     out = benchmark.pedantic(run, rounds=ROUNDS[impl], warmup_rounds=1, iterations=1)
     assert out[1].shape == (EPISODES, n_way, k + q) if impl != "naive" else \
         out.shape == (EPISODES, n_way, k + q)
-    _record(f"sampling/{shape}/{impl}", benchmark, episodes=EPISODES)
+    record(_RECORDS, f"sampling/{shape}/{impl}", benchmark, episodes=EPISODES)
 
 
 # -- batch assembly ------------------------------------------------------------------------
@@ -128,7 +120,7 @@ def test_batch_assembly(benchmark, batch, impl):
                                backend=which, **norm)
         rounds, out_bytes = (40 if which == "cpp" else 8), out.numel() * out.element_size()
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
-    _record(f"assembly/{impl}", benchmark, source_bytes=src_bytes, output_bytes=out_bytes)
+    record(_RECORDS, f"assembly/{impl}", benchmark, source_bytes=src_bytes, output_bytes=out_bytes)
 
 
 # -- the summary ---------------------------------------------------------------------------

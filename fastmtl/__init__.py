@@ -3,9 +3,9 @@
 ``import fastmtl`` gives the MTL trainer, test-time adaptation and the evaluation
 protocol; see README.md for the tour.
 """
-from . import adapt, data, gbml, models, ops, sampling
+from . import adapt, data, distributed, gbml, models, ops, sampling
 from .evaluate import evaluate
 from .mtl import MTLConfig, MTLTrainer
 
 __version__ = "0.1.0"
-__all__ = ["MTLConfig", "MTLTrainer", "evaluate", "adapt", "data", "gbml", "models", "ops", "sampling"]
+__all__ = ["MTLConfig", "MTLTrainer", "evaluate", "adapt", "data", "distributed", "gbml", "models", "ops", "sampling"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as _dist
 from ._env import machine_info
 from .mtl import MTLConfig
 
@@ -57,17 +58,23 @@ def build_backbone(name: str, in_channels: int) -> torch.nn.Module:
     return net
 
 
+def _say(*args, **kwargs) -> None:
+    """print, on rank 0 only (every rank of a distributed run runs the CLI)."""
+    if _dist.is_main():
+        print(*args, **kwargs)
+
+
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
-    if not path:
+    if not path or not _dist.is_main():
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
-    print(f"wrote {path}")
+    _say(f"wrote {path}")
 
 
 def _plot(path: str | None, history: list[dict[str, Any]], title: str) -> None:
-    if not path or not history:
+    if not path or not history or not _dist.is_main():
         return
     import matplotlib
     import matplotlib.ticker
@@ -88,7 +95,7 @@ def _plot(path: str | None, history: list[dict[str, Any]], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    print(f"wrote {path}")
+    _say(f"wrote {path}")
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -101,6 +108,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def _evaluate_all(backbone, test, shots, ways, queries, episodes, seed, progress=True):
     from .evaluate import embed, evaluate
+    progress = progress and _dist.is_main()
     feats = embed(backbone, test, progress=progress)
     out = []
     for k in shots:
@@ -201,13 +209,17 @@ def cmd_demo(args) -> int:
 
 def cmd_train(args) -> int:
     t0 = time.perf_counter()
+    _dist.init_from_env()      # under torchrun: join the group before anything else
     trainer_cls, defaults, fixed = _method_config(args.method)
     cfg = _config_from(args, defaults, fixed)
     train = load_dataset(args.data, args.root, args.train_split, args.image_size, args.data_seed,
                          rotations=args.rotations)
     val = None if args.no_val else load_dataset(args.data, args.root, "val", args.image_size,
                                                 args.data_seed)
-    print(f"train: {train!r}" + (f"\nval: {val!r}" if val is not None else ""))
+    _say(f"train: {train!r}" + (f"\nval: {val!r}" if val is not None else ""))
+    if _dist.is_distributed():
+        _say(f"distributed: {_dist.world_size()} ranks ({torch.distributed.get_backend()})")
+    torch.manual_seed(cfg.seed)          # the backbone's initialization repeats too
     backbone = build_backbone(args.backbone, train.channels)
     trainer = trainer_cls(backbone, cfg)
     history = trainer.fit(train, val, resume=args.resume)
@@ -217,8 +229,8 @@ def cmd_train(args) -> int:
                "backbone": args.backbone, "rotations": args.rotations,
                "config": dataclasses.asdict(cfg), "history": history,
                "best_epoch": trainer.best_epoch, "train_seconds": train_s,
-               "machine": machine_info()}
-    if cfg.checkpoint_dir:
+               "machine": machine_info(), "world_size": _dist.world_size()}
+    if cfg.checkpoint_dir and _dist.is_main():
         if args.method == "mtl":
             state = {"backbone": trainer.backbone.state_dict(),
                      "head": trainer.head.detach().cpu(), "config": dataclasses.asdict(cfg)}
@@ -226,23 +238,24 @@ def cmd_train(args) -> int:
             state = trainer.state_dict()
         state.update(backbone_spec=backbone.spec, data=args.data, image_size=args.image_size)
         torch.save(state, os.path.join(cfg.checkpoint_dir, "final.pt"))
-        print(f"wrote {os.path.join(cfg.checkpoint_dir, 'final.pt')}")
+        _say(f"wrote {os.path.join(cfg.checkpoint_dir, 'final.pt')}")
     if args.eval_episodes > 0:
         test = load_dataset(args.data, args.root, "test", args.image_size, args.data_seed)
         rows = _evaluate_all(trainer.backbone, test, args.shots, args.ways, args.queries,
                              args.eval_episodes, args.eval_seed)
-        print(_table(rows))
+        _say(_table(rows))
         payload["results"] = rows
         # The method's own test-time adaptation on the same episodes (MAML/ANIL heads are
         # n_way-way, so only at --ways == --n-way).
         if args.method != "mtl" and (args.method not in ("maml", "fomaml", "anil")
                                      or args.ways == cfg.n_way):
             own = [trainer.evaluate(test, n_way=args.ways, k_shot=k, n_query=args.queries,
-                                    episodes=args.eval_episodes, seed=args.eval_seed)
+                                    episodes=args.eval_episodes, seed=args.eval_seed,
+                                    progress=_dist.is_main())
                    for k in args.shots]
             for r in own:
                 r.pop("accuracies")
-            print(f"{args.method} own adaptation:\n" + _table(own))
+            _say(f"{args.method} own adaptation:\n" + _table(own))
             payload["results_own"] = own
     payload["total_seconds"] = time.perf_counter() - t0
     _write_json(args.out, payload)
@@ -359,11 +372,20 @@ def _method_arg(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_method_arg(argv)).parse_args(argv)
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = True
+        return code
     except ValueError as exc:
         print(f"fastmtl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except _dist.DistributedError as exc:
+        print(f"fastmtl {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        # After a failure the other ranks may be gone: no barrier then.
+        _dist.shutdown(sync=ok)
 
 
 if __name__ == "__main__":

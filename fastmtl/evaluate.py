@@ -6,6 +6,10 @@ multinomial logistic regression (the objective of scikit-learn's
 queries; the mean over episodes and a 95% confidence interval ``1.96 * std / sqrt(E)``.
 All episodes' heads are fitted at once (:func:`fastmtl.adapt.fit_logistic`), and each
 image is embedded once however many episodes use it.
+
+In a distributed run (:mod:`fastmtl.distributed`) every rank embeds a share of the images
+and fits a share of the episodes, in whole batches and chunks exactly as one process cuts
+them; the gathered results, hence mean and CI, are those of one process.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from .adapt import fit_logistic
 from .data.base import FewShotDataset
 from .sampling import EpisodeSampler
@@ -32,15 +37,20 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
     """Features (N, d) of every image of ``dataset``, the backbone in eval mode."""
     if device is None:
         device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in backbone.parameters()), torch.float32)
     was_training = backbone.training
     backbone.eval()
     try:
         out = []
-        for lo in tqdm(range(0, len(dataset), batch_size), desc="embed", leave=False,
-                       disable=not progress):
-            idx = np.arange(lo, min(len(dataset), lo + batch_size))
-            out.append(backbone(dataset.tensor(idx, device=device)).float())
-        z = torch.cat(out)
+        # The same batches as one process: a batch-statistics backbone depends on them.
+        mine = list(_dist.chunks(len(dataset), batch_size, shrink=False))
+        for lo, count in tqdm(mine, desc="embed", leave=False,
+                              disable=not progress or not _dist.is_main()):
+            idx = np.arange(lo, lo + count)
+            out.append(backbone(dataset.tensor(idx, device=device).to(dtype)).float())
+        if not out:   # more ranks than batches: this rank embeds nothing, has the width
+            out.append(backbone(dataset.tensor(np.arange(1), device=device).to(dtype)).float()[:0])
+        z = _dist.gather_rows(torch.cat(out))
     finally:
         backbone.train(was_training)
     return F.normalize(z, dim=1) if normalize else z
@@ -62,6 +72,9 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
             to evaluate several settings without embedding again.
         chunk: episodes whose heads are fitted in one batched solve.
 
+    In a distributed run every rank must call it (the ranks share the work and all
+    return the full result).
+
     Returns:
         dict with ``mean`` and ``ci95`` (percent), ``std``, ``episodes``, the settings,
         and ``accuracies`` (per-episode, percent) for plots and tests.
@@ -72,6 +85,8 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
     if not isinstance(n_query, (int, np.integer)) or n_query < 1:
         raise ValueError(f"n_query must be a positive integer, got {n_query!r}")
+    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed)
     if features is None:
         features = embed(backbone, dataset, device=device, progress=progress)
@@ -80,10 +95,9 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
                          f"{tuple(features.shape)}")
     ys = torch.arange(n_way, device=features.device).repeat_interleave(k_shot)
     yq = torch.arange(n_way, device=features.device).repeat_interleave(n_query)
-    accs = []
-    for lo in tqdm(range(0, episodes, chunk), desc=f"{n_way}-way {k_shot}-shot", leave=False,
-                   disable=not progress):
-        count = min(chunk, episodes - lo)
+    accs = [torch.zeros(0, dtype=torch.float64)]
+    for lo, count in tqdm(list(_dist.chunks(episodes, chunk)), desc=f"{n_way}-way {k_shot}-shot",
+                          leave=False, disable=not progress or not _dist.is_main()):
         _, index = sampler.episodes(lo, count)
         index = torch.as_tensor(index, device=features.device)
         zs = features[index[:, :, :k_shot].reshape(count, -1)]
@@ -91,7 +105,7 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         heads = fit_logistic(zs, ys.expand(count, -1), C=C, n_classes=n_way)
         pred = heads.predict(zq)
         accs.append((pred == yq).double().mean(1).cpu())
-    acc = torch.cat(accs).numpy() * 100.0
+    acc = _dist.gather_rows(torch.cat(accs).to(features.device)).cpu().numpy() * 100.0
     std = float(acc.std())
     return {"mean": float(acc.mean()), "ci95": 1.96 * std / math.sqrt(episodes), "std": std,
             "episodes": int(episodes), "n_way": n_way, "k_shot": k_shot, "n_query": n_query,

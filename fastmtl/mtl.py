@@ -13,6 +13,13 @@ official code's per-task loop; with ``chunking="batch"`` all of the step's image
 one set of statistics. ``"auto"`` picks ``"task"`` on CPU (measured faster on a 2-core
 CPU: per-task batches of 50-100 Conv-4 images 0.56-0.72 s a step, one batch of 800
 1.06-1.12 s) and ``"batch"`` on CUDA.
+
+Distributed (``torchrun``, see :mod:`fastmtl.distributed`): the step's tasks are split
+across ranks in contiguous blocks and the backbone, head table and logit scale train as
+one ``DistributedDataParallel`` module, so W ranks make the update one process makes with
+all the tasks. With ``"task"`` chunking that holds exactly, BatchNorm running statistics
+included (they are merged across ranks after each step); with ``"batch"`` each rank
+normalizes over its own share of the step's images.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed as _dist
 from .data.base import FewShotDataset
 from .models import feature_dim
 from .ops import multihead_ce
@@ -114,11 +122,14 @@ class MTLConfig:
             raise ValueError(f"scale must be > 0, got {self.scale}")
 
 
-def _random_affine(x: torch.Tensor, gen: torch.Generator, rotate=10.0, scale=0.1,
+def _random_affine(x: torch.Tensor, u: torch.Tensor, rotate=10.0, scale=0.1,
                    shift=0.1) -> torch.Tensor:
-    """Per-image random rotation (degrees), isotropic scale and shift (fraction of size)."""
-    b = x.shape[0]
-    u = torch.rand(b, 4, generator=gen).to(x.device) * 2 - 1
+    """Per-image random rotation (degrees), isotropic scale and shift (fraction of size).
+
+    ``u`` (B, 4) uniform in [0, 1), one row per image: drawn for the whole step and sliced,
+    so a rank's images get the numbers one process would give them.
+    """
+    u = u.to(x.device) * 2 - 1
     angle = u[:, 0] * math.radians(rotate)
     s = 1 + u[:, 1] * scale
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
@@ -130,19 +141,52 @@ def _random_affine(x: torch.Tensor, gen: torch.Generator, rotate=10.0, scale=0.1
     return F.grid_sample(x - bg, grid, align_corners=False, padding_mode="zeros") + bg
 
 
+class _MTLStep(nn.Module):
+    """Backbone, head table and logit scale as one module: the unit DDP wraps.
+
+    Its forward is one training step's loss, so DDP sees one forward per backward however
+    many chunks the backbone runs in.
+    """
+
+    def __init__(self, trainer: "MTLTrainer"):
+        super().__init__()
+        self.backbone = trainer.backbone
+        self.head = trainer.head
+        if trainer.config.learn_scale:
+            self.log_scale = trainer.log_scale
+        self._trainer = [trainer]          # a list: not registered as a submodule
+
+    def forward(self, x, task_classes, sample_task, labels, n_tasks):
+        tr = self._trainer[0]
+        with _nvtx("mtl/backbone"):
+            z = tr._features(x, n_tasks)
+        if tr.config.normalize_features:
+            z = F.normalize(z, dim=1)
+        with _nvtx("mtl/heads"):
+            zs, w = tr._head_inputs(z)
+            loss = multihead_ce(zs, w, task_classes, sample_task, labels,
+                                backend=tr.config.backend)
+        return loss, zs, w
+
+
 class MTLTrainer:
     """Trains a backbone with per-class heads, the paper's multi-task learner.
 
     ``MTLTrainer(backbone, config).fit(train, val=None, resume=None)`` returns the history
     (one dict per epoch). ``trainer.backbone`` is then ready for :func:`fastmtl.evaluate`.
+
+    Under a distributed launch (``torchrun``; see :mod:`fastmtl.distributed`) the trainer
+    joins the process group itself and trains data-parallel: ``tasks_per_step`` must be
+    divisible by the world size; rank 0 alone shows progress and writes checkpoints.
+    The backbone's dtype is used for images and head (float64 works, for exact tests).
     """
 
     def __init__(self, backbone: nn.Module, config: MTLConfig | None = None,
                  device: torch.device | str | None = None):
         self.config = config or MTLConfig()
         self.config.validate()
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        _dist.init_from_env()
+        self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = backbone.to(self.device)
         self.head: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
@@ -160,6 +204,16 @@ class MTLTrainer:
         if cfg.images_per_class > smallest:
             raise ValueError(f"images_per_class={cfg.images_per_class} is larger than the "
                              f"smallest training class ({smallest} images)")
+        if val is not None:
+            if not isinstance(val, FewShotDataset):
+                raise ValueError(f"val must be a FewShotDataset or None, got {type(val).__name__}")
+            if cfg.val_ways > val.n_classes:
+                raise ValueError(f"val_ways={cfg.val_ways} is larger than the number of "
+                                 f"validation classes ({val.n_classes})")
+            need, small = cfg.val_shots + cfg.val_queries, int(val.class_sizes().min())
+            if need > small:
+                raise ValueError(f"val_shots + val_queries = {need} is larger than the smallest "
+                                 f"validation class ({small} images)")
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             return self._fit(train, val, resume, progress)
@@ -185,7 +239,10 @@ class MTLTrainer:
             # each class is drawn in only a few percent of the steps.
             bound = 1e-3
         w = (torch.rand(n_classes, dim, generator=gen, dtype=torch.float32) * 2 - 1) * bound
-        return w.to(self.device).requires_grad_(True)
+        return nn.Parameter(w.to(device=self.device, dtype=self._dtype()))
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
 
     def _head_inputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features times the logit scale, and the head rows, as the head op takes them."""
@@ -201,14 +258,21 @@ class MTLTrainer:
 
     def _fit(self, train, val, resume, progress):
         cfg = self.config
+        T, n, k = cfg.tasks_per_step, cfg.n_way, cfg.images_per_class
+        offset, T_local = _dist.shard(T, "tasks_per_step")
+        main = _dist.is_main()
+        progress = progress and main
         gen = torch.Generator().manual_seed(cfg.seed)
         dim = feature_dim(self.backbone, train.image_shape)
         self.head = self._init_head(train.n_classes, dim, gen)
-        self.log_scale = torch.tensor(math.log(cfg.scale), device=self.device,
-                                      requires_grad=cfg.learn_scale)
+        self.log_scale = nn.Parameter(
+            torch.tensor(math.log(cfg.scale), device=self.device, dtype=self._dtype()),
+            requires_grad=cfg.learn_scale)
         params = list(self.backbone.parameters()) + [self.head]
         if cfg.learn_scale:
             params.append(self.log_scale)
+        model = _dist.wrap(_MTLStep(self), self.device)
+        bn_sync = _dist.RunningStatsSync(self.backbone)
         opt = torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="max" if val is not None else "min", factor=cfg.plateau_factor,
@@ -218,10 +282,11 @@ class MTLTrainer:
         if resume is not None:
             start_epoch, best = self._load(resume, opt, sched)
 
-        steps = max(1, cfg.tasks_per_epoch // cfg.tasks_per_step)
-        T, n, k = cfg.tasks_per_step, cfg.n_way, cfg.images_per_class
-        sample_task = torch.arange(T, device=self.device).repeat_interleave(n * k)
-        labels = torch.arange(n, device=self.device).repeat_interleave(k).repeat(T)
+        steps = max(1, cfg.tasks_per_epoch // T)
+        sample_task = torch.arange(T_local, device=self.device).repeat_interleave(n * k)
+        labels = torch.arange(n, device=self.device).repeat_interleave(k).repeat(T_local)
+        rows = slice(offset * n * k, (offset + T_local) * n * k)   # this rank's images
+        updates = T_local if self._chunking() == "task" else 1     # BatchNorm forwards a step
         t0 = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         stale = 0 if not self.history else self.history[-1]["epoch"] - best["epoch"]
         for epoch in range(start_epoch, cfg.epochs):
@@ -231,57 +296,65 @@ class MTLTrainer:
             torch.manual_seed(_epoch_seed(cfg.seed, epoch))
             self.backbone.train()
             losses, accs = [], []
-            loader = EpisodeLoader(train, n, k, 0, T, cfg.seed, start=epoch * steps * T,
+            loader = EpisodeLoader(train, n, k, 0, T_local, cfg.seed,
+                                   start=epoch * steps * T + offset, stride=T,
                                    device=self.device, batches=steps)
             bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not progress)
             out_of_time = False
-            for batch in bar:
-                if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
-                    out_of_time = True
+            try:
+                for batch in bar:
+                    x = batch.images.flatten(0, 2).to(self._dtype())
+                    if cfg.augment:
+                        x = _random_affine(x, torch.rand(T * n * k, 4, generator=gen)[rows])
+                    bn_sync.snapshot()
+                    loss, zs, w = model(x, batch.classes, sample_task, labels, T_local)
+                    with _nvtx("mtl/backward"):
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if cfg.grad_clip is not None:
+                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        opt.step()
+                    bn_sync.merge(updates)
+                    with torch.no_grad():
+                        heads = w[batch.classes]                                 # (T, n, d)
+                        logits = torch.bmm(zs.view(T_local, n * k, -1), heads.transpose(1, 2))
+                        acc = (logits.argmax(-1).view(-1) == labels).float().mean().item()
+                    late = (cfg.max_minutes is not None
+                            and time.perf_counter() - t0 > 60 * cfg.max_minutes)
+                    # One small all-reduce: every rank logs the global figures and all stop
+                    # together when any rank's clock runs out.
+                    loss_v, acc_v, late_v = _dist.average([loss.item(), acc, float(late)])
+                    losses.append(loss_v)
+                    accs.append(acc_v)
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                    if late_v > 0:
+                        out_of_time = True
+                        break
+                if not losses:
                     break
-                x = batch.images.flatten(0, 2)
-                task_classes = batch.classes
-                if cfg.augment:
-                    x = _random_affine(x, gen)
-                with _nvtx("mtl/backbone"):
-                    z = self._features(x, T)
-                if cfg.normalize_features:
-                    z = F.normalize(z, dim=1)
-                with _nvtx("mtl/heads"):
-                    zs, w = self._head_inputs(z)
-                    loss = multihead_ce(zs, w, task_classes, sample_task, labels,
-                                        backend=cfg.backend)
-                with _nvtx("mtl/backward"):
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                with torch.no_grad():
-                    heads = w[task_classes]                                      # (T, n, d)
-                    logits = torch.bmm(zs.view(T, n * k, -1), heads.transpose(1, 2))
-                    accs.append((logits.argmax(-1).view(-1) == labels).float().mean().item())
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if not losses:  # the budget ran out before this epoch's first step
-                break
-            record = {"epoch": epoch + 1, "steps": len(losses), "train_loss": float(np.mean(losses)),
-                      "train_acc": 100.0 * float(np.mean(accs)),
-                      "lr": opt.param_groups[0]["lr"], "scale": float(self.log_scale.exp())}
-            if val is not None:
-                # Validation is the test protocol itself; imported here because evaluate
-                # sits above the trainers in the layering and never imports them.
-                from .evaluate import evaluate
-                res = evaluate(self.backbone, val, n_way=cfg.val_ways, k_shot=cfg.val_shots,
-                               n_query=cfg.val_queries, episodes=cfg.val_episodes,
-                               seed=cfg.seed, device=self.device, progress=False)
-                record.update(val_acc=res["mean"], val_ci95=res["ci95"])
-                score = res["mean"]
-                sched.step(score)
-            else:
-                score = -record["train_loss"]
-                sched.step(record["train_loss"])
+                record = {"epoch": epoch + 1, "steps": len(losses),
+                          "train_loss": float(np.mean(losses)),
+                          "train_acc": 100.0 * float(np.mean(accs)),
+                          "lr": opt.param_groups[0]["lr"], "scale": float(self.log_scale.exp())}
+                if val is not None:
+                    # Validation is the test protocol itself (split across ranks); imported
+                    # here because evaluate sits above the trainers and never imports them.
+                    from .evaluate import evaluate
+                    res = evaluate(self.backbone, val, n_way=cfg.val_ways, k_shot=cfg.val_shots,
+                                   n_query=cfg.val_queries, episodes=cfg.val_episodes,
+                                   seed=cfg.seed, device=self.device, progress=False)
+                    record.update(val_acc=res["mean"], val_ci95=res["ci95"])
+                    score = res["mean"]
+                    sched.step(score)
+                else:
+                    score = -record["train_loss"]
+                    sched.step(record["train_loss"])
+            except Exception as exc:
+                if _dist.is_distributed() and _dist.is_comm_failure(exc):
+                    raise _dist.as_distributed_error(
+                        exc, f"training (epoch {epoch + 1})", cfg.checkpoint_dir) from exc
+                raise
             record["elapsed_s"] = time.perf_counter() - t0
             self.history.append(record)
             if score > best["score"]:
@@ -292,7 +365,8 @@ class MTLTrainer:
                 stale += 1
             if progress:
                 tqdm.write(_format_record(record))
-            self._save(epoch + 1, opt, sched, best)
+            if main:
+                self._save(epoch + 1, opt, sched, best)
             if cfg.early_stop_patience is not None and stale >= cfg.early_stop_patience:
                 break
             if out_of_time:

@@ -344,8 +344,9 @@ class EpisodeBatch:
 class EpisodeLoader(torch.utils.data.IterableDataset):
     """Endless (or ``batches``-long) stream of :class:`EpisodeBatch` es from a data set.
 
-    Batch ``b`` holds episodes ``start + b * tasks_per_batch`` onwards, so a stream is a pure
-    function of (seed, start) and resumes anywhere. While the caller works on one batch a
+    Batch ``b`` holds episodes ``start + b * stride`` onwards (``stride`` defaults to
+    ``tasks_per_batch``), so a stream is a pure function of (seed, start) and resumes
+    anywhere; a larger stride gives one rank of a distributed run its share of each step. While the caller works on one batch a
     background thread samples and assembles the next (``prefetch=True``); the C++ work runs
     without the GIL. With ``device`` set to a CUDA device the images are assembled in pinned
     memory and copied asynchronously.
@@ -363,13 +364,15 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         device: where the batches go (None: stay on the CPU).
         prefetch: assemble the next batch in the background.
         batches: stop after this many batches (None: endless).
+        stride: episode numbers between the starts of consecutive batches (None:
+            ``tasks_per_batch``, i.e. consecutive episodes).
         backend, num_threads: as for :class:`EpisodeSampler` and :func:`assemble`.
     """
 
     def __init__(self, dataset, n_way: int, k_shot: int, n_query: int, tasks_per_batch: int,
                  seed: int, start: int = 0, device: torch.device | str | None = None,
                  prefetch: bool = True, batches: int | None = None, backend: str | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, stride: int | None = None):
         super().__init__()
         for attr in ("images", "labels", "mean", "std"):
             if not hasattr(dataset, attr):
@@ -378,6 +381,7 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         self.tasks_per_batch = _check_int("tasks_per_batch", tasks_per_batch, 1)
         self.start = _check_int("start", start, 0)
         self.batches = None if batches is None else _check_int("batches", batches, 0)
+        self.stride = self.tasks_per_batch if stride is None else _check_int("stride", stride, 1)
         need = _check_int("k_shot", k_shot, 1) + _check_int("n_query", n_query, 0)
         # The sampler checks this too; here the message can name the class as well.
         labels = np.asarray(dataset.labels)
@@ -409,7 +413,7 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         """Batch number ``b`` on the CPU (pinned when the loader's device is CUDA)."""
         b = _check_int("b", b, 0)
         T, s = self.tasks_per_batch, self.sampler
-        first = self.start + b * T
+        first = self.start + b * self.stride
         classes, index = s.episodes(first, T)
         images = assemble(self._images, index, mean=self._mean, std=self._std,
                           pin_memory=self._pin, num_threads=s.num_threads, backend=s.backend)

@@ -130,3 +130,20 @@ def test_short_training_on_real_omniglot_is_far_above_chance():
     # Chance is 20%, logistic regression on raw pixels about 40%, the untrained Conv-4
     # about 45%; 150 steps reach about 60%.
     assert after > 55.0 and after > before + 8.0, (before, after)
+
+
+def test_time_budget_stops_after_the_step_that_crosses_it():
+    data = _glyphs(12, 8)
+    cfg = MTLConfig(tasks_per_step=2, tasks_per_epoch=10, epochs=4, images_per_class=4,
+                    max_minutes=1e-9)
+    hist = MTLTrainer(_Tiny(), cfg).fit(data, progress=False)
+    assert len(hist) == 1 and hist[0]["steps"] == 1
+
+
+def test_float64_backbone_trains_in_float64():
+    data = _glyphs(12, 8)
+    cfg = MTLConfig(tasks_per_step=2, tasks_per_epoch=4, epochs=1, images_per_class=4,
+                    backend="reference")
+    trainer = MTLTrainer(_Tiny().double(), cfg)
+    hist = trainer.fit(data, progress=False)
+    assert trainer.head.dtype == torch.float64 and np.isfinite(hist[0]["train_loss"])

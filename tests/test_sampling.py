@@ -380,3 +380,17 @@ def test_loader_errors_name_the_class():
         EpisodeLoader(object(), 2, 1, 1, 1, seed=0)
     with pytest.raises(ValueError, match="tasks_per_batch"):
         EpisodeLoader(lopsided, 2, 1, 1, 0, seed=0)
+
+
+def test_loader_stride_gives_each_rank_its_block_of_every_step():
+    """stride = a whole step's tasks: rank r's batches are its blocks of the global ones."""
+    ds = _dataset()
+    whole = list(EpisodeLoader(ds, 3, 1, 2, tasks_per_batch=4, seed=2, start=8, batches=3))
+    for r in range(2):
+        part = list(EpisodeLoader(ds, 3, 1, 2, tasks_per_batch=2, seed=2, start=8 + 2 * r,
+                                  stride=4, batches=3))
+        for got, want in zip(part, whole):
+            assert torch.equal(got.images, want.images[2 * r:2 * r + 2])
+            assert torch.equal(got.episodes, want.episodes[2 * r:2 * r + 2])
+    with pytest.raises(ValueError, match="stride"):
+        EpisodeLoader(ds, 3, 1, 2, tasks_per_batch=2, seed=2, stride=0)

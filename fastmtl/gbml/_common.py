@@ -21,9 +21,17 @@ torch 2.13, second-order gradients of the fused op under ``vmap`` are wrong (rel
 errors near 1e-2 in the conv weights before it, pytorch/functorch#534), while the
 composite is exact; ``torch.func.replace_all_batch_norm_modules_`` would keep the
 fused op.
+
+Distributed (``torchrun``; :mod:`fastmtl.distributed`): the meta-batch is split across
+ranks in contiguous blocks of episodes and the learner trains as one
+``DistributedDataParallel`` module whose forward is the meta-loss, so W ranks make the
+meta-update of one process with the whole meta-batch (``meta_batch`` divisible by W;
+chunks of ``chunk_size`` accumulate without communication until the last). Rank 0 alone
+shows progress and writes checkpoints; evaluation splits its episodes across ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed as _dist
 from ..data.base import FewShotDataset
 from ..mtl import _epoch_seed, _format_record, _nvtx
 from ..sampling import EpisodeSampler, assemble
@@ -171,6 +180,18 @@ def use_batch_stats(module: nn.Module) -> nn.Module:
     return module
 
 
+class _MetaLoss(nn.Module):
+    """The learner with the meta-loss as its forward: the unit DDP wraps."""
+
+    def __init__(self, trainer: "_EpisodicTrainer"):
+        super().__init__()
+        self.model = trainer.model
+        self._trainer = [trainer]          # a list: not registered as a submodule
+
+    def forward(self, xs, ys, xq, yq):
+        return self._trainer[0].meta_loss(xs, ys, xq, yq)
+
+
 class _Learner(nn.Module):
     """The module a GBML trainer owns: the backbone, and a head where the method has one."""
 
@@ -240,9 +261,10 @@ class _EpisodicTrainer:
             raise ValueError(f"{type(self).__name__} needs a {self._config_class.__name__}, "
                              f"got {type(self.config).__name__}")
         self.config.validate()
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        _dist.init_from_env()
+        self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = use_batch_stats(backbone).to(self.device)
+        self._ddp: nn.Module | None = None
         self.model: _Learner | None = None
         self.history: list[dict[str, Any]] = []
         self.best_epoch = -1
@@ -287,7 +309,8 @@ class _EpisodicTrainer:
         """Accuracy of the method's own test-time adaptation over seeded test episodes.
 
         The episodes are those of :func:`fastmtl.evaluate` with the same arguments, so the
-        two protocols can be compared episode by episode. Returns the same dict (``mean``
+        two protocols can be compared episode by episode. In a distributed run every rank
+        must call it: the ranks share the episodes and all return the full result. Returns the same dict (``mean``
         and ``ci95`` in percent, ``std``, ``accuracies``, the settings) plus ``protocol``.
         """
         if not isinstance(dataset, FewShotDataset):
@@ -300,15 +323,15 @@ class _EpisodicTrainer:
         sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed)
         chunk = self.config.chunk_size or self._eval_chunk
         dtype = next(self.model.parameters()).dtype
-        accs = []
+        accs = [torch.zeros(0, dtype=torch.float64, device=self.device)]
         with torch.no_grad():
-            for lo in tqdm(range(0, episodes, chunk), desc=f"{self.method} {n_way}-way "
-                           f"{k_shot}-shot", leave=False, disable=not progress):
-                count = min(chunk, episodes - lo)
+            for lo, count in tqdm(list(_dist.chunks(episodes, chunk)),
+                                  desc=f"{self.method} {n_way}-way {k_shot}-shot", leave=False,
+                                  disable=not progress or not _dist.is_main()):
                 xs, ys, xq, yq = _episodes(dataset, sampler, lo, count, self.device, dtype)
                 pred = self._predict(xs, ys, xq, n_way).argmax(-1)
-                accs.append((pred == yq).double().mean(1).cpu())
-        acc = torch.cat(accs).numpy() * 100.0
+                accs.append((pred == yq).double().mean(1))
+        acc = _dist.gather_rows(torch.cat(accs)).cpu().numpy() * 100.0
         std = float(acc.std())
         return {"mean": float(acc.mean()), "ci95": 1.96 * std / math.sqrt(episodes),
                 "std": std, "episodes": int(episodes), "n_way": n_way, "k_shot": k_shot,
@@ -392,16 +415,26 @@ class _EpisodicTrainer:
         total, correct = 0.0, 0.0
         for lo in range(0, T, chunk):
             sl = slice(lo, lo + chunk)
-            loss, logits = self.meta_loss(xs[sl], ys[sl], xq[sl], yq[sl])
-            share = logits.shape[0] / T
-            with _nvtx(f"{self.method}/backward"):
-                (loss * share).backward()
+            # Distributed, gradients are all-reduced once, in the last chunk's backward.
+            last = lo + chunk >= T
+            sync = self._ddp.no_sync() if self._ddp is not None and not last else \
+                contextlib.nullcontext()
+            with sync:
+                fn = self.meta_loss if self._ddp is None else self._ddp
+                loss, logits = fn(xs[sl], ys[sl], xq[sl], yq[sl])
+                share = logits.shape[0] / T
+                with _nvtx(f"{self.method}/backward"):
+                    (loss * share).backward()
             total += loss.item() * share
             correct += (logits.detach().argmax(-1) == yq[sl]).double().mean().item() * share
         return total, correct
 
     def _fit(self, train, val, sampler, resume, progress):
         cfg = self.config
+        T = cfg.meta_batch
+        offset, T_local = _dist.shard(T, "meta_batch")
+        main = _dist.is_main()
+        progress = progress and main
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=cfg.meta_lr, weight_decay=cfg.weight_decay)
         sched = (torch.optim.lr_scheduler.StepLR(opt, cfg.lr_decay_every, cfg.lr_decay)
@@ -410,57 +443,73 @@ class _EpisodicTrainer:
         self.history = []
         if resume is not None:
             start_epoch, best = self._load(resume, opt, sched)
-        steps = max(1, cfg.tasks_per_epoch // cfg.meta_batch)
-        T = cfg.meta_batch
+        self._ddp = _dist.wrap(_MetaLoss(self), self.device) if _dist.is_distributed() else None
+        steps = max(1, cfg.tasks_per_epoch // T)
         dtype = params[0].dtype
         t0 = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
         stale = 0 if not self.history else self.history[-1]["epoch"] - best["epoch"]
-        for epoch in range(start_epoch, cfg.epochs):
-            # Random streams restart from (seed, epoch) so a resumed run repeats an
-            # uninterrupted one; episodes are already a function of their number.
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-            self.model.train()
-            losses, accs = [], []
-            bar = tqdm(range(steps), desc=f"{self.method} epoch {epoch + 1}/{cfg.epochs}",
-                       leave=False, disable=not progress)
-            for step in bar:
-                first = (epoch * steps + step) * T
-                xs, ys, xq, yq = _episodes(train, sampler, first, T, self.device, dtype)
-                opt.zero_grad(set_to_none=True)
-                loss, acc = self._step(xs, ys, xq, yq)
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                if sched is not None:
-                    sched.step()
-                losses.append(loss)
-                accs.append(acc)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
-                                acc=f"{100 * np.mean(accs[-20:]):.1f}")
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                      "train_acc": 100.0 * float(np.mean(accs)),
-                      "lr": opt.param_groups[0]["lr"]}
-            if val is not None:
-                res = self._validate(val)
-                record.update(val_acc=res["mean"], val_ci95=res["ci95"])
-                score = res["mean"]
-            else:
-                score = -record["train_loss"]
-            record["elapsed_s"] = time.perf_counter() - t0
-            self.history.append(record)
-            if score > best["score"]:
-                best = {"score": score, "epoch": epoch + 1,
-                        "state": copy.deepcopy(self.model.state_dict())}
-                stale = 0
-            else:
-                stale += 1
-            if progress:
-                tqdm.write(f"{self.method} " + _format_record(record))
-            self._save(epoch + 1, opt, sched, best)
-            if cfg.early_stop_patience is not None and stale >= cfg.early_stop_patience:
-                break
-            if cfg.max_minutes is not None and record["elapsed_s"] > 60 * cfg.max_minutes:
-                break
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                # Random streams restart from (seed, epoch) so a resumed run repeats an
+                # uninterrupted one; episodes are already a function of their number.
+                torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+                self.model.train()
+                losses, accs = [], []
+                bar = tqdm(range(steps), desc=f"{self.method} epoch {epoch + 1}/{cfg.epochs}",
+                           leave=False, disable=not progress)
+                try:
+                    for step in bar:
+                        first = (epoch * steps + step) * T + offset
+                        xs, ys, xq, yq = _episodes(train, sampler, first, T_local, self.device,
+                                                   dtype)
+                        opt.zero_grad(set_to_none=True)
+                        loss, acc = self._step(xs, ys, xq, yq)
+                        if cfg.grad_clip is not None:
+                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        opt.step()
+                        if sched is not None:
+                            sched.step()
+                        loss, acc = _dist.average([loss, acc])
+                        losses.append(loss)
+                        accs.append(acc)
+                        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
+                                        acc=f"{100 * np.mean(accs[-20:]):.1f}")
+                    record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                              "train_acc": 100.0 * float(np.mean(accs)),
+                              "lr": opt.param_groups[0]["lr"]}
+                    if val is not None:
+                        res = self._validate(val)
+                        record.update(val_acc=res["mean"], val_ci95=res["ci95"])
+                        score = res["mean"]
+                    else:
+                        score = -record["train_loss"]
+                    record["elapsed_s"] = time.perf_counter() - t0
+                    # Every rank must take the same stop decision: rank clocks differ.
+                    late = _dist.any_rank(cfg.max_minutes is not None
+                                          and record["elapsed_s"] > 60 * cfg.max_minutes)
+                except Exception as exc:
+                    if _dist.is_distributed() and _dist.is_comm_failure(exc):
+                        raise _dist.as_distributed_error(
+                            exc, f"{self.method} training (epoch {epoch + 1})",
+                            cfg.checkpoint_dir) from exc
+                    raise
+                self.history.append(record)
+                if score > best["score"]:
+                    best = {"score": score, "epoch": epoch + 1,
+                            "state": copy.deepcopy(self.model.state_dict())}
+                    stale = 0
+                else:
+                    stale += 1
+                if progress:
+                    tqdm.write(f"{self.method} " + _format_record(record))
+                if main:
+                    self._save(epoch + 1, opt, sched, best)
+                if cfg.early_stop_patience is not None and stale >= cfg.early_stop_patience:
+                    break
+                if late:
+                    break
+        finally:
+            self._ddp = None
         if val is not None and best["state"] is not None:
             self.model.load_state_dict(best["state"])
         self.best_epoch = best["epoch"]

@@ -204,16 +204,7 @@ class MTLTrainer:
         if cfg.images_per_class > smallest:
             raise ValueError(f"images_per_class={cfg.images_per_class} is larger than the "
                              f"smallest training class ({smallest} images)")
-        if val is not None:
-            if not isinstance(val, FewShotDataset):
-                raise ValueError(f"val must be a FewShotDataset or None, got {type(val).__name__}")
-            if cfg.val_ways > val.n_classes:
-                raise ValueError(f"val_ways={cfg.val_ways} is larger than the number of "
-                                 f"validation classes ({val.n_classes})")
-            need, small = cfg.val_shots + cfg.val_queries, int(val.class_sizes().min())
-            if need > small:
-                raise ValueError(f"val_shots + val_queries = {need} is larger than the smallest "
-                                 f"validation class ({small} images)")
+        _check_val(val, cfg)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             return self._fit(train, val, resume, progress)
@@ -414,6 +405,21 @@ class MTLTrainer:
         self.history = list(state["history"])
         best = dict(state["best"], state=state.get("best_state"))
         return state["epoch"], best
+
+
+def _check_val(val, cfg) -> None:
+    """A validation set must hold the episodes ``cfg.val_*`` describe (None: no validation)."""
+    if val is None:
+        return
+    if not isinstance(val, FewShotDataset):
+        raise ValueError(f"val must be a FewShotDataset or None, got {type(val).__name__}")
+    if cfg.val_ways > val.n_classes:
+        raise ValueError(f"val_ways={cfg.val_ways} is larger than the number of "
+                         f"validation classes ({val.n_classes})")
+    need, small = cfg.val_shots + cfg.val_queries, int(val.class_sizes().min())
+    if need > small:
+        raise ValueError(f"val_shots + val_queries = {need} is larger than the smallest "
+                         f"validation class ({small} images)")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

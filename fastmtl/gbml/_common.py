@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as _dist
 from ..data.base import FewShotDataset
-from ..mtl import _epoch_seed, _format_record, _nvtx
+from ..mtl import _check_val, _epoch_seed, _format_record, _nvtx
 from ..sampling import EpisodeSampler, assemble
 
 _VAL_PROTOCOLS = ("logistic", "own")
@@ -344,8 +344,6 @@ class _EpisodicTrainer:
         cfg = self.config
         if not isinstance(train, FewShotDataset):
             raise ValueError(f"train must be a FewShotDataset, got {type(train).__name__}")
-        if val is not None and not isinstance(val, FewShotDataset):
-            raise ValueError(f"val must be a FewShotDataset or None, got {type(val).__name__}")
         if cfg.n_way > train.n_classes:
             raise ValueError(f"n_way={cfg.n_way} is larger than the number of training classes "
                              f"({train.n_classes})")
@@ -353,16 +351,9 @@ class _EpisodicTrainer:
         if cfg.k_shot + cfg.n_query > smallest:
             raise ValueError(f"k_shot + n_query = {cfg.k_shot + cfg.n_query} is larger than the "
                              f"smallest training class ({smallest} images)")
-        if val is not None:
-            if cfg.val_ways > val.n_classes:
-                raise ValueError(f"val_ways={cfg.val_ways} is larger than the number of "
-                                 f"validation classes ({val.n_classes})")
-            need, small = cfg.val_shots + cfg.val_queries, int(val.class_sizes().min())
-            if need > small:
-                raise ValueError(f"val_shots + val_queries = {need} is larger than the smallest "
-                                 f"validation class ({small} images)")
-            if cfg.val_protocol == "own":
-                self._check_eval_ways(cfg.val_ways)
+        _check_val(val, cfg)
+        if val is not None and cfg.val_protocol == "own":
+            self._check_eval_ways(cfg.val_ways)
         sampler = EpisodeSampler(train.labels, cfg.n_way, cfg.k_shot, cfg.n_query, cfg.seed)
         self.build(train.image_shape)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):

@@ -111,6 +111,14 @@ def test_trainer_errors(tmp_path):
     with pytest.raises(ValueError, match="resume"):
         MTLTrainer(_Tiny(), MTLConfig(n_way=3, epochs=1, images_per_class=2)).fit(
             data, resume=str(tmp_path / "nope.pt"), progress=False)
+    # A validation set that cannot hold the validation episodes fails before training.
+    small_cfg = MTLConfig(n_way=3, epochs=1, images_per_class=2)
+    with pytest.raises(ValueError, match="val_ways=5"):
+        MTLTrainer(_Tiny(), small_cfg).fit(data, val=_glyphs(4, 20), progress=False)
+    with pytest.raises(ValueError, match="val_shots \\+ val_queries = 16"):
+        MTLTrainer(_Tiny(), small_cfg).fit(data, val=_glyphs(6, 10), progress=False)
+    with pytest.raises(ValueError, match="val must be"):
+        MTLTrainer(_Tiny(), small_cfg).fit(data, val="val", progress=False)
 
 
 def test_short_training_on_real_omniglot_is_far_above_chance():

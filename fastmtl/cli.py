@@ -183,12 +183,12 @@ DEMO_CONFIG = MTLConfig(n_way=20, tasks_per_step=2, images_per_class=10, tasks_p
 def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    print("fastmtl demo: MTL with Conv-4 on the built-in SyntheticGlyphs "
+    _say("fastmtl demo: MTL with Conv-4 on the built-in SyntheticGlyphs "
           f"(generated, seed {args.seed}), training for at most {args.minutes} min")
     train = load_dataset("synthetic", None, "train", seed=args.seed)
     val = load_dataset("synthetic", None, "val", seed=args.seed)
     test = load_dataset("synthetic", None, "test", seed=args.seed)
-    print(f"train {train.n_classes} classes, val {val.n_classes}, test {test.n_classes} "
+    _say(f"train {train.n_classes} classes, val {val.n_classes}, test {test.n_classes} "
           f"(disjoint), {train.image_shape} images")
     cfg = dataclasses.replace(DEMO_CONFIG, max_minutes=args.minutes, seed=args.seed)
     from .mtl import MTLTrainer
@@ -196,7 +196,7 @@ def cmd_demo(args) -> int:
     history = trainer.fit(train, val)
     train_s = time.perf_counter() - t0
     rows = _evaluate_all(trainer.backbone, test, (1, 5), 5, 15, args.episodes, args.seed)
-    print(_table(rows))
+    _say(_table(rows))
     payload = {"command": "demo", "data": "synthetic", "backbone": "conv4",
                "config": dataclasses.asdict(cfg), "history": history,
                "best_epoch": trainer.best_epoch, "results": rows,
@@ -264,6 +264,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    _dist.init_from_env()      # under torchrun the ranks share the test episodes
     if not os.path.exists(args.checkpoint):
         raise ValueError(f"checkpoint {args.checkpoint!r} does not exist")
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
@@ -278,10 +279,10 @@ def cmd_eval(args) -> int:
     data_name = args.data or state.get("data")
     test = load_dataset(data_name, args.root, args.split, args.image_size or state.get("image_size"),
                         args.data_seed)
-    print(f"eval: {test!r}")
+    _say(f"eval: {test!r}")
     rows = _evaluate_all(backbone, test, args.shots, args.ways, args.queries, args.episodes,
                          args.seed)
-    print(_table(rows))
+    _say(_table(rows))
     _write_json(args.out, {"command": " ".join(["fastmtl"] + sys.argv[1:]),
                            "checkpoint": args.checkpoint, "data": data_name,
                            "split": args.split, "results": rows, "machine": machine_info()})
@@ -324,7 +325,11 @@ def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
                        description="Train the MTL learner (or, with --method, a GBML baseline); "
                                    "validate each epoch on the val split; evaluate the best "
                                    "epoch on the test split. The settings listed depend on "
-                                   "--method (see `fastmtl train --method maml --help`).",
+                                   "--method (see `fastmtl train --method maml --help`). "
+                                   "Under `torchrun --nproc_per_node=N -m fastmtl train ...` "
+                                   "it trains data-parallel (DDP; NCCL on GPUs, gloo on "
+                                   "CPUs; FASTMTL_DIST_TIMEOUT sets the seconds a rank waits "
+                                   "for the others, default 300).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--method", choices=METHODS, default=method,
                    help="learner: MTL, or a torch.func baseline from fastmtl.gbml")

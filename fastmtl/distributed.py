@@ -168,33 +168,42 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``t`` (any number of rows, same trailing shape) in rank order."""
     if not is_distributed():
         return t
+    home, dev = t.device, _comm_device()
+    t = t.to(dev)
     with _collective("gather_rows"):
-        sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world_size())]
-        dist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device))
+        sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world_size())]
+        dist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.int64, device=dev))
         sizes = [int(s) for s in sizes]
         most = max(sizes)
         padded = torch.zeros((most,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         padded[:t.shape[0]] = t
         out = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(home)
 
 
-def average(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+def _comm_device() -> torch.device:
+    """Where small tensors for a collective live: NCCL takes CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def average(values: list[float]) -> list[float]:
     """The mean over ranks of each value (for logging: every rank then records the same)."""
     if not is_distributed():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     with _collective("average"):
         dist.all_reduce(t)
     return (t / world_size()).tolist()
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (a shared stop decision)."""
     if not is_distributed():
         return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     with _collective("any_rank"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
@@ -241,7 +250,7 @@ class RunningStatsSync:
         for m, (mean0, var0) in zip(self.norms, self.before):
             keep = 1.0 if m.momentum is None else (1.0 - m.momentum) ** updates
             deltas += [m.running_mean - keep * mean0, m.running_var - keep * var0]
-        flat = torch.cat([d.flatten().double() for d in deltas])
+        flat = torch.cat([d.flatten().double() for d in deltas]).to(_comm_device())
         with _collective("BatchNorm running statistics"):
             gathered = [torch.empty_like(flat) for _ in range(w)]
             dist.all_gather(gathered, flat)
@@ -249,7 +258,7 @@ class RunningStatsSync:
         for m, (mean0, var0) in zip(self.norms, self.before):
             for buf, r0 in ((m.running_mean, mean0), (m.running_var, var0)):
                 n = buf.numel()
-                parts = [g[offset:offset + n].view_as(buf) for g in gathered]
+                parts = [g[offset:offset + n].view_as(buf).to(buf.device) for g in gathered]
                 offset += n
                 if m.momentum is None:
                     keep = 1.0

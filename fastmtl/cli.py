@@ -130,7 +130,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults, fixed=()) -> No
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         hint = hints[f.name]
-        help_text = _field_help(doc, f.name) + f" (default: {default})"
+        help_text = _field_help(doc, f.name).replace("%", "%%") + " (default: %(default)s)"
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -149,11 +149,31 @@ def _optional(kind):
 
 
 def _field_help(doc: str, name: str) -> str:
-    for line in doc.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(name + ":") or stripped.startswith(name + ","):
-            return stripped.split(":", 1)[1].strip()
+    """The text of ``name`` in a Google-style ``Attributes:`` list: its entry may name
+    several fields (``lr, weight_decay: ...``) and continue on more-indented lines."""
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        head, sep, text = line.strip().partition(":")
+        if not sep or name not in [n.strip() for n in head.split(",")]:
+            continue
+        indent = len(line) - len(line.lstrip())
+        parts = [text.strip()]
+        for more in lines[i + 1:]:
+            if not more.strip() or len(more) - len(more.lstrip()) <= indent:
+                break
+            parts.append(more.strip())
+        return " ".join(p for p in parts if p)
     return name.replace("_", " ")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: ...)`` to a flag's help unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or "%(default)" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _config_from(args, base, fixed=None):
@@ -330,7 +350,7 @@ def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
                                    "it trains data-parallel (DDP; NCCL on GPUs, gloo on "
                                    "CPUs; FASTMTL_DIST_TIMEOUT sets the seconds a rank waits "
                                    "for the others, default 300).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     p.add_argument("--method", choices=METHODS, default=method,
                    help="learner: MTL, or a torch.func baseline from fastmtl.gbml")
     p.add_argument("--data", choices=DATASETS, default="synthetic", help="data set")

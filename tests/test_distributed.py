@@ -47,12 +47,12 @@ def _backbone(dtype=torch.float32):
     return conv4(1, 8, 8).to(dtype)
 
 
-def _train(kind: str, checkpoint_dir=None, resume=None, epochs=None):
+def _train(kind: str, checkpoint_dir=None, resume=None, epochs=None, seed=None):
     """Train ``kind`` ("mtl" or "fomaml") in this process, distributed or not."""
     train, val, test = _data()
     if kind == "mtl":
         cfg = dataclasses.replace(MTL_CFG, checkpoint_dir=checkpoint_dir,
-                                  epochs=epochs or MTL_CFG.epochs)
+                                  epochs=epochs or MTL_CFG.epochs, seed=seed or MTL_CFG.seed)
         trainer = fastmtl.MTLTrainer(_backbone(), cfg, device="cpu")
         trainer.fit(train, val, resume=resume, progress=False)
         params = dict(trainer.backbone.named_parameters(), head=trainer.head)
@@ -74,7 +74,7 @@ def _train(kind: str, checkpoint_dir=None, resume=None, epochs=None):
             {k: v.clone() for k, v in buffers.items()}, trainer.history, result)
 
 
-def _worker(rank, world, port, kind, out_dir, kill_at_step, checkpoint_dir):
+def _worker(rank, world, port, kind, out_dir, kill_at_step, checkpoint_dir, resume):
     # What torchrun sets; the trainer joins the group from these by itself.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -91,7 +91,7 @@ def _worker(rank, world, port, kind, out_dir, kill_at_step, checkpoint_dir):
             return original(self, *args, **kwargs)
         opt_cls.step = step
     try:
-        out = _train(kind, checkpoint_dir)
+        out = _train(kind, checkpoint_dir, resume=resume)
         assert torch.distributed.is_initialized() and fdist.world_size() == world
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException as exc:
@@ -110,11 +110,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world, kind, out_dir, kill_at_step=None, checkpoint_dir=None, timeout=45.0):
+def _launch(world, kind, out_dir, kill_at_step=None, checkpoint_dir=None, resume=None,
+            timeout=45.0):
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, kind, str(out_dir), kill_at_step,
-                                               checkpoint_dir), daemon=True)
+                                               checkpoint_dir, resume), daemon=True)
              for r in range(world)]
     t0 = time.monotonic()
     try:
@@ -194,6 +195,29 @@ def test_killed_rank_fails_fast_and_run_resumes(tmp_path):
     single = _train("mtl")
     _assert_same(resumed[0], single[0], "parameter")
     _assert_same(resumed[1], single[1], "buffer")
+    assert seconds < 60
+
+
+def test_single_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    """Checkpoints do not depend on the world size: one process trains epoch 1 (with another
+    seed, so that only a real resume can end where this run ends), two ranks resume from its
+    last.pt and end exactly where a one-process resume of the same checkpoint ends."""
+    ck = tmp_path / "ck"
+    first = _train("mtl", checkpoint_dir=str(ck), epochs=1, seed=MTL_CFG.seed + 1)
+    codes, hung, seconds = _launch(2, "mtl", tmp_path, resume=str(ck / "last.pt"))
+    errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
+    assert not hung and codes == [0, 0], (codes, hung, errors)
+    single = _train("mtl", resume=str(ck / "last.pt"))
+    assert single[2][0] == first[2][0]  # epoch 1 comes from the checkpoint
+    for r in range(2):
+        params, buffers, history, _ = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert [h["epoch"] for h in history] == [1, 2, 3]
+        _assert_same(params, single[0], "parameter")
+        _assert_same(buffers, single[1], "buffer")
+        _assert_history_same(history, single[2])
+    # A run that ignored the checkpoint would end elsewhere.
+    fresh = _train("mtl")
+    assert max((fresh[0][k] - single[0][k]).abs().max().item() for k in fresh[0]) > 1e-3
     assert seconds < 60
 
 

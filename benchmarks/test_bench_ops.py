@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -106,16 +107,20 @@ def _time_interleaved(fns, args, rounds, sync=lambda: None):
         _step(fn, args)
     times = {k: [] for k in fns}
     cpu_times = {k: [] for k in fns}
+    faults = {k: 0 for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             _step(fn, args)
             sync()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0, c0 = time.perf_counter(), time.thread_time()
             _step(fn, args)
             sync()
             times[k].append(time.perf_counter() - t0)
             cpu_times[k].append(time.thread_time() - c0)
+            faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     med = statistics.median
+    _time_interleaved.page_faults = {k: v / rounds for k, v in faults.items()}
     return {k: med(v) for k, v in times.items()}, {k: med(v) for k, v in cpu_times.items()}
 
 
@@ -174,10 +179,34 @@ def _floor_bytes(args):
 
 # ---- the CPU table ----
 
+def _steady_heap() -> str:
+    """Keep freed memory in this process's heap (glibc ``mallopt``), for every contender.
+
+    With glibc's default, dynamic thresholds, whether a freed multi-MB gradient goes back
+    to the OS (and its pages fault in again, ~1 us each, on the next call) depends on the
+    heap's history: in one run of this table the same shape took 0.66 ms in one call
+    pattern and 1.5 ms in another, with 250 page faults a call. Fixed thresholds give every
+    contender the steady state of a long training loop (what jemalloc or tcmalloc give).
+    """
+    import ctypes
+    import ctypes.util
+    if not sys.platform.startswith("linux"):
+        return "platform default"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        ok = False
+    return ("glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB (freed memory "
+            "stays in the heap)") if ok else "platform default (mallopt unavailable)"
+
+
 def test_cpu_table():
     """Fused CPU backend vs plain PyTorch at every listed shape; writes ops_cpu.json."""
     if "cpu" not in available_backends():
         pytest.skip("fastmtl._multihead_ce is not built: no CPU backend to time")
+    allocator = _steady_heap()
     default_threads = torch.get_num_threads()
     rows = []
     try:
@@ -194,6 +223,8 @@ def test_cpu_table():
                     **({"thread_cpu_ms": {k: round(v * 1e3, 4) for k, v in ct.items()},
                         "speedup_vs_reference_thread_cpu": round(ct["reference"] / ct["cpu"], 2)}
                        if threads == 1 else {}),
+                    "page_faults_per_call": {k: round(v, 1) for k, v in
+                                             _time_interleaved.page_faults.items()},
                     "speedup_vs_reference": round(t["reference"] / t["cpu"], 2),
                     "speedup_vs_gather_bmm": round(t["gather_bmm"] / t["cpu"], 2),
                     "speedup_vs_best_plain": round(best_plain / t["cpu"], 2),
@@ -230,15 +261,20 @@ def test_cpu_table():
                                        "(general: any task sizes and order)",
                           "gather_bmm": "weight[task_classes] (T, n, d) and one bmm over "
                                         "contiguous equal-sized tasks (MTL training layout)"},
+        "allocator": allocator,
         "inputs": "L2-normalised z, Kaiming-uniform rows scaled by sqrt(C/n), float32",
         "target": f"cpu at least {TARGET_CPU}x the reference at every shape",
         "all_meet_target_1_thread": all(r["meets_target"] for r in single),
         "all_meet_target_default_threads": all(r["meets_target"] for r in multi) if multi
         else None,
-        "note": "the machine is shared (see load_average_at_end): rows with more than one "
-                "thread are exposed to other processes' load (an OpenMP region waits for "
-                "its last thread to be scheduled), the 1-thread rows much less; peak_mb "
-                "cannot see allocations below 64 KiB that reuse freed heap (tiny shapes)",
+        "note": "rows with more than one thread are exposed to other processes' load "
+                "(see load_average_at_end; an OpenMP region waits for its last thread to be "
+                "scheduled), the 1-thread rows much less; page_faults_per_call: minor page "
+                "faults of the process per timed call (glibc returning freed memory to the "
+                "OS and faulting it back in costs ~1 us a 4 KiB page, and how often it "
+                "happens depends on the heap's history: rows with hundreds of faults per "
+                "call are slower for that reason); peak_mb cannot see allocations below "
+                "64 KiB that reuse freed heap (tiny shapes)",
         "gpu": {"measured": torch.cuda.is_available(),
                 "note": "see ops_gpu.json" if torch.cuda.is_available() else
                         "no CUDA device in this session: GPU (Triton) figures not measured"},

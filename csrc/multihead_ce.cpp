@@ -102,12 +102,15 @@ Plan make_plan(const int64_t* st, const int64_t* tc, const int64_t* y, int64_t N
     return p;
 }
 
-// Threads for `work` multiply-adds: one thread per ~2M (100-200 us of work). A parallel
+// Threads for `work` multiply-adds: one thread per ~256K (15-30 us of work). A parallel
 // region costs microseconds on an idle machine but can wait milliseconds on a loaded one
-// (the region ends when its last thread has been scheduled), so small calls, where a
-// second thread saves little, stay on one thread, as ATen's grain size does for its ops.
+// (the region ends when its last thread has been scheduled), so the smallest calls stay on
+// one thread, as ATen's grain size does for its ops. Measured on the idle 2-core machine
+// (benchmarks/results/ops_cpu.json): with a 2M grain the Conv-4 shapes (d = 64, T = 8, 16)
+// ran on one thread while the reference used two (1.5-1.7x); with 256K they reach 2.2-2.8x.
+// On a loaded machine, torch.set_num_threads(1) (or OMP_NUM_THREADS=1) is the safe choice.
 int threads_for(int nthreads, int64_t work) {
-    constexpr int64_t kGrain = int64_t(1) << 21;
+    constexpr int64_t kGrain = int64_t(1) << 18;
     return int(std::max<int64_t>(1, std::min<int64_t>(nthreads, work / kGrain)));
 }
 

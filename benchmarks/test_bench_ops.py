@@ -97,7 +97,8 @@ def _step(fn, args):
 
 
 def _time_interleaved(fns, args, rounds, sync=lambda: None):
-    """Median seconds per forward+backward of each contender, rounds interleaved.
+    """Median seconds per forward+backward of each contender (wall, and CPU time of the
+    calling thread), rounds interleaved, and the mean minor page faults per timed call.
 
     Each timed call follows an untimed call of the same contender, so it finds the
     allocator as its own previous step left it (steady state, as in a training loop),
@@ -120,8 +121,8 @@ def _time_interleaved(fns, args, rounds, sync=lambda: None):
             cpu_times[k].append(time.thread_time() - c0)
             faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     med = statistics.median
-    _time_interleaved.page_faults = {k: v / rounds for k, v in faults.items()}
-    return {k: med(v) for k, v in times.items()}, {k: med(v) for k, v in cpu_times.items()}
+    return ({k: med(v) for k, v in times.items()}, {k: med(v) for k, v in cpu_times.items()},
+            {k: v / rounds for k, v in faults.items()})
 
 
 def _rounds(args):
@@ -214,7 +215,7 @@ def test_cpu_table():
             torch.set_num_threads(threads)
             for d, C, T in SHAPES:
                 args = _inputs(d, C, T)
-                t, ct = _time_interleaved(_contenders(["cpu"]), args, _rounds(args))
+                t, ct, pf = _time_interleaved(_contenders(["cpu"]), args, _rounds(args))
                 best_plain = min(t["reference"], t["gather_bmm"])
                 rows.append({
                     "d": d, "C": C, "T": T, "n": N_WAY, "N": args[0].shape[0],
@@ -223,8 +224,7 @@ def test_cpu_table():
                     **({"thread_cpu_ms": {k: round(v * 1e3, 4) for k, v in ct.items()},
                         "speedup_vs_reference_thread_cpu": round(ct["reference"] / ct["cpu"], 2)}
                        if threads == 1 else {}),
-                    "page_faults_per_call": {k: round(v, 1) for k, v in
-                                             _time_interleaved.page_faults.items()},
+                    "page_faults_per_call": {k: round(v, 1) for k, v in pf.items()},
                     "speedup_vs_reference": round(t["reference"] / t["cpu"], 2),
                     "speedup_vs_gather_bmm": round(t["gather_bmm"] / t["cpu"], 2),
                     "speedup_vs_best_plain": round(best_plain / t["cpu"], 2),
@@ -317,7 +317,7 @@ def test_gpu_table():
     for d, C, T in SHAPES:
         args = _inputs(d, C, T, device=dev)
         fns = {k: v for k, v in _contenders(["triton"]).items() if not k.endswith("_checked")}
-        t, _ = _time_interleaved(fns, args, 30, sync=torch.cuda.synchronize)
+        t, _, _ = _time_interleaved(fns, args, 30, sync=torch.cuda.synchronize)
         peaks = {}
         for name, fn in fns.items():
             args[0].grad = args[1].grad = None

@@ -47,7 +47,10 @@ N_WAY, K_SHOT, N_QUERY = 5, 1, 1
 ROUNDS = {"maml": 4, "anil": 8}
 MALLOC = os.environ.get("FASTMTL_BENCH_MALLOC", "default")
 THREADS = int(os.environ.get("FASTMTL_BENCH_THREADS") or torch.get_num_threads())
-RUN = f"{MALLOC}-malloc/{THREADS}threads"
+# FASTMTL_BENCH_TAG names a run apart from earlier ones with the same settings (another
+# machine, say): runs accumulate in the JSON under their keys, each with its machine.
+TAG = os.environ.get("FASTMTL_BENCH_TAG", "")
+RUN = f"{MALLOC}-malloc/{THREADS}threads" + (f"/{TAG}" if TAG else "")
 RESULT = Path(__file__).parent / "results" / "gbml_cpu.json"
 _RECORDS: dict[str, dict] = {}
 _LOSSES: dict[str, float] = {}
@@ -127,15 +130,19 @@ def _summary() -> dict:
 
 
 def _merged(payload: dict) -> dict:
-    """The existing result file's runs plus this one (keyed by allocator and threads)."""
-    runs = {}
+    """The existing result file's runs plus this one (keyed by allocator, threads and tag),
+    and its notes. Runs stored before runs carried their machine get the file's."""
+    runs, notes = {}, None
     if RESULT.exists():
         try:
-            runs = json.loads(RESULT.read_text()).get("runs", {})
+            old = json.loads(RESULT.read_text())
+            runs, notes = old.get("runs", {}), old.get("notes")
+            for run in runs.values():
+                run.setdefault("machine", old.get("machine"))
         except (ValueError, AttributeError):
             runs = {}
     runs[RUN] = payload
-    return {"runs": runs}
+    return {"runs": runs, **({"notes": notes} if notes else {})}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -146,7 +153,7 @@ def _report():
     if not _RECORDS:
         return
     summary = _summary()
-    run = {"started": started, "load_average_at_start": load,
+    run = {"started": started, "machine": machine_info(), "load_average_at_start": load,
            "load_average_at_end": machine_info()["load_average"], "malloc": MALLOC,
            "torch_threads": THREADS, "records": _RECORDS, **summary}
     payload = {"setting": {"backbone": "conv4(in_channels=1, hidden=64)", "image": [1, 28, 28],

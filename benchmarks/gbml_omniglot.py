@@ -18,7 +18,6 @@ method sees the same number of images per meta-step (120).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from _results import keep_freed_memory  # benchmarks/_results.py (run as a script)
 from fastmtl import evaluate
 from fastmtl._env import machine_info
 from fastmtl.data import Omniglot, with_rotations
@@ -49,15 +49,6 @@ SETTINGS = {
     "r2d2": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1),
     "protonet": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, lr_decay_every=None),
 }
-
-
-def _tune_malloc() -> None:
-    # Keep freed blocks for reuse instead of unmapping every block above 32 MB (glibc's
-    # default): the vmapped meta-batch's activations are that large, and re-mapping them
-    # each step cost a third of a step in page faults (see benchmarks/test_bench_gbml.py).
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 30)       # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 1 << 30)       # M_TRIM_THRESHOLD
 
 
 def run(method: str, train, test, minutes: float, episodes: int, seed: int) -> dict:
@@ -112,7 +103,10 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc == "tuned":
-        _tune_malloc()
+        # Keep freed blocks for reuse: the vmapped meta-batch's activations are above
+        # glibc's 32 MB mmap limit, and re-mapping them each step cost a third of a step in
+        # page faults (see benchmarks/test_bench_gbml.py).
+        keep_freed_memory(mmap_threshold=1 << 30)
     train = with_rotations(Omniglot(args.root, split="train"))
     test = Omniglot(args.root, split="test")
     print(f"train {train!r}\ntest {test!r}", flush=True)

@@ -27,7 +27,6 @@ caching allocator such as jemalloc) before anything is timed.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import time
@@ -39,7 +38,7 @@ import torch
 from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
 from fastmtl.models import conv4
 
-from _results import machine_info, record, write_result  # benchmarks/_results.py
+from _results import keep_freed_memory, machine_info, record, write_result  # benchmarks/_results.py
 
 META_BATCH = 32
 INNER_STEPS = 5
@@ -67,19 +66,12 @@ def batch():
     return xs, ys, xq, yq
 
 
-def _tune_malloc() -> None:
-    # M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3 (malloc.h): keep freed blocks for reuse.
-    libc = ctypes.CDLL("libc.so.6")
-    if not (libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 30)):
-        raise RuntimeError("mallopt refused the thresholds")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _settings():
     if MALLOC not in ("default", "tuned"):
         raise ValueError(f"FASTMTL_BENCH_MALLOC must be 'default' or 'tuned', got {MALLOC!r}")
-    if MALLOC == "tuned":
-        _tune_malloc()
+    if MALLOC == "tuned" and not keep_freed_memory(mmap_threshold=1 << 30):
+        raise RuntimeError("mallopt refused the thresholds")
     before = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     yield

@@ -48,6 +48,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _results import keep_freed_memory  # benchmarks/_results.py
 from fastmtl.ops import available_backends, multihead_ce, multihead_ce_reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -189,18 +190,10 @@ def _steady_heap() -> str:
     pattern and 1.5 ms in another, with 250 page faults a call. Fixed thresholds give every
     contender the steady state of a long training loop (what jemalloc or tcmalloc give).
     """
-    import ctypes
-    import ctypes.util
-    if not sys.platform.startswith("linux"):
-        return "platform default"
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
-    except (OSError, AttributeError):
-        ok = False
-    return ("glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB (freed memory "
-            "stays in the heap)") if ok else "platform default (mallopt unavailable)"
+    if keep_freed_memory(mmap_threshold=32 << 20):
+        return ("glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB (freed memory "
+                "stays in the heap)")
+    return "platform default (mallopt unavailable)"
 
 
 def test_cpu_table():

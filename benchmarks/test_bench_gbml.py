@@ -145,8 +145,9 @@ def _report():
     if not _RECORDS:
         return
     summary = _summary()
-    run = {"started": started, "machine": machine_info(), "load_average_at_start": load,
-           "load_average_at_end": machine_info()["load_average"], "malloc": MALLOC,
+    machine = machine_info()
+    run = {"started": started, "machine": machine, "load_average_at_start": load,
+           "load_average_at_end": machine["load_average"], "malloc": MALLOC,
            "torch_threads": THREADS, "records": _RECORDS, **summary}
     payload = {"setting": {"backbone": "conv4(in_channels=1, hidden=64)", "image": [1, 28, 28],
                            "meta_batch": META_BATCH, "n_way": N_WAY, "k_shot": K_SHOT,

@@ -52,7 +52,7 @@ def _train(kind: str, checkpoint_dir=None, resume=None, epochs=None, seed=None):
     train, val, test = _data()
     if kind == "mtl":
         cfg = dataclasses.replace(MTL_CFG, checkpoint_dir=checkpoint_dir,
-                                  epochs=epochs or MTL_CFG.epochs, seed=seed or MTL_CFG.seed)
+                                  epochs=epochs or MTL_CFG.epochs, seed=MTL_CFG.seed if seed is None else seed)
         trainer = fastmtl.MTLTrainer(_backbone(), cfg, device="cpu")
         trainer.fit(train, val, resume=resume, progress=False)
         params = dict(trainer.backbone.named_parameters(), head=trainer.head)

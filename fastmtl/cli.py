@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -14,6 +13,8 @@ import torch
 
 from . import distributed as _dist
 from ._env import machine_info
+from .checkpoint import atomic_save, atomic_write_json
+from .checkpoint import load as load_checkpoint
 from .mtl import MTLConfig
 
 DATASETS = ("synthetic", "omniglot", "miniimagenet", "tieredimagenet", "cifarfs", "fc100")
@@ -67,9 +68,7 @@ def _say(*args, **kwargs) -> None:
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if not path or not _dist.is_main():
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+    atomic_write_json(path, payload)
     _say(f"wrote {path}")
 
 
@@ -251,14 +250,12 @@ def cmd_train(args) -> int:
                "best_epoch": trainer.best_epoch, "train_seconds": train_s,
                "machine": machine_info(), "world_size": _dist.world_size()}
     if cfg.checkpoint_dir and _dist.is_main():
-        if args.method == "mtl":
-            state = {"backbone": trainer.backbone.state_dict(),
-                     "head": trainer.head.detach().cpu(), "config": dataclasses.asdict(cfg)}
-        else:   # method, model, backbone, batchnorm="batch-statistics", config, history
-            state = trainer.state_dict()
-        state.update(backbone_spec=backbone.spec, data=args.data, image_size=args.image_size)
-        torch.save(state, os.path.join(cfg.checkpoint_dir, "final.pt"))
-        _say(f"wrote {os.path.join(cfg.checkpoint_dir, 'final.pt')}")
+        state = dict(trainer.state_dict(), data=args.data, image_size=args.image_size,
+                     data_seed=args.data_seed, train_split=args.train_split,
+                     rotations=args.rotations)
+        final = os.path.join(cfg.checkpoint_dir, "final.pt")
+        atomic_save(state, final)
+        _say(f"wrote {final}")
     if args.eval_episodes > 0:
         test = load_dataset(args.data, args.root, "test", args.image_size, args.data_seed)
         rows = _evaluate_all(trainer.backbone, test, args.shots, args.ways, args.queries,
@@ -285,9 +282,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     _dist.init_from_env()      # under torchrun the ranks share the test episodes
-    if not os.path.exists(args.checkpoint):
-        raise ValueError(f"checkpoint {args.checkpoint!r} does not exist")
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(args.checkpoint, what="--checkpoint")
     spec = state.get("backbone_spec")
     if not spec:
         raise ValueError(f"checkpoint {args.checkpoint!r} does not say which backbone it holds")
@@ -295,7 +290,11 @@ def cmd_eval(args) -> int:
     if state.get("batchnorm") == "batch-statistics":     # a GBML checkpoint
         from .gbml import use_batch_stats
         use_batch_stats(backbone)
-    backbone.load_state_dict(state["backbone"])
+    try:
+        backbone.load_state_dict(state["backbone"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {args.checkpoint!r}: its backbone state does not fit "
+                         f"{spec}: {str(exc).strip().splitlines()[0]}") from None
     data_name = args.data or state.get("data")
     test = load_dataset(data_name, args.root, args.split, args.image_size or state.get("image_size"),
                         args.data_seed)

@@ -23,28 +23,22 @@ normalizes over its own share of the step's images.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import math
-import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import distributed as _dist
-from .data.base import FewShotDataset
 from .models import feature_dim
 from .ops import multihead_ce
 from .sampling import EpisodeLoader
+from .evaluate import evaluate
+from .training import Trainer, check_val, epoch_seed, phase
 
-__all__ = ["MTLConfig", "MTLTrainer"]
+__all__ = ["MTLConfig", "MTLTrainer", "MTLLearner"]
 
 
 @dataclass
@@ -141,85 +135,34 @@ def _random_affine(x: torch.Tensor, u: torch.Tensor, rotate=10.0, scale=0.1,
     return F.grid_sample(x - bg, grid, align_corners=False, padding_mode="zeros") + bg
 
 
-class _MTLStep(nn.Module):
-    """Backbone, head table and logit scale as one module: the unit DDP wraps.
+class MTLLearner(nn.Module):
+    """The multi-task learner as one module: backbone, per-class head table, logit scale.
 
-    Its forward is one training step's loss, so DDP sees one forward per backward however
-    many chunks the backbone runs in.
+    Its ``state_dict()`` is the model part of an MTL checkpoint, and its forward is one
+    training step's loss, so ``DistributedDataParallel`` sees one forward per backward
+    however many chunks the backbone runs in.
+
+    Args:
+        backbone: the feature extractor.
+        n_classes: rows of the head table (training classes).
+        dim: feature dimension.
+        config: the :class:`MTLConfig` (head kind, scale, normalization, chunking, backend).
+        chunking: "task" or "batch" (resolved from ``config.chunking`` by the trainer).
+        generator: seeds the head table's initialization.
     """
 
-    def __init__(self, trainer: "MTLTrainer"):
+    def __init__(self, backbone: nn.Module, n_classes: int, dim: int, config: "MTLConfig",
+                 chunking: str, generator: torch.Generator):
         super().__init__()
-        self.backbone = trainer.backbone
-        self.head = trainer.head
-        if trainer.config.learn_scale:
-            self.log_scale = trainer.log_scale
-        self._trainer = [trainer]          # a list: not registered as a submodule
+        self.backbone = backbone
+        self.config, self.chunking = config, chunking
+        p = next(backbone.parameters())
+        self.head = self._init_head(n_classes, dim, generator, p.device, p.dtype)
+        self.log_scale = nn.Parameter(
+            torch.tensor(math.log(config.scale), device=p.device, dtype=p.dtype),
+            requires_grad=config.learn_scale)
 
-    def forward(self, x, task_classes, sample_task, labels, n_tasks):
-        tr = self._trainer[0]
-        with _nvtx("mtl/backbone"):
-            z = tr._features(x, n_tasks)
-        if tr.config.normalize_features:
-            z = F.normalize(z, dim=1)
-        with _nvtx("mtl/heads"):
-            zs, w = tr._head_inputs(z)
-            loss = multihead_ce(zs, w, task_classes, sample_task, labels,
-                                backend=tr.config.backend)
-        return loss, zs, w
-
-
-class MTLTrainer:
-    """Trains a backbone with per-class heads, the paper's multi-task learner.
-
-    ``MTLTrainer(backbone, config).fit(train, val=None, resume=None)`` returns the history
-    (one dict per epoch). ``trainer.backbone`` is then ready for :func:`fastmtl.evaluate`.
-
-    Under a distributed launch (``torchrun``; see :mod:`fastmtl.distributed`) the trainer
-    joins the process group itself and trains data-parallel: ``tasks_per_step`` must be
-    divisible by the world size; rank 0 alone shows progress and writes checkpoints.
-    The backbone's dtype is used for images and head (float64 works, for exact tests).
-    """
-
-    def __init__(self, backbone: nn.Module, config: MTLConfig | None = None,
-                 device: torch.device | str | None = None):
-        self.config = config or MTLConfig()
-        self.config.validate()
-        _dist.init_from_env()
-        self.device = torch.device(device) if device is not None else _dist.default_device()
-        self.backbone = backbone.to(self.device)
-        self.head: torch.Tensor | None = None
-        self.history: list[dict[str, Any]] = []
-
-    # -- public ---------------------------------------------------------------------------
-    def fit(self, train: FewShotDataset, val: FewShotDataset | None = None,
-            resume: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-        cfg = self.config
-        if not isinstance(train, FewShotDataset):
-            raise ValueError(f"train must be a FewShotDataset, got {type(train).__name__}")
-        if cfg.n_way > train.n_classes:
-            raise ValueError(f"n_way={cfg.n_way} is larger than the number of training classes "
-                             f"({train.n_classes})")
-        smallest = int(train.class_sizes().min())
-        if cfg.images_per_class > smallest:
-            raise ValueError(f"images_per_class={cfg.images_per_class} is larger than the "
-                             f"smallest training class ({smallest} images)")
-        _check_val(val, cfg)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
-            return self._fit(train, val, resume, progress)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"backbone": self.backbone.state_dict(), "head": self.head,
-                "config": dataclasses.asdict(self.config), "history": self.history}
-
-    # -- internals ------------------------------------------------------------------------
-    def _chunking(self) -> str:
-        if self.config.chunking != "auto":
-            return self.config.chunking
-        return "batch" if self.device.type == "cuda" else "task"
-
-    def _init_head(self, n_classes: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    def _init_head(self, n_classes, dim, gen, device, dtype) -> nn.Parameter:
         # Kaiming-uniform for a (C, d) linear layer, scaled by sqrt(C / n) as the official
         # code does (its head is a C-way layer of which each task uses n rows). A cosine
         # head only uses the rows' directions.
@@ -230,221 +173,164 @@ class MTLTrainer:
             # each class is drawn in only a few percent of the steps.
             bound = 1e-3
         w = (torch.rand(n_classes, dim, generator=gen, dtype=torch.float32) * 2 - 1) * bound
-        return nn.Parameter(w.to(device=self.device, dtype=self._dtype()))
+        return nn.Parameter(w.to(device=device, dtype=dtype))
 
-    def _dtype(self) -> torch.dtype:
-        return next(self.backbone.parameters()).dtype
+    def features(self, x: torch.Tensor, n_tasks: int) -> torch.Tensor:
+        """Backbone features of a step's images, per task chunk or as one batch."""
+        if self.chunking == "task":
+            return torch.cat([self.backbone(c) for c in x.chunk(n_tasks)])
+        return self.backbone(x)
 
-    def _head_inputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_inputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features times the logit scale, and the head rows, as the head op takes them."""
         w = F.normalize(self.head, dim=1) if self.config.head == "cosine" else self.head
         if self.config.learn_scale:
             return z * self.log_scale.exp(), w
         return (z * self.config.scale if self.config.scale != 1.0 else z), w
 
-    def _features(self, x: torch.Tensor, n_tasks: int) -> torch.Tensor:
-        if self._chunking() == "task":
-            return torch.cat([self.backbone(c) for c in x.chunk(n_tasks)])
-        return self.backbone(x)
+    def forward(self, x, task_classes, sample_task, labels, n_tasks):
+        with phase("backbone"):
+            z = self.features(x, n_tasks)
+        if self.config.normalize_features:
+            z = F.normalize(z, dim=1)
+        with phase("heads"):
+            zs, w = self.head_inputs(z)
+            loss = multihead_ce(zs, w, task_classes, sample_task, labels,
+                                backend=self.config.backend)
+        return loss, zs, w
 
-    def _fit(self, train, val, resume, progress):
+
+class MTLTrainer(Trainer):
+    """Trains a backbone with per-class heads, the paper's multi-task learner.
+
+    ``MTLTrainer(backbone, config).fit(train, val=None, resume=None)`` returns the history
+    (one dict per epoch). ``trainer.backbone`` is then ready for :func:`fastmtl.evaluate`.
+
+    Under a distributed launch (``torchrun``; see :mod:`fastmtl.distributed`) the trainer
+    joins the process group itself and trains data-parallel: ``tasks_per_step`` must be
+    divisible by the world size; rank 0 alone shows progress and writes checkpoints.
+    The backbone's dtype is used for images and head (float64 works, for exact tests).
+
+    Example:
+        >>> import fastmtl
+        >>> data = fastmtl.data.SyntheticGlyphs(12, 8, seed=0)
+        >>> cfg = fastmtl.MTLConfig(tasks_per_step=2, tasks_per_epoch=2, epochs=1,
+        ...                         images_per_class=4)
+        >>> history = fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), cfg).fit(
+        ...     data, progress=False)
+    """
+
+    method = "mtl"
+    batchnorm = "running"
+
+    def __init__(self, backbone: nn.Module, config: MTLConfig | None = None,
+                 device: torch.device | str | None = None):
+        if not isinstance(backbone, nn.Module):
+            raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        self.config = config or MTLConfig()
+        self.config.validate()
+        _dist.init_from_env()
+        self.device = torch.device(device) if device is not None else _dist.default_device()
+        self.backbone = backbone.to(self.device)
+        self.learner: MTLLearner | None = None
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch = -1
+
+    @property
+    def head(self) -> torch.Tensor | None:
+        """The per-class head table (C, d), once ``fit`` has built it."""
+        return None if self.learner is None else self.learner.head
+
+    # -- the Trainer hooks ----------------------------------------------------------------
+    def _chunking(self) -> str:
+        if self.config.chunking != "auto":
+            return self.config.chunking
+        return "batch" if self.device.type == "cuda" else "task"
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    def _prepare_fit(self, train, val) -> None:
+        cfg = self.config
+        if cfg.n_way > train.n_classes:
+            raise ValueError(f"n_way={cfg.n_way} is larger than the number of training classes "
+                             f"({train.n_classes})")
+        smallest = int(train.class_sizes().min())
+        if cfg.images_per_class > smallest:
+            raise ValueError(f"images_per_class={cfg.images_per_class} is larger than the "
+                             f"smallest training class ({smallest} images)")
+        check_val(val, cfg)
+
+    def _setup(self, train) -> None:
+        cfg = self.config
+        self._offset, self._T_local = _dist.shard(cfg.tasks_per_step, "tasks_per_step")
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+        dim = feature_dim(self.backbone, train.image_shape)
+        self.learner = MTLLearner(self.backbone, train.n_classes, dim, cfg, self._chunking(),
+                                  self._gen)
+        params = list(self.backbone.parameters()) + [self.learner.head]
+        if cfg.learn_scale:
+            params.append(self.learner.log_scale)
+        self._model = _dist.wrap(self.learner, self.device)
+        self._bn_sync = _dist.RunningStatsSync(self.backbone)
+        self.optimizer = torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max" if self._has_val else "min", factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience)
+        self.scheduler = self._plateau
+        n, k, T_local = cfg.n_way, cfg.images_per_class, self._T_local
+        self._sample_task = torch.arange(T_local, device=self.device).repeat_interleave(n * k)
+        self._labels = torch.arange(n, device=self.device).repeat_interleave(k).repeat(T_local)
+        self._rows = slice(self._offset * n * k, (self._offset + T_local) * n * k)
+
+    def fit(self, train, val=None, resume=None, progress=True, callbacks=()):
+        self._has_val = val is not None
+        return super().fit(train, val, resume, progress, callbacks)
+
+    fit.__doc__ = Trainer.fit.__doc__
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, self.config.tasks_per_epoch // self.config.tasks_per_step)
+
+    def _epoch_batches(self, train, epoch, steps):
+        cfg = self.config
+        self._gen.manual_seed(epoch_seed(cfg.seed, epoch))
+        T = cfg.tasks_per_step
+        return EpisodeLoader(train, cfg.n_way, cfg.images_per_class, 0, self._T_local, cfg.seed,
+                             start=epoch * steps * T + self._offset, stride=T,
+                             device=self.device, batches=steps)
+
+    def _train_step(self, batch) -> tuple[float, float, int]:
         cfg = self.config
         T, n, k = cfg.tasks_per_step, cfg.n_way, cfg.images_per_class
-        offset, T_local = _dist.shard(T, "tasks_per_step")
-        main = _dist.is_main()
-        progress = progress and main
-        gen = torch.Generator().manual_seed(cfg.seed)
-        dim = feature_dim(self.backbone, train.image_shape)
-        self.head = self._init_head(train.n_classes, dim, gen)
-        self.log_scale = nn.Parameter(
-            torch.tensor(math.log(cfg.scale), device=self.device, dtype=self._dtype()),
-            requires_grad=cfg.learn_scale)
-        params = list(self.backbone.parameters()) + [self.head]
-        if cfg.learn_scale:
-            params.append(self.log_scale)
-        model = _dist.wrap(_MTLStep(self), self.device)
-        bn_sync = _dist.RunningStatsSync(self.backbone)
-        opt = torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="max" if val is not None else "min", factor=cfg.plateau_factor,
-            patience=cfg.plateau_patience)
-        start_epoch, best = 0, {"score": -math.inf, "epoch": -1, "state": None}
-        self.history = []
-        if resume is not None:
-            start_epoch, best = self._load(resume, opt, sched)
-
-        steps = max(1, cfg.tasks_per_epoch // T)
-        sample_task = torch.arange(T_local, device=self.device).repeat_interleave(n * k)
-        labels = torch.arange(n, device=self.device).repeat_interleave(k).repeat(T_local)
-        rows = slice(offset * n * k, (offset + T_local) * n * k)   # this rank's images
-        updates = T_local if self._chunking() == "task" else 1     # BatchNorm forwards a step
-        t0 = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
-        stale = 0 if not self.history else self.history[-1]["epoch"] - best["epoch"]
-        for epoch in range(start_epoch, cfg.epochs):
-            # Every random stream restarts from (seed, epoch): a resumed run repeats an
-            # uninterrupted one exactly (episodes are already a function of their number).
-            gen.manual_seed(_epoch_seed(cfg.seed, epoch))
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-            self.backbone.train()
-            losses, accs = [], []
-            loader = EpisodeLoader(train, n, k, 0, T_local, cfg.seed,
-                                   start=epoch * steps * T + offset, stride=T,
-                                   device=self.device, batches=steps)
-            bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not progress)
-            out_of_time = False
-            try:
-                for batch in bar:
-                    x = batch.images.flatten(0, 2).to(self._dtype())
-                    if cfg.augment:
-                        x = _random_affine(x, torch.rand(T * n * k, 4, generator=gen)[rows])
-                    bn_sync.snapshot()
-                    loss, zs, w = model(x, batch.classes, sample_task, labels, T_local)
-                    with _nvtx("mtl/backward"):
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        if cfg.grad_clip is not None:
-                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                        opt.step()
-                    bn_sync.merge(updates)
-                    with torch.no_grad():
-                        heads = w[batch.classes]                                 # (T, n, d)
-                        logits = torch.bmm(zs.view(T_local, n * k, -1), heads.transpose(1, 2))
-                        acc = (logits.argmax(-1).view(-1) == labels).float().mean().item()
-                    late = (cfg.max_minutes is not None
-                            and time.perf_counter() - t0 > 60 * cfg.max_minutes)
-                    # One small all-reduce: every rank logs the global figures and all stop
-                    # together when any rank's clock runs out.
-                    loss_v, acc_v, late_v = _dist.average([loss.item(), acc, float(late)])
-                    losses.append(loss_v)
-                    accs.append(acc_v)
-                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-                    if late_v > 0:
-                        out_of_time = True
-                        break
-                if not losses:
-                    break
-                record = {"epoch": epoch + 1, "steps": len(losses),
-                          "train_loss": float(np.mean(losses)),
-                          "train_acc": 100.0 * float(np.mean(accs)),
-                          "lr": opt.param_groups[0]["lr"], "scale": float(self.log_scale.exp())}
-                if val is not None:
-                    # Validation is the test protocol itself (split across ranks); imported
-                    # here because evaluate sits above the trainers and never imports them.
-                    from .evaluate import evaluate
-                    res = evaluate(self.backbone, val, n_way=cfg.val_ways, k_shot=cfg.val_shots,
-                                   n_query=cfg.val_queries, episodes=cfg.val_episodes,
-                                   seed=cfg.seed, device=self.device, progress=False)
-                    record.update(val_acc=res["mean"], val_ci95=res["ci95"])
-                    score = res["mean"]
-                    sched.step(score)
-                else:
-                    score = -record["train_loss"]
-                    sched.step(record["train_loss"])
-            except Exception as exc:
-                if _dist.is_distributed() and _dist.is_comm_failure(exc):
-                    raise _dist.as_distributed_error(
-                        exc, f"training (epoch {epoch + 1})", cfg.checkpoint_dir) from exc
-                raise
-            record["elapsed_s"] = time.perf_counter() - t0
-            self.history.append(record)
-            if score > best["score"]:
-                best = {"score": score, "epoch": epoch + 1,
-                        "state": copy.deepcopy((self.backbone.state_dict(), self.head.detach().clone()))}
-                stale = 0
-            else:
-                stale += 1
-            if progress:
-                tqdm.write(_format_record(record))
-            if main:
-                self._save(epoch + 1, opt, sched, best)
-            if cfg.early_stop_patience is not None and stale >= cfg.early_stop_patience:
-                break
-            if out_of_time:
-                break
-        if val is not None and best["state"] is not None:
-            self.backbone.load_state_dict(best["state"][0])
-            with torch.no_grad():
-                self.head.copy_(best["state"][1])
-        self.best_epoch = best["epoch"]
-        return self.history
-
-    def _save(self, epoch, opt, sched, best):
-        directory = self.config.checkpoint_dir
-        if directory is None:
-            return
-        os.makedirs(directory, exist_ok=True)
-        state = {"epoch": epoch, "backbone": self.backbone.state_dict(),
-                 "head": self.head.detach().cpu(), "log_scale": self.log_scale.detach().cpu(),
-                 "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "history": self.history,
-                 "config": dataclasses.asdict(self.config),
-                 "best": {"score": best["score"], "epoch": best["epoch"]},
-                 "best_state": best["state"],
-                 "backbone_spec": getattr(self.backbone, "spec", None)}
-        tmp = os.path.join(directory, "last.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(directory, "last.pt"))
-        if best["epoch"] == epoch:
-            torch.save({k: state[k] for k in ("backbone", "head", "config", "backbone_spec",
-                                              "epoch", "history")},
-                       os.path.join(directory, "best.pt"))
-        with open(os.path.join(directory, "history.json"), "w") as f:
-            json.dump(self.history, f, indent=1)
-
-    def _load(self, path, opt, sched):
-        if not os.path.exists(path):
-            raise ValueError(f"resume checkpoint {path!r} does not exist")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.backbone.load_state_dict(state["backbone"])
+        x = batch.images.flatten(0, 2).to(self._dtype())
+        if cfg.augment:
+            with phase("data"):
+                x = _random_affine(x, torch.rand(T * n * k, 4, generator=self._gen)[self._rows])
+        self._bn_sync.snapshot()
+        loss, zs, w = self._model(x, batch.classes, self._sample_task, self._labels,
+                                  self._T_local)
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        self._apply_gradients()
+        # BatchNorm forwards a step: one per task chunk, or one for the batch.
+        self._bn_sync.merge(self._T_local if self.learner.chunking == "task" else 1)
         with torch.no_grad():
-            self.head.copy_(state["head"].to(self.device))
-            self.log_scale.copy_(state["log_scale"].to(self.device))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        self.history = list(state["history"])
-        best = dict(state["best"], state=state.get("best_state"))
-        return state["epoch"], best
+            heads = w[batch.classes]                                         # (T, n, d)
+            logits = torch.bmm(zs.view(self._T_local, n * k, -1), heads.transpose(1, 2))
+            acc = (logits.argmax(-1).view(-1) == self._labels).float().mean().item()
+        return loss.item(), acc, x.shape[0]
 
+    def _validate(self, val):
+        # Validation is the test protocol itself (split across ranks).
+        cfg = self.config
+        return evaluate(self.backbone, val, n_way=cfg.val_ways, k_shot=cfg.val_shots,
+                        n_query=cfg.val_queries, episodes=cfg.val_episodes, seed=cfg.seed,
+                        device=self.device, progress=False)
 
-def _check_val(val, cfg) -> None:
-    """A validation set must hold the episodes ``cfg.val_*`` describe (None: no validation)."""
-    if val is None:
-        return
-    if not isinstance(val, FewShotDataset):
-        raise ValueError(f"val must be a FewShotDataset or None, got {type(val).__name__}")
-    if cfg.val_ways > val.n_classes:
-        raise ValueError(f"val_ways={cfg.val_ways} is larger than the number of "
-                         f"validation classes ({val.n_classes})")
-    need, small = cfg.val_shots + cfg.val_queries, int(val.class_sizes().min())
-    if need > small:
-        raise ValueError(f"val_shots + val_queries = {need} is larger than the smallest "
-                         f"validation class ({small} images)")
+    def _end_epoch(self, record, score, has_val) -> None:
+        self._plateau.step(score if has_val else record["train_loss"])
 
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + 1) % (2**63)
-
-
-def _format_record(r: dict[str, Any]) -> str:
-    s = (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  train acc {r['train_acc']:.1f}%  "
-         f"lr {r['lr']:.1e}  {r['elapsed_s']:.0f}s")
-    if "val_acc" in r:
-        s += f"  val {r['val_acc']:.2f}±{r['val_ci95']:.2f}%"
-    return s
-
-
-class _nvtx:
-    """An NVTX range on CUDA (visible in Nsight Systems); free on CPU."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.on = torch.cuda.is_available()
-
-    def __enter__(self):
-        if self.on:
-            torch.cuda.nvtx.range_push(self.name)
-
-    def __exit__(self, *exc):
-        if self.on:
-            torch.cuda.nvtx.range_pop()
+    def _record_extra(self):
+        return {"scale": float(self.learner.log_scale.exp())}

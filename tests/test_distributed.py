@@ -182,7 +182,7 @@ def test_killed_rank_fails_fast_and_run_resumes(tmp_path):
     assert codes[0] not in (0, None)
     message = (tmp_path / "error0.txt").read_text()
     first = message.splitlines()[0]
-    assert re.match(r"DistributedError: fastmtl rank 0 of 2: .* in training \(epoch 3\) "
+    assert re.match(r"DistributedError: fastmtl rank 0 of 2: .* in mtl training \(epoch 3\) "
                     r"failed: another rank has died", first), first
     assert f"Resume from {ck / 'last.pt'}" in first
     assert not (tmp_path / "rank0.pt").exists()

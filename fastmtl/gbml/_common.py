@@ -32,12 +32,7 @@ shows progress and writes checkpoints; evaluation splits its episodes across ran
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import json
 import math
-import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +44,10 @@ from tqdm.auto import tqdm
 
 from .. import distributed as _dist
 from ..data.base import FewShotDataset
-from ..mtl import _check_val, _epoch_seed, _format_record, _nvtx
+from ..evaluate import evaluate as _logistic_evaluate
+from ..models import feature_dim
 from ..sampling import EpisodeSampler, assemble
+from ..training import Trainer, check_val, phase
 
 _VAL_PROTOCOLS = ("logistic", "own")
 
@@ -80,7 +77,7 @@ _SHARED_DOC = """
         val_episodes: validation episodes per epoch.
         early_stop_patience: stop after this many epochs without a better val accuracy.
             None: never. The best epoch's weights are restored at the end.
-        max_minutes: wall-clock budget of fit (None: none), checked after every epoch.
+        max_minutes: training-time budget of fit (None: none), checked after every step.
         seed: seeds episodes, head init and any dropout (one seed, repeatable).
         checkpoint_dir: where last.pt, best.pt and history.json go every epoch (None: none).
 """
@@ -181,15 +178,15 @@ def use_batch_stats(module: nn.Module) -> nn.Module:
 
 
 class _MetaLoss(nn.Module):
-    """The learner with the meta-loss as its forward: the unit DDP wraps."""
+    """The learner with a meta-loss function as its forward: the unit DDP wraps."""
 
-    def __init__(self, trainer: "_EpisodicTrainer"):
+    def __init__(self, model: nn.Module, loss_fn):
         super().__init__()
-        self.model = trainer.model
-        self._trainer = [trainer]          # a list: not registered as a submodule
+        self.model = model
+        self.loss_fn = loss_fn
 
     def forward(self, xs, ys, xq, yq):
-        return self._trainer[0].meta_loss(xs, ys, xq, yq)
+        return self.loss_fn(xs, ys, xq, yq)
 
 
 class _Learner(nn.Module):
@@ -240,7 +237,7 @@ def _episodes(dataset: FewShotDataset, sampler: EpisodeSampler, first: int, coun
 
 
 # -- the trainer ------------------------------------------------------------------------------
-class _EpisodicTrainer:
+class _EpisodicTrainer(Trainer):
     """Base of the GBML trainers: ``fit(train, val=None, resume=None, progress=True)``.
 
     Subclasses set ``method`` and ``_config_class`` and implement ``_make_model``,
@@ -248,6 +245,7 @@ class _EpisodicTrainer:
     """
 
     method = "episodic"
+    batchnorm = "batch-statistics"
     _config_class = _EpisodicConfig
     # Test episodes vmapped at once by `evaluate` when the config sets no chunk_size.
     _eval_chunk = 50
@@ -277,7 +275,6 @@ class _EpisodicTrainer:
         before (or without) training. Initialization is seeded by ``config.seed``.
         """
         if self.model is None:
-            from ..models import feature_dim
             dim = feature_dim(self.backbone, image_shape)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self.config.seed)
@@ -338,12 +335,14 @@ class _EpisodicTrainer:
                 "n_query": n_query, "seed": seed, "protocol": self._protocol(),
                 "accuracies": acc.tolist()}
 
-    def fit(self, train: FewShotDataset, val: FewShotDataset | None = None,
-            resume: str | None = None, progress: bool = True) -> list[dict[str, Any]]:
-        """Meta-train on ``train``; validate on ``val`` each epoch; returns the history."""
+    @property
+    def learner(self) -> _Learner | None:
+        """The module whose state is the model (``model``), as the training core names it."""
+        return self.model
+
+    # -- the Trainer hooks ----------------------------------------------------------------
+    def _prepare_fit(self, train, val) -> None:
         cfg = self.config
-        if not isinstance(train, FewShotDataset):
-            raise ValueError(f"train must be a FewShotDataset, got {type(train).__name__}")
         if cfg.n_way > train.n_classes:
             raise ValueError(f"n_way={cfg.n_way} is larger than the number of training classes "
                              f"({train.n_classes})")
@@ -351,19 +350,48 @@ class _EpisodicTrainer:
         if cfg.k_shot + cfg.n_query > smallest:
             raise ValueError(f"k_shot + n_query = {cfg.k_shot + cfg.n_query} is larger than the "
                              f"smallest training class ({smallest} images)")
-        _check_val(val, cfg)
+        check_val(val, cfg)
         if val is not None and cfg.val_protocol == "own":
             self._check_eval_ways(cfg.val_ways)
-        sampler = EpisodeSampler(train.labels, cfg.n_way, cfg.k_shot, cfg.n_query, cfg.seed)
+        self._sampler = EpisodeSampler(train.labels, cfg.n_way, cfg.k_shot, cfg.n_query,
+                                       cfg.seed)
         self.build(train.image_shape)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
-            return self._fit(train, val, sampler, resume, progress)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "model": self.model.state_dict() if self.model else None,
-                "backbone": self.backbone.state_dict(), "batchnorm": "batch-statistics",
-                "config": dataclasses.asdict(self.config), "history": self.history}
+    def _setup(self, train) -> None:
+        cfg = self.config
+        self._offset, self._T_local = _dist.shard(cfg.meta_batch, "meta_batch")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.meta_lr, weight_decay=cfg.weight_decay)
+        self.scheduler = (torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_decay_every,
+                                                          cfg.lr_decay)
+                          if cfg.lr_decay_every else None)
+        self._ddp = (_dist.wrap(_MetaLoss(self.model, self.meta_loss), self.device)
+                     if _dist.is_distributed() else None)
+        self._dtype = params[0].dtype
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, self.config.tasks_per_epoch // self.config.meta_batch)
+
+    def _epoch_batches(self, train, epoch, steps):
+        T = self.config.meta_batch
+        for step in range(steps):
+            first = (epoch * steps + step) * T + self._offset
+            with phase("data"):
+                batch = _episodes(train, self._sampler, first, self._T_local, self.device,
+                                  self._dtype)
+            yield batch
+
+    def _train_step(self, batch) -> tuple[float, float, int]:
+        xs, ys, xq, yq = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, acc = self._step(xs, ys, xq, yq)
+        self._apply_gradients()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss, acc, xs.shape[0] * (xs.shape[1] + xq.shape[1])
+
+    def _end_run(self) -> None:
+        self._ddp = None
 
     # -- hooks ----------------------------------------------------------------------------
     def _make_model(self, dim: int) -> _Learner:
@@ -414,97 +442,11 @@ class _EpisodicTrainer:
                 fn = self.meta_loss if self._ddp is None else self._ddp
                 loss, logits = fn(xs[sl], ys[sl], xq[sl], yq[sl])
                 share = logits.shape[0] / T
-                with _nvtx(f"{self.method}/backward"):
+                with phase("outer_backward"):
                     (loss * share).backward()
             total += loss.item() * share
             correct += (logits.detach().argmax(-1) == yq[sl]).double().mean().item() * share
         return total, correct
-
-    def _fit(self, train, val, sampler, resume, progress):
-        cfg = self.config
-        T = cfg.meta_batch
-        offset, T_local = _dist.shard(T, "meta_batch")
-        main = _dist.is_main()
-        progress = progress and main
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=cfg.meta_lr, weight_decay=cfg.weight_decay)
-        sched = (torch.optim.lr_scheduler.StepLR(opt, cfg.lr_decay_every, cfg.lr_decay)
-                 if cfg.lr_decay_every else None)
-        start_epoch, best = 0, {"score": -math.inf, "epoch": -1, "state": None}
-        self.history = []
-        if resume is not None:
-            start_epoch, best = self._load(resume, opt, sched)
-        self._ddp = _dist.wrap(_MetaLoss(self), self.device) if _dist.is_distributed() else None
-        steps = max(1, cfg.tasks_per_epoch // T)
-        dtype = params[0].dtype
-        t0 = time.perf_counter() - (self.history[-1]["elapsed_s"] if self.history else 0.0)
-        stale = 0 if not self.history else self.history[-1]["epoch"] - best["epoch"]
-        try:
-            for epoch in range(start_epoch, cfg.epochs):
-                # Random streams restart from (seed, epoch) so a resumed run repeats an
-                # uninterrupted one; episodes are already a function of their number.
-                torch.manual_seed(_epoch_seed(cfg.seed, epoch))
-                self.model.train()
-                losses, accs = [], []
-                bar = tqdm(range(steps), desc=f"{self.method} epoch {epoch + 1}/{cfg.epochs}",
-                           leave=False, disable=not progress)
-                try:
-                    for step in bar:
-                        first = (epoch * steps + step) * T + offset
-                        xs, ys, xq, yq = _episodes(train, sampler, first, T_local, self.device,
-                                                   dtype)
-                        opt.zero_grad(set_to_none=True)
-                        loss, acc = self._step(xs, ys, xq, yq)
-                        if cfg.grad_clip is not None:
-                            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                        opt.step()
-                        if sched is not None:
-                            sched.step()
-                        loss, acc = _dist.average([loss, acc])
-                        losses.append(loss)
-                        accs.append(acc)
-                        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
-                                        acc=f"{100 * np.mean(accs[-20:]):.1f}")
-                    record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                              "train_acc": 100.0 * float(np.mean(accs)),
-                              "lr": opt.param_groups[0]["lr"]}
-                    if val is not None:
-                        res = self._validate(val)
-                        record.update(val_acc=res["mean"], val_ci95=res["ci95"])
-                        score = res["mean"]
-                    else:
-                        score = -record["train_loss"]
-                    record["elapsed_s"] = time.perf_counter() - t0
-                    # Every rank must take the same stop decision: rank clocks differ.
-                    late = _dist.any_rank(cfg.max_minutes is not None
-                                          and record["elapsed_s"] > 60 * cfg.max_minutes)
-                except Exception as exc:
-                    if _dist.is_distributed() and _dist.is_comm_failure(exc):
-                        raise _dist.as_distributed_error(
-                            exc, f"{self.method} training (epoch {epoch + 1})",
-                            cfg.checkpoint_dir) from exc
-                    raise
-                self.history.append(record)
-                if score > best["score"]:
-                    best = {"score": score, "epoch": epoch + 1,
-                            "state": copy.deepcopy(self.model.state_dict())}
-                    stale = 0
-                else:
-                    stale += 1
-                if progress:
-                    tqdm.write(f"{self.method} " + _format_record(record))
-                if main:
-                    self._save(epoch + 1, opt, sched, best)
-                if cfg.early_stop_patience is not None and stale >= cfg.early_stop_patience:
-                    break
-                if late:
-                    break
-        finally:
-            self._ddp = None
-        if val is not None and best["state"] is not None:
-            self.model.load_state_dict(best["state"])
-        self.best_epoch = best["epoch"]
-        return self.history
 
     def _validate(self, val: FewShotDataset) -> dict[str, Any]:
         cfg = self.config
@@ -512,43 +454,7 @@ class _EpisodicTrainer:
                       episodes=cfg.val_episodes, seed=cfg.seed, progress=False)
         if cfg.val_protocol == "own":
             return self.evaluate(val, **kwargs)
-        from ..evaluate import evaluate
-        return evaluate(self.backbone, val, device=self.device, **kwargs)
-
-    def _save(self, epoch, opt, sched, best):
-        directory = self.config.checkpoint_dir
-        if directory is None:
-            return
-        os.makedirs(directory, exist_ok=True)
-        state = dict(self.state_dict(), epoch=epoch, optimizer=opt.state_dict(),
-                     scheduler=sched.state_dict() if sched is not None else None,
-                     best={"score": best["score"], "epoch": best["epoch"]},
-                     best_state=best["state"],
-                     backbone_spec=getattr(self.backbone, "spec", None))
-        tmp = os.path.join(directory, "last.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(directory, "last.pt"))
-        if best["epoch"] == epoch:
-            torch.save({k: state[k] for k in ("method", "model", "backbone", "batchnorm",
-                                              "config", "backbone_spec", "epoch", "history")},
-                       os.path.join(directory, "best.pt"))
-        with open(os.path.join(directory, "history.json"), "w") as f:
-            json.dump(self.history, f, indent=1)
-
-    def _load(self, path, opt, sched):
-        if not os.path.exists(path):
-            raise ValueError(f"resume checkpoint {path!r} does not exist")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state.get("method") != self.method:
-            raise ValueError(f"checkpoint {path!r} holds a {state.get('method')!r} run, not "
-                             f"{self.method!r}")
-        self.model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler") is not None:
-            sched.load_state_dict(state["scheduler"])
-        self.history = list(state["history"])
-        best = dict(state["best"], state=state.get("best_state"))
-        return state["epoch"], best
+        return _logistic_evaluate(self.backbone, val, device=self.device, **kwargs)
 
 
 class _FeatureHeadTrainer(_EpisodicTrainer):
@@ -565,7 +471,7 @@ class _FeatureHeadTrainer(_EpisodicTrainer):
     def _split_features(self, xs, xq, vectorize: bool):
         S = xs.shape[1]
         x = torch.cat([xs, xq], 1)
-        with _nvtx(f"{self.method}/backbone"):
+        with phase("backbone"):
             if vectorize:
                 z = _task_features(self.model.backbone, _params(self.model.backbone), x)
             else:

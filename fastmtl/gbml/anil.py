@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import _document_shared_fields, _nvtx, _params, _vmap
+from ..training import phase
+from ._common import _document_shared_fields, _params, _vmap
 from .maml import MAML, MAMLConfig
 
 __all__ = ["ANILConfig", "ANIL"]
@@ -64,7 +65,7 @@ class ANIL(MAML):
 
     def _vmapped(self, xs, ys, xq, yq):
         bparams, head = _params(self.model.backbone), self._adapted()
-        with _nvtx(f"{self.method}/vmap"):
+        with phase("inner_loop_and_outer_loss"):
             return _vmap(self._task, (None, None, None, 0, 0, 0, 0))(
                 bparams, head, self._step_sizes(head), xs, ys, xq, yq)
 

@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._common import (_document_shared_fields, _EpisodicConfig, _EpisodicTrainer, _Learner,
-                      _nvtx, _params, _vmap)
+                      _params, _vmap)
+from ..training import phase
 
 __all__ = ["MAMLConfig", "MAML"]
 
@@ -154,7 +155,7 @@ class MAML(_EpisodicTrainer):
     # -- hooks ------------------------------------------------------------------------------
     def _vmapped(self, xs, ys, xq, yq):
         params = self._adapted()
-        with _nvtx(f"{self.method}/vmap"):
+        with phase("inner_loop_and_outer_loss"):
             return _vmap(self._task, (None, None, 0, 0, 0, 0))(
                 params, self._step_sizes(params), xs, ys, xq, yq)
 

@@ -1,0 +1,135 @@
+"""One checkpoint format for every method, written atomically.
+
+A checkpoint is a dict saved with ``torch.save``:
+
+- ``format``: :data:`FORMAT`; ``method``: ``"mtl"``, ``"maml"``, ...; ``config``: the
+  trainer's config as a dict; ``backbone_spec``: how to rebuild the backbone (set by the
+  CLI's ``build_backbone``; None for a user's own module);
+- ``model``: the learner module's ``state_dict`` (MTL: backbone, head table, logit scale;
+  GBML: backbone and the method's head); ``backbone``: the backbone's own ``state_dict``,
+  all that evaluation needs; ``batchnorm``: ``"running"`` (MTL) or ``"batch-statistics"``
+  (GBML: load into a backbone passed through :func:`fastmtl.gbml.use_batch_stats`);
+- ``history``: one record per epoch;
+- training checkpoints (``last.pt``) add ``epoch``, ``optimizer``, ``scheduler``, ``best``
+  and ``best_state``, everything an exact resume needs; the CLI's ``final.pt`` adds the
+  data set and split settings.
+
+``last.pt`` is written every epoch, ``best.pt`` when the epoch is the best so far, and
+``history.json`` beside them; every file goes to a temporary name first and is renamed,
+so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["FORMAT", "MODEL_KEYS", "atomic_save", "atomic_write_json", "check_readable",
+           "load", "load_learner", "model_state", "save_training"]
+
+FORMAT = "fastmtl-checkpoint/1"
+MODEL_KEYS = ("format", "method", "config", "backbone_spec", "model", "backbone", "batchnorm",
+              "history")
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, payload: Any) -> None:
+    """Write ``payload`` as JSON to a temporary file beside ``path``, then rename it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def check_readable(path: str, what: str = "checkpoint") -> None:
+    """Raise ValueError naming ``what`` unless ``path`` is a readable regular file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{what} must be a file path, got {type(path).__name__}")
+    if not os.path.exists(path):
+        raise ValueError(f"{what} checkpoint {str(path)!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} checkpoint {str(path)!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{what} checkpoint {str(path)!r} is not readable")
+
+
+def model_state(trainer) -> dict[str, Any]:
+    """The model part of a checkpoint of ``trainer`` (any fastmtl trainer)."""
+    return {"format": FORMAT, "method": trainer.method,
+            "config": dataclasses.asdict(trainer.config),
+            "backbone_spec": getattr(trainer.backbone, "spec", None),
+            "model": trainer.learner.state_dict() if trainer.learner is not None else None,
+            "backbone": trainer.backbone.state_dict(), "batchnorm": trainer.batchnorm,
+            "history": trainer.history}
+
+
+def save_training(directory: str, trainer, epoch: int, best: dict[str, Any]) -> None:
+    """Write ``last.pt`` (and ``best.pt`` at the best epoch) and ``history.json``."""
+    os.makedirs(directory, exist_ok=True)
+    sched = trainer.scheduler
+    state = dict(model_state(trainer), epoch=epoch, optimizer=trainer.optimizer.state_dict(),
+                 scheduler=sched.state_dict() if sched is not None else None,
+                 best={"score": best["score"], "epoch": best["epoch"]},
+                 best_state=best["state"])
+    atomic_save(state, os.path.join(directory, "last.pt"))
+    if best["epoch"] == epoch:
+        atomic_save({k: state[k] for k in MODEL_KEYS + ("epoch",)},
+                    os.path.join(directory, "best.pt"))
+    atomic_write_json(os.path.join(directory, "history.json"), trainer.history)
+
+
+def load(path: str, method: str | None = None, device: torch.device | str = "cpu",
+         training: bool = False, what: str = "checkpoint") -> dict[str, Any]:
+    """Read a fastmtl checkpoint, checking that it is one.
+
+    Args:
+        path: the file.
+        method: the method it must hold (None: any).
+        device: where its tensors go.
+        training: it must hold the optimizer state an exact resume needs (a ``last.pt``).
+        what: the argument's name, for error messages.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        ValueError: the file is missing, unreadable, not a fastmtl checkpoint, of another
+            method, or (``training``) lacks the resume state.
+    """
+    check_readable(path, what)
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:      # pickle, zip and torch errors alike: not a checkpoint
+        raise ValueError(f"{what} {str(path)!r} is not a fastmtl checkpoint (cannot be read: "
+                         f"{type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{what} {str(path)!r} is not a fastmtl checkpoint of this version "
+                         f"(expected format {FORMAT!r})")
+    if method is not None and state.get("method") != method:
+        raise ValueError(f"{what} {str(path)!r} holds a {state.get('method')!r} run, not "
+                         f"{method!r}")
+    if training and "optimizer" not in state:
+        raise ValueError(f"{what} {str(path)!r} has no optimizer state (a best.pt or "
+                         f"final.pt); resume from the run's last.pt")
+    return state
+
+
+def load_learner(learner: torch.nn.Module, state: dict[str, Any], path: str) -> None:
+    """Load a checkpoint's model state into ``learner``, or say in one line why not."""
+    try:
+        learner.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {str(path)!r} holds another model (backbone "
+                         f"{state.get('backbone_spec')}): {first}") from None

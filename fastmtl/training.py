@@ -1,0 +1,434 @@
+"""The one training loop every fastmtl trainer runs (MTL and the GBML baselines).
+
+:class:`Trainer` owns what all methods share: seeding and the per-epoch restart of every
+random stream (so a resumed run repeats an uninterrupted one bit for bit), progress bars,
+the training clock and the time budget (checked after every step, on every rank
+together), validation, best-epoch tracking and restore, early stopping, checkpoints and
+resume (through :mod:`fastmtl.checkpoint`), and the wrapping of a failed collective into a
+:class:`fastmtl.distributed.DistributedError`. A method subclasses it and supplies only
+what differs: its learner module, its optimizer and scheduler, the batches of an epoch
+and one training step.
+
+Callbacks run code at points of *training* time (:class:`Callback`,
+:class:`EveryTrainingSeconds`): the time spent inside a callback is kept off the training
+clock and off the time budget, so a comparison can evaluate a model at fixed training
+times without charging the evaluation to the method.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as _ckpt
+from . import distributed as _dist
+from .data.base import FewShotDataset
+
+__all__ = ["Trainer", "TrainState", "Callback", "EveryTrainingSeconds", "TrainingClock",
+           "check_val", "epoch_seed", "format_record", "phase"]
+
+
+# -- small shared pieces ---------------------------------------------------------------------
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed every random stream restarts from at ``epoch`` of a run seeded ``seed``."""
+    return (seed * 1_000_003 + epoch * 7919 + 1) % (2**63)
+
+
+def format_record(r: dict[str, Any]) -> str:
+    """One line of an epoch's record, as the trainers print it."""
+    s = (f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  train acc {r['train_acc']:.1f}%  "
+         f"lr {r['lr']:.1e}  {r['elapsed_s']:.0f}s")
+    if "val_acc" in r:
+        s += f"  val {r['val_acc']:.2f}±{r['val_ci95']:.2f}%"
+    return s
+
+
+def check_val(val, cfg) -> None:
+    """A validation set must hold the episodes ``cfg.val_*`` describe (None: no validation).
+
+    Raises:
+        ValueError: ``val`` is not a data set, or has too few classes or images a class.
+    """
+    if val is None:
+        return
+    if not isinstance(val, FewShotDataset):
+        raise ValueError(f"val must be a FewShotDataset or None, got {type(val).__name__}")
+    if cfg.val_ways > val.n_classes:
+        raise ValueError(f"val_ways={cfg.val_ways} is larger than the number of "
+                         f"validation classes ({val.n_classes})")
+    need, small = cfg.val_shots + cfg.val_queries, int(val.class_sizes().min())
+    if need > small:
+        raise ValueError(f"val_shots + val_queries = {need} is larger than the smallest "
+                         f"validation class ({small} images)")
+
+
+class phase:
+    """A named range around one phase of a step (``data``, ``backbone``, ``heads``, ...).
+
+    It shows in a ``torch.profiler`` trace (``record_function``) and, on CUDA, as an NVTX
+    range for Nsight Systems. Cheap when no profiler runs.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nvtx = torch.cuda.is_available()
+        self.rf = torch.autograd.profiler.record_function(name)
+
+    def __enter__(self):
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(self.name)
+        self.rf.__enter__()
+
+    def __exit__(self, *exc):
+        self.rf.__exit__(*exc)
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+
+
+# -- the training clock and callbacks --------------------------------------------------------
+class TrainingClock:
+    """Seconds of training: wall time since ``start`` minus the time spent in ``paused()``."""
+
+    def __init__(self, already: float = 0.0):
+        self._t0 = time.perf_counter() - already
+        self._paused = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self._t0 - self._paused
+
+    def paused(self):
+        clock = self
+
+        class _Pause:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock._paused += time.perf_counter() - self.t
+        return _Pause()
+
+
+@dataclass
+class TrainState:
+    """Where a run stands, as callbacks see it.
+
+    Attributes:
+        epoch: the current epoch (1-based).
+        step: optimizer steps taken in the run (resumed runs count the earlier ones).
+        images: training images the steps have used (summed over ranks).
+        train_seconds: the training clock (validation included, callbacks excluded).
+        loss, acc: the last step's training loss and accuracy (0-1).
+        record: the epoch's record, at ``on_epoch_end``; else None.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    images: int = 0
+    train_seconds: float = 0.0
+    loss: float = float("nan")
+    acc: float = float("nan")
+    record: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Callback:
+    """Code run at points of training; override what you need.
+
+    A method that returns True stops training after the current step (the epoch is then
+    recorded and saved as a budget stop would be). The time a callback takes is kept off
+    the training clock and the time budget.
+
+    Example:
+        >>> class Every100(Callback):
+        ...     def on_step_end(self, trainer, state):
+        ...         if state.step % 100 == 0:
+        ...             print(state.step, state.loss)
+    """
+
+    def on_train_begin(self, trainer: "Trainer", state: TrainState) -> None:
+        pass
+
+    def on_step_end(self, trainer: "Trainer", state: TrainState) -> bool | None:
+        return None
+
+    def on_epoch_end(self, trainer: "Trainer", state: TrainState) -> bool | None:
+        return None
+
+    def on_train_end(self, trainer: "Trainer", state: TrainState) -> None:
+        pass
+
+
+class EveryTrainingSeconds(Callback):
+    """Calls ``fn(trainer, state)`` each time the training clock passes a multiple of
+    ``seconds`` (and once more at the end of training, with ``final=True`` set in
+    ``state.extra``); ``fn`` returning True stops training.
+
+    Args:
+        seconds: the interval, in seconds of training (> 0).
+        fn: the function to call.
+        at_start: also call it before the first step (training time 0).
+
+    Example:
+        >>> points = []
+        >>> cb = EveryTrainingSeconds(30.0, lambda tr, st: points.append(st.train_seconds))
+    """
+
+    def __init__(self, seconds: float, fn: Callable[["Trainer", TrainState], Any],
+                 at_start: bool = False):
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+        self.seconds, self.fn, self.at_start = float(seconds), fn, at_start
+        self.next = self.seconds
+        self.last_fired_step = -1
+
+    def on_train_begin(self, trainer, state):
+        self.next = (math.floor(state.train_seconds / self.seconds) + 1) * self.seconds
+        if self.at_start and state.step == 0:
+            self._fire(trainer, state)
+
+    def on_step_end(self, trainer, state):
+        if state.train_seconds < self.next:
+            return None
+        self.next = (math.floor(state.train_seconds / self.seconds) + 1) * self.seconds
+        return self._fire(trainer, state)
+
+    def on_train_end(self, trainer, state):
+        if self.last_fired_step != state.step:
+            state.extra["final"] = True
+            self._fire(trainer, state)
+            state.extra.pop("final", None)
+
+    def _fire(self, trainer, state):
+        self.last_fired_step = state.step
+        return self.fn(trainer, state)
+
+
+# -- the trainer base --------------------------------------------------------------------------
+class Trainer:
+    """Base of every fastmtl trainer: ``fit(train, val=None, resume=None, progress=True,
+    callbacks=())`` returns the history (one dict per epoch).
+
+    A subclass sets ``method`` and implements ``_prepare_fit`` (checks, model building),
+    ``_setup`` (optimizer and scheduler, with ``self.learner`` the module whose state is
+    the model), ``_epoch_batches``, ``_train_step`` and ``_validate``; optionally
+    ``_end_epoch`` (per-epoch scheduling) and ``_record_extra``.
+    """
+
+    method = "trainer"
+    learner: nn.Module | None = None
+
+    # -- public ---------------------------------------------------------------------------
+    def fit(self, train: FewShotDataset, val: FewShotDataset | None = None,
+            resume: str | None = None, progress: bool = True,
+            callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
+        """Train on ``train``; validate on ``val`` after each epoch; returns the history.
+
+        Args:
+            train: the training classes.
+            val: validation classes (None: none; the training loss then drives scheduling
+                and early stopping, and the last epoch is kept).
+            resume: a ``last.pt`` of an earlier run of the same settings, continued exactly.
+            progress: show tqdm bars and a line per epoch (rank 0 only).
+            callbacks: :class:`Callback` s run at points of training time.
+
+        Returns:
+            The history: one record per epoch (``epoch``, ``steps``, ``train_loss``,
+            ``train_acc``, ``lr``, ``elapsed_s``, and ``val_acc``/``val_ci95`` with ``val``).
+
+        Raises:
+            ValueError: bad data sets, settings the data cannot hold, a bad checkpoint.
+        """
+        if not isinstance(train, FewShotDataset):
+            raise ValueError(f"train must be a FewShotDataset, got {type(train).__name__}")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise ValueError(f"callbacks must be Callback instances, got {type(cb).__name__}")
+        if resume is not None:
+            _ckpt.check_readable(resume, "resume")
+        self._prepare_fit(train, val)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
+            return self._run(train, val, resume, progress, list(callbacks))
+
+    # -- what a method supplies -----------------------------------------------------------
+    def _prepare_fit(self, train, val) -> None:
+        raise NotImplementedError
+
+    def _setup(self, train) -> None:
+        """Create ``self.learner``'s parameters, ``self.optimizer``, ``self.scheduler``."""
+        raise NotImplementedError
+
+    def _epoch_batches(self, train, epoch: int, steps: int) -> Iterable:
+        raise NotImplementedError
+
+    def _train_step(self, batch) -> tuple[float, float, int]:
+        """One optimizer step: (loss, accuracy in [0, 1], images used) of this rank."""
+        raise NotImplementedError
+
+    def _validate(self, val) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def _end_epoch(self, record: dict[str, Any], score: float, has_val: bool) -> None:
+        pass
+
+    def _record_extra(self) -> dict[str, Any]:
+        return {}
+
+    # -- the loop -------------------------------------------------------------------------
+    def _apply_gradients(self) -> None:
+        """Clip (``config.grad_clip``), step the optimizer and any per-step scheduler."""
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
+        with phase("optimizer"):
+            self.optimizer.step()
+
+    def _run(self, train, val, resume, progress, callbacks):
+        cfg = self.config
+        main = _dist.is_main()
+        progress = progress and main
+        self.scheduler = None
+        self._setup(train)
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        best = {"score": -math.inf, "epoch": -1, "state": None}
+        self.history, start_epoch = [], 0
+        if resume is not None:
+            start_epoch, best = self._load(resume)
+        steps = self._steps_per_epoch()
+        clock = TrainingClock(self.history[-1]["elapsed_s"] if self.history else 0.0)
+        state = TrainState(step=sum(h.get("steps", steps) for h in self.history),
+                           images=sum(h.get("images", 0) for h in self.history),
+                           train_seconds=clock.seconds())
+        stale = 0 if not self.history else self.history[-1]["epoch"] - best["epoch"]
+        with clock.paused():
+            for cb in callbacks:
+                cb.on_train_begin(self, state)
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                state.epoch = epoch + 1
+                try:
+                    record, stop = self._run_epoch(train, val, epoch, steps, state, clock,
+                                                   callbacks, progress)
+                except Exception as exc:
+                    if _dist.is_distributed() and _dist.is_comm_failure(exc):
+                        raise _dist.as_distributed_error(
+                            exc, f"{self.method} training (epoch {epoch + 1})",
+                            cfg.checkpoint_dir) from exc
+                    raise
+                if record is None:
+                    break
+                self.history.append(record)
+                if record["_score"] > best["score"]:
+                    best = {"score": record["_score"], "epoch": epoch + 1,
+                            "state": copy.deepcopy(self.learner.state_dict())}
+                    stale = 0
+                else:
+                    stale += 1
+                del record["_score"]
+                if progress:
+                    tqdm.write(f"{self.method} " + format_record(record))
+                if main:
+                    self._save(epoch + 1, best)
+                state.record = record
+                with clock.paused():
+                    stop = any([bool(cb.on_epoch_end(self, state)) for cb in callbacks]) or stop
+                state.record = None
+                if cfg.early_stop_patience is not None and stale >= cfg.early_stop_patience:
+                    break
+                if stop:
+                    break
+        finally:
+            self._end_run()
+        state.train_seconds = clock.seconds()
+        for cb in callbacks:
+            cb.on_train_end(self, state)
+        if val is not None and best["state"] is not None:
+            self.learner.load_state_dict(best["state"])
+        self.best_epoch = best["epoch"]
+        return self.history
+
+    def _run_epoch(self, train, val, epoch, steps, state, clock, callbacks, progress):
+        """Trains one epoch; returns (its record or None if no step ran, stop)."""
+        cfg = self.config
+        # Every random stream restarts from (seed, epoch): a resumed run repeats an
+        # uninterrupted one exactly (episodes are already a function of their number).
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        self.learner.train()
+        losses, accs, images = [], [], 0
+        bar = tqdm(self._epoch_batches(train, epoch, steps), total=steps, leave=False,
+                   desc=f"{self.method} epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        stop = False
+        for batch in bar:
+            loss, acc, n_images = self._train_step(batch)
+            seconds = clock.seconds()
+            late = cfg.max_minutes is not None and seconds > 60 * cfg.max_minutes
+            # One small all-reduce: every rank logs the global figures, and all stop
+            # together when any rank's clock runs out (rank clocks differ).
+            loss, acc, late_v, n_images = _dist.average([loss, acc, float(late), n_images])
+            n_images = int(round(n_images * _dist.world_size()))
+            losses.append(loss)
+            accs.append(acc)
+            images += n_images
+            state.step += 1
+            state.images += n_images
+            state.loss, state.acc, state.train_seconds = loss, acc, seconds
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
+                            acc=f"{100 * np.mean(accs[-20:]):.1f}")
+            asked = False
+            if callbacks:
+                with clock.paused():
+                    asked = any([bool(cb.on_step_end(self, state)) for cb in callbacks])
+                asked = _dist.any_rank(asked)
+            if late_v > 0 or asked:
+                stop = True
+                break
+        if not losses:
+            return None, True
+        record = {"epoch": epoch + 1, "steps": len(losses), "images": images,
+                  "train_loss": float(np.mean(losses)), "train_acc": 100.0 * float(np.mean(accs)),
+                  "lr": self.optimizer.param_groups[0]["lr"], **self._record_extra()}
+        if val is not None:
+            res = self._validate(val)
+            record.update(val_acc=res["mean"], val_ci95=res["ci95"])
+            score = res["mean"]
+        else:
+            score = -record["train_loss"]
+        self._end_epoch(record, score, val is not None)
+        record["elapsed_s"] = clock.seconds()
+        state.train_seconds = record["elapsed_s"]
+        record["_score"] = score
+        return record, stop
+
+    def _end_run(self) -> None:
+        pass
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The model as one fastmtl checkpoint (see :mod:`fastmtl.checkpoint`)."""
+        return _ckpt.model_state(self)
+
+    def _save(self, epoch: int, best: dict[str, Any]) -> None:
+        directory = self.config.checkpoint_dir
+        if directory is None:
+            return
+        _ckpt.save_training(directory, self, epoch, best)
+
+    def _load(self, path: str) -> tuple[int, dict[str, Any]]:
+        state = _ckpt.load(path, method=self.method, device=self.device, training=True)
+        _ckpt.load_learner(self.learner, state, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state["history"])
+        best = dict(state["best"], state=state.get("best_state"))
+        return state["epoch"], best

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
 import sys
 import time
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 
 from . import distributed as _dist
-from ._env import machine_info
+from ._env import keep_freed_memory, machine_info
 from .checkpoint import atomic_save, atomic_write_json
 from .checkpoint import load as load_checkpoint
 from .mtl import MTLConfig
@@ -308,6 +310,128 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _positive(name: str, kind=float):
+    """An argparse type: a positive ``kind``, the error naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}")
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _compare_inputs(args):
+    """Checks every compare flag and file before any data is read or model trained."""
+    from . import compare as cmp
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in cmp.METHODS]
+    if bad or not methods:
+        raise ValueError(f"--methods: unknown method(s) {bad}; choose from "
+                         f"{','.join(cmp.METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods names a method twice: {args.methods}")
+    if args.eval_every > 60 * args.budget_minutes:
+        raise ValueError(f"--eval-every ({args.eval_every:g} s) is larger than the budget "
+                         f"(--budget-minutes {args.budget_minutes:g} = "
+                         f"{60 * args.budget_minutes:g} s)")
+    settings = {}
+    if args.settings:
+        if not os.path.isfile(args.settings):
+            raise ValueError(f"--settings {args.settings!r} is not a file")
+        try:
+            with open(args.settings) as f:
+                settings = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--settings {args.settings!r} is not readable JSON: {exc}") from None
+        if not isinstance(settings, dict) or not all(isinstance(v, dict)
+                                                     for v in settings.values()):
+            raise ValueError(f"--settings {args.settings!r} must map method names to "
+                             f"objects of settings")
+    if args.recipe == "paper":
+        settings["mtl"] = dict(cmp.PAPER_MTL, **settings.get("mtl", {}))
+    for m in methods:     # unknown fields and bad values fail here, before any data
+        cmp.config_for(m, settings.get(m), args.seed, args.budget_minutes)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} exists and is not a directory")
+    os.makedirs(args.out, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+        raise ValueError(f"--out {args.out!r} is not writable")
+    if any(k < 1 for k in args.shots):
+        raise ValueError(f"--shots must be positive, got {args.shots}")
+    return methods, settings
+
+
+def cmd_compare(args) -> int:
+    from . import compare as cmp
+    methods, settings = _compare_inputs(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory(mmap_threshold=1 << 30)
+    rotations = args.rotations if args.rotations is not None else args.data == "omniglot"
+    train = load_dataset(args.data, args.root, "train", args.image_size, args.data_seed,
+                         rotations=rotations)
+    test = load_dataset(args.data, args.root, "test", args.image_size, args.data_seed)
+    _say(f"train: {train!r}\ntest: {test!r}")
+    json_path = os.path.join(args.out, "compare.json")
+    payload = {"command": " ".join(["fastmtl"] + sys.argv[1:]), "data": args.data,
+               "backbone": args.backbone, "rotations": rotations, "methods": methods,
+               "budget_minutes": args.budget_minutes, "eval_every": args.eval_every,
+               "shots": list(args.shots), "ways": args.ways, "queries": args.queries,
+               "episodes": args.episodes, "seed": args.seed, "recipe": args.recipe,
+               "settings_overrides": settings, "machine": machine_info(),
+               "versions": {"fastmtl": _version(), "torch": torch.__version__},
+               "results": {}}
+    done = {}
+    if args.resume and os.path.exists(json_path):
+        old = cmp_load(json_path)
+        same = all(old.get(k) == payload[k] for k in ("data", "backbone", "budget_minutes",
+                                                      "eval_every", "shots", "episodes", "seed"))
+        if not same:
+            raise ValueError(f"--resume: {json_path} holds a comparison with other settings")
+        done = {m: r for m, r in old["results"].items() if m in methods}
+        _say(f"resuming: keeping {', '.join(done) or 'nothing'}")
+
+    def save(method=None, result=None):
+        if method is not None:
+            payload["results"][method] = result
+        payload["results"] = {m: payload["results"][m] for m in methods
+                              if m in payload["results"]}
+        payload["tables"] = cmp.speedup_tables(payload["results"])
+        atomic_write_json(json_path, payload)
+
+    payload["results"].update(done)
+    cmp.compare(methods, train, test, lambda: build_backbone(args.backbone, train.channels),
+                budget_minutes=args.budget_minutes, eval_every=args.eval_every,
+                shots=args.shots, ways=args.ways, queries=args.queries,
+                episodes=args.episodes, seed=args.seed, settings=settings, done=done,
+                on_method_done=save)
+    save()
+    md = cmp.markdown(payload)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(md)
+    cmp.plot(payload, os.path.join(args.out, "compare.png"))
+    _say(md)
+    _say(f"wrote {json_path}, compare.md and compare.png in {args.out}")
+    return 0
+
+
+def cmp_load(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--resume: {path} is not readable JSON: {exc}") from None
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
 def _add_eval_flags(p, episodes_flag: str) -> None:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5],
                    help="k-shot settings to evaluate (default: 1 5)")
@@ -382,6 +506,47 @@ def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the test episodes")
     _add_eval_flags(p, "--episodes")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="time-, FLOP- and memory-to-accuracy of methods",
+                       description="Train each method (a fresh backbone each, the same "
+                                   "training classes, the same training-time budget, one "
+                                   "after another), evaluate every --eval-every seconds of "
+                                   "training on the same seeded test episodes (evaluation "
+                                   "kept off the training clock), and write compare.json, "
+                                   "compare.md (speed-up tables) and compare.png into --out.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("--data", choices=DATASETS, default="synthetic", help="data set")
+    p.add_argument("--root", default=None, help="folder holding the data set's files")
+    p.add_argument("--methods", default="mtl,maml,fomaml,anil,r2d2,protonet",
+                   help="comma-separated methods, run in this order")
+    p.add_argument("--budget-minutes", type=_positive("--budget-minutes"), default=5.0,
+                   help="training-time budget of each method, in minutes")
+    p.add_argument("--eval-every", type=_positive("--eval-every"), default=60.0,
+                   help="seconds of training between evaluations (the end is evaluated too)")
+    p.add_argument("--out", default="compare", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of models, tasks and test episodes")
+    p.add_argument("--backbone", choices=BACKBONES, default="conv4", help="feature extractor")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="k-shot settings")
+    p.add_argument("--ways", type=_positive("--ways", int), default=5,
+                   help="classes per test episode")
+    p.add_argument("--queries", type=_positive("--queries", int), default=15,
+                   help="queries per class in test episodes")
+    p.add_argument("--episodes", type=int, default=300,
+                   help="test episodes per shot setting and time point")
+    p.add_argument("--threads", type=_positive("--threads", int), default=None,
+                   help="torch threads (default: torch's own choice)")
+    p.add_argument("--settings", default=None,
+                   help="JSON file of per-method setting overrides, e.g. "
+                        '{"protonet": {"n_way": 60}}')
+    p.add_argument("--recipe", choices=("fast", "paper"), default="fast",
+                   help="MTL settings: the fast recipe (default) or the paper's")
+    p.add_argument("--rotations", action=argparse.BooleanOptionalAction, default=None,
+                   help="rotations as new training classes (default: on for Omniglot)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the methods already in --out/compare.json, run the rest")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import distributed as _dist
 from .models import feature_dim
 from .ops import multihead_ce
-from .sampling import EpisodeLoader
+from .sampling import EpisodeLoader, assemble
 from .evaluate import evaluate
 from .training import Trainer, check_val, epoch_seed, phase
 
@@ -46,9 +46,16 @@ class MTLConfig:
     """Settings of :class:`MTLTrainer`; defaults follow the paper's official code.
 
     Attributes:
-        n_way: classes per training task.
+        n_way: classes per training task (episodic task sampling).
         images_per_class: images of each class in a task (all used for training).
         tasks_per_step: tasks per optimizer step, all in one fused head call.
+        task_sampling: "episodic" (the paper: n_way-way tasks of images_per_class images a
+            class, each with its own head rows) or "all_classes" (every step is one task over
+            all training classes: batch_size random images and the whole head table, i.e.
+            plain supervised pre-training as RFS does; an epoch is one pass over the images).
+        batch_size: images per step with task_sampling "all_classes".
+        optimizer: "radam" (the paper), "adam" or "sgd" (Nesterov momentum 0.9).
+        head_lr_scale: the head table's learning rate is lr times this.
         tasks_per_epoch: tasks per epoch (the paper: 1,600).
         epochs: maximum number of epochs.
         lr, weight_decay: RAdam settings (the paper: lr 1e-3).
@@ -78,6 +85,10 @@ class MTLConfig:
     n_way: int = 5
     images_per_class: int = 10
     tasks_per_step: int = 16
+    task_sampling: str = "episodic"
+    batch_size: int = 256
+    optimizer: str = "radam"
+    head_lr_scale: float = 1.0
     tasks_per_epoch: int = 1600
     epochs: int = 100
     lr: float = 1e-3
@@ -112,6 +123,15 @@ class MTLConfig:
             raise ValueError(f"chunking must be 'auto', 'task' or 'batch', got {self.chunking!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.task_sampling not in ("episodic", "all_classes"):
+            raise ValueError(f"task_sampling must be 'episodic' or 'all_classes', got "
+                             f"{self.task_sampling!r}")
+        if self.optimizer not in ("radam", "adam", "sgd"):
+            raise ValueError(f"optimizer must be 'radam', 'adam' or 'sgd', got {self.optimizer!r}")
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.head_lr_scale > 0:
+            raise ValueError(f"head_lr_scale must be > 0, got {self.head_lr_scale}")
         if self.scale <= 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
 
@@ -255,6 +275,12 @@ class MTLTrainer(Trainer):
         if cfg.n_way > train.n_classes:
             raise ValueError(f"n_way={cfg.n_way} is larger than the number of training classes "
                              f"({train.n_classes})")
+        if cfg.task_sampling == "all_classes":
+            if cfg.batch_size > len(train):
+                raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set "
+                                 f"({len(train)} images)")
+            check_val(val, cfg)
+            return
         smallest = int(train.class_sizes().min())
         if cfg.images_per_class > smallest:
             raise ValueError(f"images_per_class={cfg.images_per_class} is larger than the "
@@ -268,33 +294,55 @@ class MTLTrainer(Trainer):
         dim = feature_dim(self.backbone, train.image_shape)
         self.learner = MTLLearner(self.backbone, train.n_classes, dim, cfg, self._chunking(),
                                   self._gen)
-        params = list(self.backbone.parameters()) + [self.learner.head]
+        params = list(self.backbone.parameters())
         if cfg.learn_scale:
             params.append(self.learner.log_scale)
+        groups = [{"params": params}]
+        groups.append({"params": [self.learner.head], "lr": cfg.lr * cfg.head_lr_scale})
+        if cfg.head_lr_scale == 1.0:      # one group, as the paper's optimizer has it
+            groups = [{"params": list(self.backbone.parameters()) + [self.learner.head]
+                       + params[len(list(self.backbone.parameters())):]}]
         self._model = _dist.wrap(self.learner, self.device)
         self._bn_sync = _dist.RunningStatsSync(self.backbone)
-        self.optimizer = torch.optim.RAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = _make_optimizer(cfg, groups)
         self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max" if self._has_val else "min", factor=cfg.plateau_factor,
             patience=cfg.plateau_patience)
         self.scheduler = self._plateau
+        if cfg.task_sampling == "all_classes":
+            # One task over every class: the step's images share the whole head table.
+            offset, B_local = _dist.shard(cfg.batch_size, "batch_size")
+            self._T_local = 1
+            self._sample_task = torch.zeros(B_local, dtype=torch.long, device=self.device)
+            self._all_classes = torch.arange(train.n_classes, device=self.device)[None]
+            self._rows = slice(offset, offset + B_local)
+            self._images_per_step = cfg.batch_size
+            return
         n, k, T_local = cfg.n_way, cfg.images_per_class, self._T_local
         self._sample_task = torch.arange(T_local, device=self.device).repeat_interleave(n * k)
         self._labels = torch.arange(n, device=self.device).repeat_interleave(k).repeat(T_local)
         self._rows = slice(self._offset * n * k, (self._offset + T_local) * n * k)
+        self._images_per_step = cfg.tasks_per_step * n * k
 
     def fit(self, train, val=None, resume=None, progress=True, callbacks=()):
         self._has_val = val is not None
+        self._n_train = len(train) if hasattr(train, "__len__") else 0
         return super().fit(train, val, resume, progress, callbacks)
 
     fit.__doc__ = Trainer.fit.__doc__
 
     def _steps_per_epoch(self) -> int:
+        if self.config.task_sampling == "all_classes":
+            return max(1, self._n_train // self.config.batch_size)
         return max(1, self.config.tasks_per_epoch // self.config.tasks_per_step)
 
     def _epoch_batches(self, train, epoch, steps):
         cfg = self.config
         self._gen.manual_seed(epoch_seed(cfg.seed, epoch))
+        if cfg.task_sampling == "all_classes":
+            order = torch.randperm(len(train), generator=self._gen).numpy()
+            return _supervised_batches(train, order, cfg.batch_size, self._rows, steps,
+                                       self.device)
         T = cfg.tasks_per_step
         return EpisodeLoader(train, cfg.n_way, cfg.images_per_class, 0, self._T_local, cfg.seed,
                              start=epoch * steps * T + self._offset, stride=T,
@@ -302,14 +350,18 @@ class MTLTrainer(Trainer):
 
     def _train_step(self, batch) -> tuple[float, float, int]:
         cfg = self.config
-        T, n, k = cfg.tasks_per_step, cfg.n_way, cfg.images_per_class
-        x = batch.images.flatten(0, 2).to(self._dtype())
+        if cfg.task_sampling == "all_classes":
+            x, labels = batch
+            classes = self._all_classes
+        else:
+            x, labels, classes = batch.images.flatten(0, 2), self._labels, batch.classes
+        x = x.to(self._dtype())
         if cfg.augment:
             with phase("data"):
-                x = _random_affine(x, torch.rand(T * n * k, 4, generator=self._gen)[self._rows])
+                u = torch.rand(self._images_per_step, 4, generator=self._gen)[self._rows]
+                x = _random_affine(x, u)
         self._bn_sync.snapshot()
-        loss, zs, w = self._model(x, batch.classes, self._sample_task, self._labels,
-                                  self._T_local)
+        loss, zs, w = self._model(x, classes, self._sample_task, labels, self._T_local)
         with phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -317,9 +369,10 @@ class MTLTrainer(Trainer):
         # BatchNorm forwards a step: one per task chunk, or one for the batch.
         self._bn_sync.merge(self._T_local if self.learner.chunking == "task" else 1)
         with torch.no_grad():
-            heads = w[batch.classes]                                         # (T, n, d)
-            logits = torch.bmm(zs.view(self._T_local, n * k, -1), heads.transpose(1, 2))
-            acc = (logits.argmax(-1).view(-1) == self._labels).float().mean().item()
+            heads = w[classes]                                               # (T, n, d)
+            logits = torch.bmm(zs.view(self._T_local, x.shape[0] // self._T_local, -1),
+                               heads.transpose(1, 2))
+            acc = (logits.argmax(-1).view(-1) == labels).float().mean().item()
         return loss.item(), acc, x.shape[0]
 
     def _validate(self, val):
@@ -334,3 +387,20 @@ class MTLTrainer(Trainer):
 
     def _record_extra(self):
         return {"scale": float(self.learner.log_scale.exp())}
+
+
+def _make_optimizer(cfg: MTLConfig, groups) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    kind = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
+    return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _supervised_batches(train, order, batch_size, rows, steps, device):
+    """Batches of ``batch_size`` images in ``order`` (this rank's ``rows`` of each), labels."""
+    labels = torch.as_tensor(train.labels)
+    for s in range(steps):
+        index = order[s * batch_size:(s + 1) * batch_size][rows]
+        x = assemble(train.images, index, mean=train.mean, std=train.std)
+        yield x.to(device), labels[index].to(device)

@@ -1,0 +1,490 @@
+"""Time-, FLOP- and memory-to-accuracy of MTL and the GBML baselines, side by side.
+
+:func:`compare` trains each method on the same training classes with a fresh backbone of
+the same architecture, for the same training-time budget, one method at a time. At fixed
+points of *training* time (an :class:`fastmtl.training.EveryTrainingSeconds` callback,
+so the evaluation is kept off the training clock) it evaluates the model on the same
+seeded test episodes: the logistic-regression protocol for every method and, for GBML,
+the method's own adaptation too. No model selection happens on test episodes: each curve
+is what the model is at each time point.
+
+The cost axes: training seconds (this machine), FLOPs (``torch.utils.flop_counter`` on a
+real step of each method, so the axis holds on any hardware; ops it cannot count, such
+as fastmtl's fused C++ head, are left out, which is a few percent of a Conv-4 step),
+images seen and peak memory (the process's resident set on CPU, reset before each method
+where Linux allows; ``torch.cuda.max_memory_allocated`` on CUDA).
+
+:func:`speedup_tables` turns the curves into the two tables the README shows: how much
+sooner MTL reaches each baseline's best-minus-one-point accuracy, and how much sooner
+each baseline reaches MTL's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import embed, evaluate
+from .gbml import METHODS as GBML_METHODS
+from .mtl import MTLConfig, MTLTrainer
+from .training import Callback, EveryTrainingSeconds
+
+__all__ = ["METHODS", "DEFAULT_SETTINGS", "PAPER_MTL", "compare", "config_for",
+           "speedup_tables", "markdown", "plot"]
+
+METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
+
+# Each method's documented settings (README "fastmtl compare"). MTL: the fast recipe
+# (tuned on the validation alphabet); MAML/FO-MAML/ANIL: the MAML paper's Omniglot inner
+# loop (1 step of lr 0.4 in training, 3 at test) at a meta-batch a 2-core CPU can step
+# often; ProtoNet/R2D2: higher-way training episodes, as their papers train.
+DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
+    "mtl": dict(task_sampling="episodic", n_way=20, images_per_class=5, tasks_per_step=1,
+                head="cosine", scale=10.0, augment=True, tasks_per_epoch=200),
+    "maml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+                 test_inner_steps=3, tasks_per_epoch=80),
+    "fomaml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+                   test_inner_steps=3, tasks_per_epoch=80),
+    "anil": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+                 test_inner_steps=3, tasks_per_epoch=80),
+    "r2d2": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, tasks_per_epoch=20),
+    "protonet": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, lr_decay_every=None,
+                     tasks_per_epoch=20),
+}
+
+# The paper's recipe (its official code's settings), as `--recipe paper` names it.
+PAPER_MTL: dict[str, Any] = dict(task_sampling="episodic", n_way=5, images_per_class=10,
+                                 tasks_per_step=16, head="linear", scale=1.0, augment=False,
+                                 tasks_per_epoch=1600)
+
+
+def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int = 0,
+               budget_minutes: float | None = None):
+    """(trainer class, config) of ``method`` with its documented settings and ``overrides``.
+
+    Raises:
+        ValueError: an unknown method, or an override that is not a field of its config.
+    """
+    if method not in METHODS:
+        raise ValueError(f"methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "mtl":
+        cls, config_cls, fixed = MTLTrainer, MTLConfig, {}
+    else:
+        cls, config_cls, fixed = GBML_METHODS[method]
+    settings = dict(DEFAULT_SETTINGS[method], **(overrides or {}))
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ValueError(f"settings for {method}: unknown field(s) {unknown} of "
+                         f"{config_cls.__name__}")
+    settings.update(fixed, seed=seed, epochs=10**9, max_minutes=budget_minutes,
+                    checkpoint_dir=None)
+    cfg = config_cls(**settings)
+    cfg.validate()
+    return cls, cfg
+
+
+def check_data(method: str, cfg, train, test, shots, ways: int, queries: int) -> None:
+    """ValueError unless ``train`` holds ``method``'s tasks and ``test`` the test episodes."""
+    smallest = int(train.class_sizes().min())
+    if method == "mtl" and cfg.task_sampling == "all_classes":
+        need_ways, need_images = 1, 1
+    elif method == "mtl":
+        need_ways, need_images = cfg.n_way, cfg.images_per_class
+    else:
+        need_ways, need_images = cfg.n_way, cfg.k_shot + cfg.n_query
+    if need_ways > train.n_classes or need_images > smallest:
+        raise ValueError(f"data: too small for {method}: it needs {need_ways} classes of "
+                         f"{need_images} images, the training set has {train.n_classes} "
+                         f"classes, the smallest of {smallest} images")
+    small_test = int(test.class_sizes().min())
+    if ways > test.n_classes or max(shots) + queries > small_test:
+        raise ValueError(f"data: the test set ({test.n_classes} classes, smallest "
+                         f"{small_test} images) cannot hold {ways}-way {max(shots)}-shot "
+                         f"episodes with {queries} queries a class")
+
+
+# -- measuring -----------------------------------------------------------------------------
+def _reset_peak_rss() -> bool:
+    try:    # give the evaluation's freed heap back first, so it does not count as training's
+        import ctypes
+        import ctypes.util
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:    # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak_rss()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _StopAfter(Callback):
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, trainer, state):
+        return state.step >= self.steps
+
+
+def flops_per_step(cls, cfg, make_backbone: Callable[[], torch.nn.Module], train) -> int:
+    """FLOPs of one real training step of ``cls(cfg)`` (forward, backward, update)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(cfg.seed)
+    trainer = cls(make_backbone(), dataclasses.replace(cfg, max_minutes=None))
+    trainer.fit(train, progress=False, callbacks=[_StopAfter(1)])     # warm-up, builds
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.fit(train, progress=False, callbacks=[_StopAfter(1)])
+    return int(counter.get_total_flops())
+
+
+def _evaluate_point(trainer, method, test, shots, ways, queries, episodes, seed):
+    out = {}
+    feats = embed(trainer.backbone, test, progress=False)
+    for k in shots:
+        res = {"logistic": evaluate(trainer.backbone, test, n_way=ways, k_shot=k,
+                                    n_query=queries, episodes=episodes, seed=seed,
+                                    features=feats, progress=False)}
+        if method != "mtl" and _own_ok(method, trainer, ways):
+            res["own"] = trainer.evaluate(test, n_way=ways, k_shot=k, n_query=queries,
+                                          episodes=episodes, seed=seed, progress=False)
+        out[str(k)] = {p: {"mean": r["mean"], "ci95": r["ci95"]} for p, r in res.items()}
+    return out
+
+
+def _own_ok(method, trainer, ways) -> bool:
+    # MAML/ANIL heads are n_way-way: their own adaptation only runs at that many ways.
+    return method not in ("maml", "fomaml", "anil") or trainer.config.n_way == ways
+
+
+def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every: float,
+               shots, ways: int, queries: int, episodes: int, seed: int,
+               bar: tqdm | None = None) -> dict[str, Any]:
+    """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s."""
+    flops = flops_per_step(cls, cfg, make_backbone, train)
+    torch.manual_seed(seed)
+    trainer = cls(make_backbone(), cfg)
+    device = trainer.device
+    _reset_peak(device)
+    points: list[dict[str, Any]] = []
+    eval_seconds = [0.0]
+    budget = 60.0 * cfg.max_minutes
+
+    peak = [0]
+
+    def at_point(tr, state):
+        # The peak of training since the last evaluation; evaluation's own memory is reset
+        # away after it, so the figure is training's.
+        peak[0] = max(peak[0], _peak_memory(device))
+        t0 = time.perf_counter()
+        if bar is not None:
+            bar.set_description(f"{method}: evaluating")
+        acc = _evaluate_point(tr, method, test, shots, ways, queries, episodes, seed)
+        tr.learner.train()
+        _reset_peak(device)
+        spent = time.perf_counter() - t0
+        eval_seconds[0] += spent
+        points.append({"train_seconds": state.train_seconds, "steps": state.step,
+                       "images": state.images, "flops": state.step * flops,
+                       "peak_memory_bytes": peak[0], "eval_seconds": spent,
+                       "accuracy": acc})
+        if bar is not None:
+            bar.set_description(f"{method}: training")
+            bar.n = min(budget, state.train_seconds)
+            bar.set_postfix(left=f"{max(0.0, budget - state.train_seconds):.0f}s",
+                            acc=f"{acc[str(shots[0])]['logistic']['mean']:.1f}")
+            bar.refresh()
+
+    class _Bar(Callback):
+        def on_step_end(self, tr, state):
+            if bar is not None and state.step % 10 == 0:
+                bar.n = min(budget, state.train_seconds)
+                bar.set_postfix(left=f"{max(0.0, budget - state.train_seconds):.0f}s",
+                                loss=f"{state.loss:.3f}")
+                bar.refresh()
+
+    t0 = time.perf_counter()
+    history = trainer.fit(train, progress=False,
+                          callbacks=[EveryTrainingSeconds(eval_every, at_point), _Bar()])
+    wall = time.perf_counter() - t0
+    return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops, "points": points,
+            "train_seconds": points[-1]["train_seconds"] if points else 0.0,
+            "eval_seconds": eval_seconds[0], "wall_seconds": wall,
+            "steps": points[-1]["steps"] if points else 0,
+            "images_per_step": (points[-1]["images"] / max(1, points[-1]["steps"]))
+            if points else 0, "epochs": len(history)}
+
+
+def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], *,
+            budget_minutes: float, eval_every: float, shots=(1, 5), ways: int = 5,
+            queries: int = 15, episodes: int = 300, seed: int = 0,
+            settings: dict[str, dict[str, Any]] | None = None,
+            done: dict[str, Any] | None = None,
+            on_method_done: Callable[[str, dict[str, Any]], None] | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate each method; returns ``{method: result}``.
+
+    Args:
+        methods: names from :data:`METHODS`, run in this order.
+        train, test: :class:`fastmtl.data.FewShotDataset` s (disjoint classes).
+        make_backbone: builds a fresh backbone (the same architecture for every method).
+        budget_minutes: training-time budget of each method (> 0).
+        eval_every: seconds of training between evaluations (<= the budget); the end of
+            training is always evaluated too.
+        shots, ways, queries, episodes, seed: the test episodes (the same for every
+            method and time point).
+        settings: per-method overrides of :data:`DEFAULT_SETTINGS`.
+        done: results of methods already run (``--resume``): those are kept, not rerun.
+        on_method_done: called with (method, result) after each method (to save).
+        progress: show a progress bar per method.
+
+    Returns:
+        ``{method: {"settings", "flops_per_step", "points": [...], ...}}``.
+
+    Raises:
+        ValueError: any bad argument, before any training.
+
+    Example:
+        >>> # results = compare(["mtl", "protonet"], train, test, lambda: conv4(),
+        >>> #                   budget_minutes=1, eval_every=20)
+    """
+    methods = list(methods)
+    if not methods:
+        raise ValueError("methods: name at least one method")
+    if not (isinstance(budget_minutes, (int, float)) and math.isfinite(budget_minutes)
+            and budget_minutes > 0):
+        raise ValueError(f"budget_minutes must be a positive number, got {budget_minutes!r}")
+    if not (isinstance(eval_every, (int, float)) and eval_every > 0):
+        raise ValueError(f"eval_every must be a positive number of seconds, got {eval_every!r}")
+    if eval_every > 60 * budget_minutes:
+        raise ValueError(f"eval_every ({eval_every} s) is larger than the budget "
+                         f"({60 * budget_minutes:g} s)")
+    if not isinstance(episodes, int) or episodes < 2:
+        raise ValueError(f"episodes must be an integer >= 2, got {episodes!r}")
+    settings = settings or {}
+    unknown = sorted(set(settings) - set(METHODS))
+    if unknown:
+        raise ValueError(f"settings: unknown method(s) {unknown}")
+    configs = {}
+    for m in methods:
+        cls, cfg = config_for(m, settings.get(m), seed, budget_minutes)
+        check_data(m, cfg, train, test, shots, ways, queries)
+        configs[m] = (cls, cfg)
+    results = dict(done or {})
+    for m in methods:
+        if m in results:
+            continue
+        cls, cfg = configs[m]
+        with tqdm(total=60 * budget_minutes, desc=f"{m}: training", unit="s",
+                  bar_format="{desc} {bar} {n:.0f}/{total:.0f}s {postfix}",
+                  disable=not progress) as bar:
+            results[m] = run_method(m, cfg, cls, make_backbone, train, test,
+                                    eval_every=eval_every, shots=list(shots), ways=ways,
+                                    queries=queries, episodes=episodes, seed=seed, bar=bar)
+        if on_method_done is not None:
+            on_method_done(m, results[m])
+    return results
+
+
+# -- reading the curves ----------------------------------------------------------------------
+def _curve(result, shot: str, protocol: str):
+    pts = [p for p in result["points"] if protocol in p["accuracy"][shot]]
+    return ([p["train_seconds"] for p in pts], [p["flops"] for p in pts],
+            [p["accuracy"][shot][protocol]["mean"] for p in pts])
+
+
+def _first_reach(result, shot, protocol, target):
+    for t, f, a in zip(*_curve(result, shot, protocol)):
+        if a >= target:
+            return t, f
+    return None
+
+
+def _at_time(result, shot, protocol, seconds):
+    """Accuracy at the last evaluation point at or before ``seconds`` of training."""
+    best = None
+    for t, _, a in zip(*_curve(result, shot, protocol)):
+        if t <= seconds + 1e-9:
+            best = a
+    return best
+
+
+def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str, Any]:
+    """Per shot setting: MTL's speed-up over each baseline, and each baseline's over MTL.
+
+    For baseline b (protocol p: logistic, or b's own adaptation): target
+    a_b = b's best accuracy - 1; the first time (and FLOPs) b reached a_b and MTL
+    (logistic) reached a_b; the ratios; MTL minus b at b's last evaluation time. The other
+    way round: target a = MTL's best - 1, and when b first reached it.
+    """
+    if reference not in results:
+        return {}
+    ref = results[reference]
+    shots = list(ref["points"][0]["accuracy"]) if ref["points"] else []
+    tables: dict[str, Any] = {}
+    for shot in shots:
+        rows, reverse = [], []
+        _, _, ref_acc = _curve(ref, shot, "logistic")
+        ref_best = max(ref_acc)
+        for b, res in results.items():
+            if b == reference or not res["points"]:
+                continue
+            for protocol in ("logistic", "own"):
+                times, _, accs = _curve(res, shot, protocol)
+                if not accs:
+                    continue
+                target = max(accs) - 1.0
+                tb = _first_reach(res, shot, protocol, target)
+                tm = _first_reach(ref, shot, "logistic", target)
+                last_t = times[-1]
+                mtl_at = _at_time(ref, shot, "logistic", last_t)
+                rows.append({"baseline": b, "protocol": protocol, "best": max(accs),
+                             "final": accs[-1], "target": target,
+                             "baseline_seconds": tb[0], "baseline_flops": tb[1],
+                             "mtl_seconds": tm[0] if tm else None,
+                             "mtl_flops": tm[1] if tm else None,
+                             "speedup_time": tb[0] / tm[0] if tm and tm[0] > 0 else None,
+                             "speedup_flops": tb[1] / tm[1] if tm and tm[1] > 0 else None,
+                             "mtl_best": ref_best,
+                             "mtl_minus_baseline_at_equal_time":
+                                 (mtl_at - accs[-1]) if mtl_at is not None else None,
+                             "equal_time_seconds": last_t})
+            target = ref_best - 1.0
+            tm = _first_reach(ref, shot, "logistic", target)
+            tb = _first_reach(res, shot, "logistic", target)
+            reverse.append({"baseline": b, "target": target, "mtl_seconds": tm[0],
+                            "mtl_flops": tm[1],
+                            "baseline_seconds": tb[0] if tb else None,
+                            "baseline_flops": tb[1] if tb else None,
+                            "baseline_speedup_time": tm[0] / tb[0] if tb and tb[0] > 0 else None,
+                            "baseline_speedup_flops":
+                                tm[1] / tb[1] if tb and tb[1] > 0 else None,
+                            "baseline_best": max(_curve(res, shot, "logistic")[2])})
+        tables[shot] = {"mtl_vs_baselines": rows, "baselines_vs_mtl": reverse}
+    return tables
+
+
+def _fmt(x, spec=".1f", none="-", suffix=""):
+    return none if x is None else format(x, spec) + suffix
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The comparison as Markdown: per-method figures, then the speed-up tables."""
+    results, tables = payload["results"], payload["tables"]
+    lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
+             f"{payload['budget_minutes']:g} min of training each", "",
+             f"Machine: {payload['machine'].get('cpu')}, {payload['machine'].get('torch_threads')} "
+             f"threads{', ' + payload['machine']['cuda_device'] if 'cuda_device' in payload['machine'] else ''}. "
+             f"Test: {payload['ways']}-way, {payload['queries']} queries a class, "
+             f"{payload['episodes']} episodes a point (the same for every method and point), "
+             f"logistic-regression protocol unless marked *own*.", "",
+             "| method | steps | images/step | GFLOPs/step | train s | eval s | peak memory (MB) | "
+             + " | ".join(f"{s}-shot final / best" for s in payload["shots"])
+             + " | " + " | ".join(f"{s}-shot own final" for s in payload["shots"]) + " |",
+             "|---" * (7 + 2 * len(payload["shots"])) + "|"]
+    for m, r in results.items():
+        if not r["points"]:
+            continue
+        cells = []
+        own = []
+        for s in payload["shots"]:
+            _, _, acc = _curve(r, str(s), "logistic")
+            cells.append(f"{acc[-1]:.1f} / {max(acc):.1f}")
+            _, _, oacc = _curve(r, str(s), "own")
+            own.append(f"{oacc[-1]:.1f}" if oacc else "-")
+        peak = max(p["peak_memory_bytes"] for p in r["points"]) / 2**20
+        lines.append(f"| {m} | {r['steps']:,} | {r['images_per_step']:.0f} | "
+                     f"{r['flops_per_step'] / 1e9:.2f} | {r['train_seconds']:.0f} | "
+                     f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " | "
+                     + " | ".join(own) + " |")
+    for shot, t in tables.items():
+        lines += ["", f"## {shot}-shot: how much sooner MTL reaches each baseline's best - 1",
+                  "", "| baseline | target | baseline reached at s (TFLOPs) | MTL reached at s "
+                  "(TFLOPs) | speed-up of MTL: time | FLOPs | MTL - baseline at equal time |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in t["mtl_vs_baselines"]:
+            name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
+            mtl = (f"{r['mtl_seconds']:.0f} ({r['mtl_flops'] / 1e12:.2f})"
+                   if r["mtl_seconds"] is not None else f"not reached (MTL best {r['mtl_best']:.1f})")
+            lines.append(f"| {name} | {r['target']:.1f} | {r['baseline_seconds']:.0f} "
+                         f"({r['baseline_flops'] / 1e12:.2f}) | {mtl} | "
+                         f"{_fmt(r['speedup_time'], '.1f', suffix='x')} | "
+                         f"{_fmt(r['speedup_flops'], '.1f', suffix='x')} | "
+                         f"{_fmt(r['mtl_minus_baseline_at_equal_time'], '+.1f')} "
+                         f"(at {r['equal_time_seconds']:.0f} s) |")
+        lines += ["", f"## {shot}-shot: how much sooner each baseline reaches MTL's best - 1", "",
+                  "| baseline | target | MTL reached at s | baseline reached at s | speed-up of "
+                  "baseline: time | FLOPs |", "|---|---|---|---|---|---|"]
+        for r in t["baselines_vs_mtl"]:
+            bs = (f"{r['baseline_seconds']:.0f}" if r["baseline_seconds"] is not None
+                  else f"not reached (best {r['baseline_best']:.1f})")
+            lines.append(f"| {r['baseline']} | {r['target']:.1f} | {r['mtl_seconds']:.0f} | {bs} | "
+                         f"{_fmt(r['baseline_speedup_time'], '.2f', suffix='x')} | "
+                         f"{_fmt(r['baseline_speedup_flops'], '.2f', suffix='x')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict[str, Any], path: str) -> None:
+    """Accuracy against training seconds (top) and FLOPs (bottom), a column per shot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shots = [str(s) for s in payload["shots"]]
+    fig, axes = plt.subplots(2, len(shots), figsize=(5.5 * len(shots), 7.5), squeeze=False)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for j, shot in enumerate(shots):
+        for m, r in payload["results"].items():
+            pts = r["points"]
+            if not pts:
+                continue
+            acc = np.array([p["accuracy"][shot]["logistic"]["mean"] for p in pts])
+            ci = np.array([p["accuracy"][shot]["logistic"]["ci95"] for p in pts])
+            for i, key in enumerate(("train_seconds", "flops")):
+                x = np.array([p[key] for p in pts], dtype=float)
+                ax = axes[i][j]
+                ax.plot(x, acc, "o-", ms=3, color=colors.get(m), label=m)
+                ax.fill_between(x, acc - ci, acc + ci, color=colors.get(m), alpha=0.2)
+        for i, label in enumerate(("training seconds", "training FLOPs")):
+            ax = axes[i][j]
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"5-way {shot}-shot accuracy (%)")
+            ax.grid(alpha=0.3)
+            if i == 1:
+                ax.set_xscale("log")
+        axes[0][j].set_title(f"{shot}-shot, logistic-regression protocol")
+    axes[0][0].legend()
+    fig.suptitle(f"fastmtl compare: {payload['data']}, {payload['backbone']}")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)

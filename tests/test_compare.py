@@ -1,0 +1,104 @@
+"""fastmtl compare: a tiny real comparison, its JSON schema and curves, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastmtl.cli import main
+
+METHODS = "mtl,anil,protonet"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    t0 = time.perf_counter()
+    code = main(["compare", "--data", "synthetic", "--methods", METHODS, "--budget-minutes",
+                 "0.06", "--eval-every", "1.5", "--episodes", "10", "--out", str(out),
+                 "--threads", "2"])
+    wall = time.perf_counter() - t0
+    return out, code, wall
+
+
+def test_compare_writes_json_md_png(run):
+    out, code, _ = run
+    assert code == 0
+    payload = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.md").stat().st_size > 0 and (out / "compare.png").stat().st_size > 0
+    for key in ("command", "machine", "versions", "settings_overrides", "results", "tables",
+                "budget_minutes", "eval_every", "shots", "episodes"):
+        assert key in payload, key
+    assert list(payload["results"]) == METHODS.split(",")
+    for method, res in payload["results"].items():
+        assert res["flops_per_step"] > 0
+        pts = res["points"]
+        assert len(pts) >= 2, method
+        for key in ("train_seconds", "steps", "images", "flops"):
+            values = [p[key] for p in pts]
+            assert all(b > a for a, b in zip(values, values[1:])), (method, key, values)
+        for p in pts:
+            assert p["peak_memory_bytes"] > 0
+            for shot in ("1", "5"):
+                protocols = p["accuracy"][shot]
+                assert ("own" in protocols) == (method != "mtl")
+                for r in protocols.values():
+                    assert 0.0 <= r["mean"] <= 100.0 and r["ci95"] >= 0.0
+        # Training stops at the first step past the budget; evaluation is off the clock.
+        assert pts[-1]["train_seconds"] < 60 * 0.06 + 3.0
+        assert res["eval_seconds"] > 0
+        assert res["wall_seconds"] >= pts[-1]["train_seconds"] + 0.9 * res["eval_seconds"]
+    for shot in ("1", "5"):
+        rows = payload["tables"][shot]["mtl_vs_baselines"]
+        assert {r["baseline"] for r in rows} == {"anil", "protonet"}
+        assert {r["protocol"] for r in rows} == {"logistic", "own"}
+    md = (out / "compare.md").read_text()
+    assert "how much sooner MTL reaches" in md and "how much sooner each baseline" in md
+
+
+def test_compare_resume_keeps_finished_methods(run):
+    out, _, _ = run
+    before = json.loads((out / "compare.json").read_text())["results"]
+    t0 = time.perf_counter()
+    code = main(["compare", "--data", "synthetic", "--methods", METHODS, "--budget-minutes",
+                 "0.06", "--eval-every", "1.5", "--episodes", "10", "--out", str(out),
+                 "--resume"])
+    assert code == 0 and time.perf_counter() - t0 < 30
+    assert json.loads((out / "compare.json").read_text())["results"] == before
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--methods", "mtl,nope"], "--methods"),
+    (["--budget-minutes", "0"], "--budget-minutes"),
+    (["--budget-minutes", "-1"], "--budget-minutes"),
+    (["--budget-minutes", "1", "--eval-every", "120"], "--eval-every"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--settings", "SETTINGS"], "protonet"),
+    (["--settings", "BADFIELD"], "unknown field"),
+])
+def test_bad_input_fails_in_one_line_before_training(tmp_path, flags, needle):
+    flags = list(flags)
+    if "SETTINGS" in flags:      # 500-way ProtoNet tasks on a 240-class training set
+        path = tmp_path / "s.json"
+        path.write_text(json.dumps({"protonet": {"n_way": 500}}))
+        flags[flags.index("SETTINGS")] = str(path)
+    if "BADFIELD" in flags:
+        path = tmp_path / "b.json"
+        path.write_text(json.dumps({"mtl": {"no_such_field": 1}}))
+        flags[flags.index("BADFIELD")] = str(path)
+    out = tmp_path / "out"
+    base = ["compare", "--data", "synthetic", "--methods", "mtl,protonet", "--out", str(out)]
+    if "--budget-minutes" not in flags:
+        base += ["--budget-minutes", "1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastmtl", *base, *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 or lines[-1].startswith("fastmtl compare: error"), proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "compare.json").exists()
+    assert time.perf_counter() - t0 < 60

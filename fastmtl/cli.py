@@ -17,7 +17,7 @@ from . import distributed as _dist
 from ._env import keep_freed_memory, machine_info
 from .checkpoint import atomic_save, atomic_write_json
 from .checkpoint import load as load_checkpoint
-from .mtl import MTLConfig
+from .mtl import RECIPES, MTLConfig
 
 DATASETS = ("synthetic", "omniglot", "miniimagenet", "tieredimagenet", "cifarfs", "fc100")
 BACKBONES = ("conv4", "resnet12")
@@ -183,11 +183,11 @@ def _config_from(args, base, fixed=None):
     return dataclasses.replace(base, **values, **(fixed or {}))
 
 
-def _method_config(method: str):
-    """(trainer class, default config, fixed fields) of ``--method``."""
+def _method_config(method: str, recipe: str = "fast"):
+    """(trainer class, default config, fixed fields) of ``--method`` (MTL: of ``--recipe``)."""
     if method == "mtl":
         from .mtl import MTLTrainer
-        return MTLTrainer, MTLConfig(), {}
+        return MTLTrainer, MTLConfig.from_recipe(recipe), {}
     from .gbml import METHODS as GBML
     trainer_cls, config_cls, fixed = GBML[method]
     return trainer_cls, config_cls(), fixed
@@ -231,7 +231,7 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     t0 = time.perf_counter()
     _dist.init_from_env()      # under torchrun: join the group before anything else
-    trainer_cls, defaults, fixed = _method_config(args.method)
+    trainer_cls, defaults, fixed = _method_config(args.method, args.recipe)
     cfg = _config_from(args, defaults, fixed)
     train = load_dataset(args.data, args.root, args.train_split, args.image_size, args.data_seed,
                          rotations=args.rotations)
@@ -334,7 +334,18 @@ def _compare_inputs(args):
                          f"{','.join(cmp.METHODS)}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"--methods names a method twice: {args.methods}")
-    if args.eval_every > 60 * args.budget_minutes:
+    if args.eval_at:
+        try:
+            times = [float(t) for t in args.eval_at.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--eval-at must be comma-separated seconds, got {args.eval_at!r}")
+        if not times or any(t <= 0 for t in times) or sorted(set(times)) != times:
+            raise ValueError(f"--eval-at must be increasing positive seconds, got {args.eval_at!r}")
+        if times[0] > 60 * args.budget_minutes:
+            raise ValueError(f"--eval-at: the first time ({times[0]:g} s) is past the budget "
+                             f"({60 * args.budget_minutes:g} s)")
+        args.eval_every = times
+    elif args.eval_every > 60 * args.budget_minutes:
         raise ValueError(f"--eval-every ({args.eval_every:g} s) is larger than the budget "
                          f"(--budget-minutes {args.budget_minutes:g} = "
                          f"{60 * args.budget_minutes:g} s)")
@@ -448,7 +459,7 @@ def _add_eval_flags(p, episodes_flag: str) -> None:
                    help="test episodes per setting (default: 1000; 0 skips evaluation)")
 
 
-def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
+def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmtl", description="Multi-task learning for few-shot classification, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -488,7 +499,11 @@ def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a learning-curve PNG here")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the test episodes")
     _add_eval_flags(p, "--eval-episodes")
-    _, defaults, fixed = _method_config(method)
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=recipe,
+                   help="MTL settings preset the flags below start from: 'fast' (the "
+                        "default: supervised batches over the whole head table) or 'paper' "
+                        "(the paper's official code); flags given override it")
+    _, defaults, fixed = _method_config(method, recipe)
     _add_config_flags(p.add_argument_group(
         f"{method} settings (fastmtl.{'gbml.' if method != 'mtl' else ''}"
         f"{type(defaults).__name__})"), defaults, fixed)
@@ -523,6 +538,9 @@ def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
                    help="training-time budget of each method, in minutes")
     p.add_argument("--eval-every", type=_positive("--eval-every"), default=60.0,
                    help="seconds of training between evaluations (the end is evaluated too)")
+    p.add_argument("--eval-at", default=None,
+                   help="comma-separated training seconds to evaluate at, in place of "
+                        "--eval-every (e.g. 10,20,40,80,150,300,600: fine early, sparse late)")
     p.add_argument("--out", default="compare", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of models, tasks and test episodes")
     p.add_argument("--backbone", choices=BACKBONES, default="conv4", help="feature extractor")
@@ -550,17 +568,19 @@ def build_parser(method: str = "mtl") -> argparse.ArgumentParser:
     return parser
 
 
-def _method_arg(argv: list[str]) -> str:
-    # The settings flags depend on --method, so it is read before the full parse.
+def _method_arg(argv: list[str]) -> tuple[str, str]:
+    # The settings flags and their defaults depend on --method and --recipe, so these two
+    # are read before the full parse.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", choices=METHODS, default="mtl")
+    pre.add_argument("--recipe", choices=tuple(RECIPES), default="fast")
     known, _ = pre.parse_known_args(argv)
-    return known.method
+    return known.method, known.recipe
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_method_arg(argv)).parse_args(argv)
+    args = build_parser(*_method_arg(argv)).parse_args(argv)
     ok = False
     try:
         code = args.func(args)

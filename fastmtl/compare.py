@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from .evaluate import embed, evaluate
 from .gbml import METHODS as GBML_METHODS
-from .mtl import MTLConfig, MTLTrainer
-from .training import Callback, EveryTrainingSeconds
+from .mtl import RECIPES, MTLConfig, MTLTrainer
+from .training import AtTrainingSeconds, Callback, EveryTrainingSeconds
 
 __all__ = ["METHODS", "DEFAULT_SETTINGS", "PAPER_MTL", "compare", "config_for",
            "speedup_tables", "markdown", "plot"]
@@ -45,8 +45,7 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # loop (1 step of lr 0.4 in training, 3 at test) at a meta-batch a 2-core CPU can step
 # often; ProtoNet/R2D2: higher-way training episodes, as their papers train.
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
-    "mtl": dict(task_sampling="episodic", n_way=20, images_per_class=5, tasks_per_step=1,
-                head="cosine", scale=10.0, augment=True, tasks_per_epoch=200),
+    "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
                  test_inner_steps=3, tasks_per_epoch=80),
     "fomaml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
@@ -58,10 +57,10 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
                      tasks_per_epoch=20),
 }
 
-# The paper's recipe (its official code's settings), as `--recipe paper` names it.
-PAPER_MTL: dict[str, Any] = dict(task_sampling="episodic", n_way=5, images_per_class=10,
-                                 tasks_per_step=16, head="linear", scale=1.0, augment=False,
-                                 tasks_per_epoch=1600)
+# The paper's recipe (its official code's settings), as `--recipe paper` names it: every
+# field at MTLConfig's default.
+PAPER_MTL: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(MTLConfig)
+                             if f.name in RECIPES["fast"]}
 
 
 def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int = 0,
@@ -186,7 +185,7 @@ def _own_ok(method, trainer, ways) -> bool:
     return method not in ("maml", "fomaml", "anil") or trainer.config.n_way == ways
 
 
-def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every: float,
+def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
                shots, ways: int, queries: int, episodes: int, seed: int,
                bar: tqdm | None = None) -> dict[str, Any]:
     """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s."""
@@ -233,8 +232,9 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every:
                 bar.refresh()
 
     t0 = time.perf_counter()
-    history = trainer.fit(train, progress=False,
-                          callbacks=[EveryTrainingSeconds(eval_every, at_point), _Bar()])
+    timer = (AtTrainingSeconds(eval_every, at_point) if isinstance(eval_every, (list, tuple))
+             else EveryTrainingSeconds(eval_every, at_point))
+    history = trainer.fit(train, progress=False, callbacks=[timer, _Bar()])
     wall = time.perf_counter() - t0
     return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops, "points": points,
             "train_seconds": points[-1]["train_seconds"] if points else 0.0,
@@ -258,8 +258,9 @@ def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], 
         train, test: :class:`fastmtl.data.FewShotDataset` s (disjoint classes).
         make_backbone: builds a fresh backbone (the same architecture for every method).
         budget_minutes: training-time budget of each method (> 0).
-        eval_every: seconds of training between evaluations (<= the budget); the end of
-            training is always evaluated too.
+        eval_every: seconds of training between evaluations (<= the budget), or a list
+            of increasing training times to evaluate at; the end of training is always
+            evaluated too.
         shots, ways, queries, episodes, seed: the test episodes (the same for every
             method and time point).
         settings: per-method overrides of :data:`DEFAULT_SETTINGS`.
@@ -283,10 +284,15 @@ def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], 
     if not (isinstance(budget_minutes, (int, float)) and math.isfinite(budget_minutes)
             and budget_minutes > 0):
         raise ValueError(f"budget_minutes must be a positive number, got {budget_minutes!r}")
-    if not (isinstance(eval_every, (int, float)) and eval_every > 0):
+    if isinstance(eval_every, (list, tuple)):
+        AtTrainingSeconds(eval_every, print)          # checks the times
+        first = eval_every[0]
+    elif not (isinstance(eval_every, (int, float)) and eval_every > 0):
         raise ValueError(f"eval_every must be a positive number of seconds, got {eval_every!r}")
-    if eval_every > 60 * budget_minutes:
-        raise ValueError(f"eval_every ({eval_every} s) is larger than the budget "
+    else:
+        first = eval_every
+    if first > 60 * budget_minutes:
+        raise ValueError(f"eval_every ({first} s) is larger than the budget "
                          f"({60 * budget_minutes:g} s)")
     if not isinstance(episodes, int) or episodes < 2:
         raise ValueError(f"episodes must be an integer >= 2, got {episodes!r}")

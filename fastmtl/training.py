@@ -31,7 +31,8 @@ from . import checkpoint as _ckpt
 from . import distributed as _dist
 from .data.base import FewShotDataset
 
-__all__ = ["Trainer", "TrainState", "Callback", "EveryTrainingSeconds", "TrainingClock",
+__all__ = ["Trainer", "TrainState", "Callback", "AtTrainingSeconds", "EveryTrainingSeconds",
+           "TrainingClock",
            "check_val", "epoch_seed", "format_record", "phase"]
 
 
@@ -165,38 +166,38 @@ class Callback:
         pass
 
 
-class EveryTrainingSeconds(Callback):
-    """Calls ``fn(trainer, state)`` each time the training clock passes a multiple of
-    ``seconds`` (and once more at the end of training, with ``final=True`` set in
-    ``state.extra``); ``fn`` returning True stops training.
+class AtTrainingSeconds(Callback):
+    """Calls ``fn(trainer, state)`` at the first step end at or past each of ``times``
+    (seconds of training), and once more at the end of training (``state.extra["final"]``
+    is then True) unless the last step was just handled; ``fn`` returning True stops
+    training. Several times passed by one step give one call.
 
     Args:
-        seconds: the interval, in seconds of training (> 0).
+        times: increasing training times in seconds (> 0).
         fn: the function to call.
-        at_start: also call it before the first step (training time 0).
 
     Example:
-        >>> points = []
-        >>> cb = EveryTrainingSeconds(30.0, lambda tr, st: points.append(st.train_seconds))
+        >>> cb = AtTrainingSeconds([10, 30, 60], lambda tr, st: print(st.train_seconds))
     """
 
-    def __init__(self, seconds: float, fn: Callable[["Trainer", TrainState], Any],
-                 at_start: bool = False):
-        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
-        self.seconds, self.fn, self.at_start = float(seconds), fn, at_start
-        self.next = self.seconds
+    def __init__(self, times, fn: Callable[["Trainer", TrainState], Any]):
+        times = [float(t) for t in times]
+        if not times or any(not (math.isfinite(t) and t > 0) for t in times) \
+                or any(b <= a for a, b in zip(times, times[1:])):
+            raise ValueError(f"times must be increasing positive seconds, got {times!r}")
+        self.times, self.fn = times, fn
         self.last_fired_step = -1
 
+    def _next_after(self, seconds: float) -> float:
+        return next((t for t in self.times if t > seconds), math.inf)
+
     def on_train_begin(self, trainer, state):
-        self.next = (math.floor(state.train_seconds / self.seconds) + 1) * self.seconds
-        if self.at_start and state.step == 0:
-            self._fire(trainer, state)
+        self.next = self._next_after(state.train_seconds)
 
     def on_step_end(self, trainer, state):
         if state.train_seconds < self.next:
             return None
-        self.next = (math.floor(state.train_seconds / self.seconds) + 1) * self.seconds
+        self.next = self._next_after(state.train_seconds)
         return self._fire(trainer, state)
 
     def on_train_end(self, trainer, state):
@@ -208,6 +209,24 @@ class EveryTrainingSeconds(Callback):
     def _fire(self, trainer, state):
         self.last_fired_step = state.step
         return self.fn(trainer, state)
+
+
+class EveryTrainingSeconds(AtTrainingSeconds):
+    """:class:`AtTrainingSeconds` at every multiple of ``seconds`` (> 0).
+
+    Example:
+        >>> points = []
+        >>> cb = EveryTrainingSeconds(30.0, lambda tr, st: points.append(st.train_seconds))
+    """
+
+    def __init__(self, seconds: float, fn: Callable[["Trainer", TrainState], Any]):
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+        super().__init__([seconds], fn)
+        self.seconds = float(seconds)
+
+    def _next_after(self, seconds: float) -> float:
+        return (math.floor(seconds / self.seconds) + 1) * self.seconds
 
 
 # -- the trainer base --------------------------------------------------------------------------
@@ -257,6 +276,27 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
             return self._run(train, val, resume, progress, list(callbacks))
+
+    def prepare(self, train: FewShotDataset, epoch: int = 0) -> Iterable:
+        """Set up training on ``train`` as ``fit`` does, without running it; returns the
+        batches of ``epoch`` for :meth:`train_step` (for benchmarks and profiling).
+
+        Example:
+            >>> # batches = iter(trainer.prepare(train)); trainer.train_step(next(batches))
+        """
+        if not isinstance(train, FewShotDataset):
+            raise ValueError(f"train must be a FewShotDataset, got {type(train).__name__}")
+        self._prepare_fit(train, None)
+        torch.manual_seed(self.config.seed)
+        self.scheduler = None
+        self._setup(train)
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.learner.train()
+        return self._epoch_batches(train, epoch, self._steps_per_epoch())
+
+    def train_step(self, batch) -> tuple[float, float, int]:
+        """One optimizer step on a batch from :meth:`prepare`: (loss, accuracy, images)."""
+        return self._train_step(batch)
 
     # -- what a method supplies -----------------------------------------------------------
     def _prepare_fit(self, train, val) -> None:
@@ -308,7 +348,7 @@ class Trainer:
         clock = TrainingClock(self.history[-1]["elapsed_s"] if self.history else 0.0)
         state = TrainState(step=sum(h.get("steps", steps) for h in self.history),
                            images=sum(h.get("images", 0) for h in self.history),
-                           train_seconds=clock.seconds())
+                           train_seconds=self.history[-1]["elapsed_s"] if self.history else 0.0)
         stale = 0 if not self.history else self.history[-1]["epoch"] - best["epoch"]
         with clock.paused():
             for cb in callbacks:

@@ -29,7 +29,8 @@ def test_console_script_is_installed():
 
 def test_train_then_eval_writes_json(tmp_path, capsys):
     out, ck = tmp_path / "train.json", tmp_path / "ck"
-    rc = main(["train", "--data", "synthetic", "--epochs", "2", "--tasks-per-epoch", "8",
+    rc = main(["train", "--recipe", "paper", "--data", "synthetic", "--epochs", "2",
+               "--tasks-per-epoch", "8",
                "--tasks-per-step", "4", "--images-per-class", "5", "--val-episodes", "10",
                "--eval-episodes", "20", "--checkpoint-dir", str(ck), "--out", str(out),
                "--plot", str(tmp_path / "curve.png")])
@@ -66,7 +67,19 @@ def test_errors_are_clear(tmp_path, capsys):
 def test_train_on_real_omniglot_cli(tmp_path):
     root = omniglot_root()
     out = tmp_path / "o.json"
-    assert main(["train", "--data", "omniglot", "--root", root, "--epochs", "1",
+    assert main(["train", "--recipe", "paper", "--data", "omniglot", "--root", root,
+                 "--epochs", "1",
                  "--tasks-per-epoch", "16", "--tasks-per-step", "8", "--val-episodes", "10",
                  "--eval-episodes", "20", "--shots", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["results"][0]["mean"] > 20
+
+
+def test_train_fast_recipe_is_the_default(tmp_path):
+    out = tmp_path / "fast.json"
+    assert main(["train", "--data", "synthetic", "--epochs", "1", "--batch-size", "200",
+                 "--val-episodes", "10", "--eval-episodes", "20", "--shots", "1",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["task_sampling"] == "all_classes" and res["config"]["head"] == "cosine"
+    assert res["history"][0]["steps"] == 240 * 20 // 200
+    assert res["results"][0]["mean"] > 20

@@ -254,7 +254,8 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 -m fastmtl train ...` = `fastmtl train ...`, end to end."""
     import subprocess
     import sys
-    flags = ["train", "--data", "synthetic", "--n-way", "5", "--images-per-class", "4",
+    flags = ["train", "--recipe", "paper", "--data", "synthetic", "--n-way", "5",
+             "--images-per-class", "4",
              "--tasks-per-step", "4", "--tasks-per-epoch", "8", "--epochs", "2",
              "--val-episodes", "10", "--eval-episodes", "30", "--shots", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", FASTMTL_DIST_TIMEOUT="30")

@@ -10,7 +10,7 @@ from fastmtl import MTLConfig, MTLTrainer
 from fastmtl.data import SyntheticGlyphs
 from fastmtl.gbml import ProtoNet, ProtoNetConfig
 from fastmtl.models import conv4
-from fastmtl.training import Callback, EveryTrainingSeconds
+from fastmtl.training import AtTrainingSeconds, Callback, EveryTrainingSeconds
 
 
 def _data():
@@ -113,3 +113,15 @@ def test_all_classes_task_sampling_trains_every_row():
         _mtl(task_sampling="all_classes", batch_size=10_000).fit(data, progress=False)
     with pytest.raises(ValueError, match="task_sampling"):
         _mtl(task_sampling="sometimes")
+
+
+def test_at_training_seconds_fires_once_per_passed_time_and_checks_times():
+    seen = []
+    cb = AtTrainingSeconds([1e-6, 2e-6, 3600.0], lambda tr, st: seen.append(
+        (st.step, st.extra.get("final", False))))
+    _mtl(epochs=1).fit(_data(), progress=False, callbacks=[cb])
+    # The first step passes both tiny times (one call); 3600 s never comes; the end fires.
+    assert seen == [(1, False), (4, True)]
+    for bad in ([], [2.0, 1.0], [0.0], [float("nan")]):
+        with pytest.raises(ValueError, match="times"):
+            AtTrainingSeconds(bad, print)

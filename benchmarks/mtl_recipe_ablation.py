@@ -1,0 +1,102 @@
+"""MTL recipe ablation on Omniglot, tuned on the VALIDATION alphabet only.
+
+Each variant trains Conv-4 MTL on the training alphabets (rotations as classes) for the
+same wall-clock budget (default 90 s, no validation during training), then is evaluated
+on the validation alphabet (Early_Aramaic) with the paper's protocol, 5-way 1- and
+5-shot, 15 queries, 300 episodes. The test alphabets are never touched here: they are
+for the final comparison only. Each variant runs in its own process, one at a time, so
+allocator and thread state do not carry over; results append to
+``benchmarks/results/mtl_recipe_ablation.jsonl`` (one JSON object a line, with the load
+average, so runs disturbed by other work can be told apart).
+
+    python benchmarks/mtl_recipe_ablation.py --root ../shared/data/omniglot
+    python benchmarks/mtl_recipe_ablation.py --variants readme all_b128 --seconds 90
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+# name -> changes from the README's earlier recipe (20-way tasks of 10 images, 2 tasks a
+# step, cosine head, scale 10, affine augmentation)
+VARIANTS = {
+    "readme": {},
+    "ipc5_t1": {"images_per_class": 5, "tasks_per_step": 1},
+    "ipc5_t1_lr3e-3": {"images_per_class": 5, "tasks_per_step": 1, "lr": 0.003},
+    "ipc5_t1_noaug": {"images_per_class": 5, "tasks_per_step": 1, "augment": False},
+    "ipc5_t1_learnscale": {"images_per_class": 5, "tasks_per_step": 1, "learn_scale": True},
+    "ipc5_t1_hlr10": {"images_per_class": 5, "tasks_per_step": 1, "head_lr_scale": 10.0},
+    "ipc5_t1_lr3e-3_hlr10": {"images_per_class": 5, "tasks_per_step": 1, "lr": 0.003,
+                             "head_lr_scale": 10.0},
+    "w60_ipc2_t1": {"n_way": 60, "images_per_class": 2, "tasks_per_step": 1},
+    "w20_ipc2_t1_lr3e-3": {"n_way": 20, "images_per_class": 2, "tasks_per_step": 1,
+                           "lr": 0.003},
+    "all_b128": {"task_sampling": "all_classes", "batch_size": 128},
+    "all_b128_s30": {"task_sampling": "all_classes", "batch_size": 128, "scale": 30.0},
+    "all_b128_adam_hlr10": {"task_sampling": "all_classes", "batch_size": 128,
+                            "head_lr_scale": 10.0},
+    "all_b128_lr3e-3": {"task_sampling": "all_classes", "batch_size": 128, "lr": 0.003},
+    "all_b64": {"task_sampling": "all_classes", "batch_size": 64},
+    "all_b128_noaug": {"task_sampling": "all_classes", "batch_size": 128, "augment": False},
+    "all_b256": {"task_sampling": "all_classes", "batch_size": 256},
+}
+RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                      "mtl_recipe_ablation.jsonl")
+
+
+def run_one(root: str, name: str, seconds: float, changes: dict, out: str) -> dict:
+    import torch
+
+    from fastmtl import MTLConfig, MTLTrainer
+    from fastmtl._env import keep_freed_memory, machine_info
+    from fastmtl.cli import _evaluate_all, build_backbone, load_dataset
+
+    keep_freed_memory(mmap_threshold=1 << 30)
+    train = load_dataset("omniglot", root, "train", rotations=True)
+    val = load_dataset("omniglot", root, "val")
+    base = MTLConfig(n_way=20, tasks_per_step=2, images_per_class=10, tasks_per_epoch=200,
+                     epochs=10**6, head="cosine", scale=10.0, augment=True,
+                     max_minutes=seconds / 60, seed=0)
+    cfg = dataclasses.replace(base, **changes)
+    torch.manual_seed(0)
+    trainer = MTLTrainer(build_backbone("conv4", 1), cfg)
+    t0 = time.perf_counter()
+    history = trainer.fit(train, None, progress=False)
+    train_s = time.perf_counter() - t0
+    rows = _evaluate_all(trainer.backbone, val, (1, 5), 5, 15, 300, 0, progress=False)
+    result = {"name": name, "changes": changes, "seconds": train_s,
+              "steps": sum(h["steps"] for h in history),
+              "images": sum(h["images"] for h in history),
+              "loss": history[-1]["train_loss"], "val_1shot": rows[0]["mean"],
+              "val_1shot_ci95": rows[0]["ci95"], "val_5shot": rows[1]["mean"],
+              "val_5shot_ci95": rows[1]["ci95"], "machine": machine_info()}
+    with open(out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}), flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=os.environ.get("FASTMTL_OMNIGLOT", "../shared/data/omniglot"),
+                   help="folder with the Omniglot archives")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seconds", type=float, default=90.0, help="training budget per variant")
+    p.add_argument("--out", default=RESULT, help="JSONL file results are appended to")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        run_one(args.root, args.one, args.seconds, VARIANTS[args.one], args.out)
+        return
+    for name in args.variants:      # one process each
+        subprocess.run([sys.executable, __file__, "--root", args.root, "--one", name,
+                        "--seconds", str(args.seconds), "--out", args.out], check=True)
+
+
+if __name__ == "__main__":
+    main()

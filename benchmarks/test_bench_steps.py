@@ -1,0 +1,172 @@
+"""One training step of every method at the same images per step, and MAML against a
+learn2learn-style loop.
+
+    pytest benchmarks/test_bench_steps.py                 # -> results/steps_cpu.json
+
+Group ``step``: one optimizer step (batch assembly excluded: the batch is drawn before
+the clock starts; forward, backward and update included) of each method with the
+settings ``fastmtl compare`` uses (``fastmtl.compare.DEFAULT_SETTINGS``) scaled to 120
+images a step (MTL: one 20-way task of 6 images a class; MAML/FO-MAML/ANIL: 4 tasks of
+5-way 1-shot with 5 queries a class; R2D2/ProtoNet: one 20-way 1-shot task with 5
+queries a class), Conv-4 on 28x28 grey images, with the FLOPs of the step
+(``torch.utils.flop_counter``) and the ratio to MTL's seconds.
+
+Group ``maml-vs-l2l``: a second-order MAML meta-step (meta-loss, backward, Adam) of
+fastmtl's MAML, vmapped and looped, against the learn2learn pattern written here in a
+few lines (per task: ``torch.autograd.grad(create_graph=True)`` on the support loss,
+``w - lr * g``, the query loss through ``functional_call``; an ``nn.BatchNorm2d``
+backbone, as a learn2learn user has it). Shapes: the comparison's (4 tasks, 5 queries a
+class, 1 inner step) and the issue's (16 tasks, 15 queries a class, 1 and 5 inner steps).
+
+glibc's mmap/trim thresholds are raised (``keep_freed_memory``) for every contender, as
+the CLI does. Ratios come from the medians of one run; the load average is recorded.
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmtl.compare import config_for
+from fastmtl.data import SyntheticGlyphs
+from fastmtl.gbml import MAML, MAMLConfig
+from fastmtl.models import conv4
+
+from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
+
+SAME_IMAGES = {
+    "mtl": dict(n_way=20, images_per_class=6, tasks_per_step=1),
+    "maml": dict(meta_batch=4), "fomaml": dict(meta_batch=4), "anil": dict(meta_batch=4),
+    "r2d2": dict(meta_batch=1), "protonet": dict(meta_batch=1),
+}
+ROUNDS = {"mtl": 20, "maml": 10, "fomaml": 10, "anil": 15, "r2d2": 20, "protonet": 20}
+_STEP: dict[str, dict] = {}
+_L2L: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _malloc():
+    keep_freed_memory(mmap_threshold=1 << 30)
+    yield
+    payload = {"step": _STEP, "maml_vs_l2l": _L2L, "threads": torch.get_num_threads()}
+    if "mtl" in _STEP:
+        for r in _STEP.values():
+            r["seconds_vs_mtl"] = r["median_s"] / _STEP["mtl"]["median_s"]
+            r["flops_vs_mtl"] = r["flops"] / _STEP["mtl"]["flops"]
+    write_result("steps_cpu", payload)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return SyntheticGlyphs(64, 20, seed=0)
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("method", list(SAME_IMAGES))
+def test_step(benchmark, data, method):
+    benchmark.group = "step"
+    cls, cfg = config_for(method, dict(SAME_IMAGES[method], tasks_per_epoch=100_000))
+    torch.manual_seed(0)
+    trainer = cls(conv4(in_channels=1), cfg)
+    batches = iter(trainer.prepare(data))
+    for _ in range(2):
+        trainer.train_step(next(batches))
+    flops = _flops(lambda: trainer.train_step(next(batches)))
+    pending = []
+
+    def setup():
+        pending.append(next(batches))
+        return (), {}
+
+    loss = benchmark.pedantic(lambda: trainer.train_step(pending.pop()), setup=setup,
+                              rounds=ROUNDS[method], warmup_rounds=1)
+    images = loss[2]
+    assert images == 120
+    _STEP[method] = {"median_s": benchmark.stats.stats.median, "flops": flops,
+                     "images": images, "settings": {k: v for k, v in vars(cfg).items()
+                                                    if not k.startswith("_")},
+                     "machine": machine_info()}
+
+
+# -- MAML against the learn2learn pattern ---------------------------------------------------
+def _episodes(tasks, queries, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(tasks, 5, 1, 28, 28, generator=g)
+    xq = torch.randn(tasks, 5 * queries, 1, 28, 28, generator=g)
+    ys = torch.arange(5).expand(tasks, -1)
+    yq = torch.arange(5).repeat_interleave(queries).expand(tasks, -1)
+    return xs, ys, xq, yq
+
+
+class _L2LStyle:
+    """The learn2learn ``MAML(model).clone().adapt(loss)`` pattern, second order."""
+
+    def __init__(self, model, inner_lr, steps):
+        self.model, self.lr, self.steps = model, inner_lr, steps
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def meta_step(self, xs, ys, xq, yq):
+        self.opt.zero_grad(set_to_none=True)
+        names = [n for n, _ in self.model.named_parameters()]
+        total = 0.0
+        for t in range(xs.shape[0]):
+            fast = dict(self.model.named_parameters())
+            for _ in range(self.steps):
+                loss = F.cross_entropy(torch.func.functional_call(self.model, fast, (xs[t],)),
+                                       ys[t])
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+                fast = {n: w - self.lr * g for n, w, g in zip(names, fast.values(), grads)}
+            q = F.cross_entropy(torch.func.functional_call(self.model, fast, (xq[t],)), yq[t])
+            (q / xs.shape[0]).backward()
+            total += q.item() / xs.shape[0]
+        self.opt.step()
+        return total
+
+
+SHAPES = {"compare-4x5q-1step": (4, 5, 1), "issue-16x15q-1step": (16, 15, 1),
+          "issue-16x15q-5steps": (16, 15, 5)}
+
+
+def _fastmtl_step(vectorize, tasks, steps):
+    torch.manual_seed(0)
+    tr = MAML(conv4(in_channels=1), MAMLConfig(meta_batch=tasks, inner_steps=steps,
+                                               inner_lr=0.4, vectorize=vectorize))
+    tr.build((1, 28, 28))
+    opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
+
+    def step(xs, ys, xq, yq):
+        opt.zero_grad(set_to_none=True)
+        loss, _ = tr.meta_loss(xs, ys, xq, yq)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("contender", ["fastmtl-vmap", "fastmtl-loop", "l2l-style"])
+def test_maml_vs_l2l(benchmark, shape, contender):
+    tasks, queries, steps = SHAPES[shape]
+    benchmark.group = f"maml-vs-l2l {shape}"
+    batch = _episodes(tasks, queries)
+    if contender == "l2l-style":
+        torch.manual_seed(0)
+        step = _L2LStyle(conv4(in_channels=1), 0.4, steps).meta_step
+    else:
+        step = _fastmtl_step(contender == "fastmtl-vmap", tasks, steps)
+    rounds = 3 if steps == 5 or tasks == 16 else 8
+    benchmark.pedantic(step, args=batch, rounds=rounds, warmup_rounds=1)
+    _L2L.setdefault(shape, {})[contender] = benchmark.stats.stats.median
+    row = _L2L[shape]
+    if len(row) == 3:
+        row["vmap_vs_l2l"] = row["l2l-style"] / row["fastmtl-vmap"]
+        row["loop_vs_l2l"] = row["l2l-style"] / row["fastmtl-loop"]
+        row["load_average"] = machine_info()["load_average"]

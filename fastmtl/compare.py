@@ -43,18 +43,24 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # Each method's documented settings (README "fastmtl compare"). MTL: the fast recipe
 # (tuned on the validation alphabet); MAML/FO-MAML/ANIL: the MAML paper's Omniglot inner
 # loop (1 step of lr 0.4 in training, 3 at test) at a meta-batch a 2-core CPU can step
-# often; ProtoNet/R2D2: higher-way training episodes, as their papers train.
+# often; ProtoNet/R2D2: higher-way training episodes, as their papers train. chunk_size 10:
+# test episodes vmapped 10 at a time in the method's own evaluation (measured 1.8-2x
+# faster than 50 on a 2-core CPU; with meta-batches of 1-4 it does not change training).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+                 chunk_size=10,
                  test_inner_steps=3, tasks_per_epoch=80),
     "fomaml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+                   chunk_size=10,
                    test_inner_steps=3, tasks_per_epoch=80),
     "anil": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+                 chunk_size=10,
                  test_inner_steps=3, tasks_per_epoch=80),
-    "r2d2": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, tasks_per_epoch=20),
+    "r2d2": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, tasks_per_epoch=20,
+                 chunk_size=10),
     "protonet": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, lr_decay_every=None,
-                     tasks_per_epoch=20),
+                     tasks_per_epoch=20, chunk_size=10),
 }
 
 # The paper's recipe (its official code's settings), as `--recipe paper` names it: every

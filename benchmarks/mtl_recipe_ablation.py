@@ -11,6 +11,10 @@ average, so runs disturbed by other work can be told apart).
 
     python benchmarks/mtl_recipe_ablation.py --root ../shared/data/omniglot
     python benchmarks/mtl_recipe_ablation.py --variants readme all_b128 --seconds 90
+
+The committed rows were measured with the same procedure by an earlier form of this
+script (one process per variant); they record the last epoch's steps rather than the
+total, and a ``disturbed`` flag for the runs that shared the machine with other work.
 """
 from __future__ import annotations
 

@@ -11,11 +11,12 @@ images a step (MTL, the fast recipe: 120 images over the whole head table; MAML/
 queries a class), Conv-4 on 28x28 grey images, with the FLOPs of the step
 (``torch.utils.flop_counter``) and the ratio to MTL's seconds.
 
-Group ``maml-vs-l2l``: a second-order MAML meta-step (meta-loss, backward, Adam) of
-fastmtl's MAML, vmapped and looped, against the learn2learn pattern written here in a
-few lines (per task: ``torch.autograd.grad(create_graph=True)`` on the support loss,
-``w - lr * g``, the query loss through ``functional_call``; an ``nn.BatchNorm2d``
-backbone, as a learn2learn user has it). Shapes: the comparison's (4 tasks, 5 queries a
+Groups ``maml-vs-l2l`` / ``anil-vs-l2l``: a second-order meta-step (meta-loss, backward,
+Adam) of fastmtl's MAML and ANIL, vmapped and looped, against the learn2learn pattern
+written here in a few lines (per task: ``torch.autograd.grad(create_graph=True)`` on the
+support loss, ``w - lr * g``, the query loss through ``functional_call``; ANIL: the
+backbone features once, the head adapted; an ``nn.BatchNorm2d`` backbone, as a
+learn2learn user has it). Shapes: the comparison's (4 tasks, 5 queries a
 class, 1 inner step) and the issue's (16 tasks, 15 queries a class, 1 and 5 inner steps).
 
 glibc's mmap/trim thresholds are raised (``keep_freed_memory``) for every contender, as
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from fastmtl.compare import config_for
 from fastmtl.data import SyntheticGlyphs
-from fastmtl.gbml import MAML, MAMLConfig
+from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
 from fastmtl.models import conv4
 
 from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
@@ -151,14 +152,41 @@ class _L2LStyle:
         return total
 
 
+class _L2LStyleANIL:
+    """learn2learn's ANIL pattern: backbone features once, ``clone().adapt()`` on the head."""
+
+    def __init__(self, backbone, inner_lr, steps):
+        self.backbone, self.lr, self.steps = backbone, inner_lr, steps
+        self.head = torch.nn.Linear(64, 5)
+        self.opt = torch.optim.Adam(list(backbone.parameters()) + list(self.head.parameters()),
+                                    lr=1e-3)
+
+    def meta_step(self, xs, ys, xq, yq):
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for t in range(xs.shape[0]):
+            zs, zq = self.backbone(xs[t]), self.backbone(xq[t])
+            w, b = self.head.weight, self.head.bias
+            for _ in range(self.steps):
+                loss = F.cross_entropy(F.linear(zs, w, b), ys[t])
+                gw, gb = torch.autograd.grad(loss, (w, b), create_graph=True)
+                w, b = w - self.lr * gw, b - self.lr * gb
+            q = F.cross_entropy(F.linear(zq, w, b), yq[t])
+            (q / xs.shape[0]).backward()
+            total += q.item() / xs.shape[0]
+        self.opt.step()
+        return total
+
+
 SHAPES = {"compare-4x5q-1step": (4, 5, 1), "issue-16x15q-1step": (16, 15, 1),
           "issue-16x15q-5steps": (16, 15, 5)}
 
 
-def _fastmtl_step(vectorize, tasks, steps):
+def _fastmtl_step(vectorize, tasks, steps, method="maml"):
     torch.manual_seed(0)
-    tr = MAML(conv4(in_channels=1), MAMLConfig(meta_batch=tasks, inner_steps=steps,
-                                               inner_lr=0.4, vectorize=vectorize))
+    cls, cfg_cls = (MAML, MAMLConfig) if method == "maml" else (ANIL, ANILConfig)
+    tr = cls(conv4(in_channels=1), cfg_cls(meta_batch=tasks, inner_steps=steps,
+                                           inner_lr=0.4, vectorize=vectorize))
     tr.build((1, 28, 28))
     opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
 
@@ -173,19 +201,21 @@ def _fastmtl_step(vectorize, tasks, steps):
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("contender", ["fastmtl-vmap", "fastmtl-loop", "l2l-style"])
-def test_maml_vs_l2l(benchmark, shape, contender):
+@pytest.mark.parametrize("method", ["maml", "anil"])
+def test_maml_vs_l2l(benchmark, method, shape, contender):
     tasks, queries, steps = SHAPES[shape]
-    benchmark.group = f"maml-vs-l2l {shape}"
+    benchmark.group = f"{method}-vs-l2l {shape}"
     batch = _episodes(tasks, queries)
     if contender == "l2l-style":
         torch.manual_seed(0)
-        step = _L2LStyle(conv4(in_channels=1), 0.4, steps).meta_step
+        style = _L2LStyle if method == "maml" else _L2LStyleANIL
+        step = style(conv4(in_channels=1), 0.4, steps).meta_step
     else:
-        step = _fastmtl_step(contender == "fastmtl-vmap", tasks, steps)
-    rounds = 3 if steps == 5 or tasks == 16 else 8
+        step = _fastmtl_step(contender == "fastmtl-vmap", tasks, steps, method)
+    rounds = 3 if (steps == 5 or tasks == 16) and method == "maml" else 8
     benchmark.pedantic(step, args=batch, rounds=rounds, warmup_rounds=1)
-    _L2L.setdefault(shape, {})[contender] = benchmark.stats.stats.median
-    row = _L2L[shape]
+    _L2L.setdefault(f"{method} {shape}", {})[contender] = benchmark.stats.stats.median
+    row = _L2L[f"{method} {shape}"]
     if len(row) == 3:
         row["vmap_vs_l2l"] = row["l2l-style"] / row["fastmtl-vmap"]
         row["loop_vs_l2l"] = row["l2l-style"] / row["fastmtl-loop"]

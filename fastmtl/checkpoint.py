@@ -9,7 +9,8 @@ A checkpoint is a dict saved with ``torch.save``:
   GBML: backbone and the method's head); ``backbone``: the backbone's own ``state_dict``,
   all that evaluation needs; ``batchnorm``: ``"running"`` (MTL) or ``"batch-statistics"``
   (GBML: load into a backbone passed through :func:`fastmtl.gbml.use_batch_stats`);
-- ``history``: one record per epoch;
+- ``history``: one record per epoch; ``run``: what the caller recorded of the run (the
+  CLI: data set, split, image size, data seed), so a checkpoint can be evaluated alone;
 - training checkpoints (``last.pt``) add ``epoch``, ``optimizer``, ``scheduler``, ``best``
   and ``best_state``, everything an exact resume needs; the CLI's ``final.pt`` adds the
   data set and split settings.
@@ -27,12 +28,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "MODEL_KEYS", "atomic_save", "atomic_write_json", "check_readable",
+__all__ = ["FORMAT", "MODEL_KEYS", "atomic_save", "atomic_write_json", "atomic_write_text",
+           "check_readable",
            "load", "load_learner", "model_state", "save_training"]
 
 FORMAT = "fastmtl-checkpoint/1"
 MODEL_KEYS = ("format", "method", "config", "backbone_spec", "model", "backbone", "batchnorm",
-              "history")
+              "history", "run")
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -52,16 +54,24 @@ def atomic_write_json(path: str, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def check_readable(path: str, what: str = "checkpoint") -> None:
     """Raise ValueError naming ``what`` unless ``path`` is a readable regular file."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"{what} must be a file path, got {type(path).__name__}")
     if not os.path.exists(path):
-        raise ValueError(f"{what} checkpoint {str(path)!r} does not exist")
+        raise ValueError(f"{what} {str(path)!r} does not exist")
     if not os.path.isfile(path):
-        raise ValueError(f"{what} checkpoint {str(path)!r} is not a file")
+        raise ValueError(f"{what} {str(path)!r} is not a file")
     if not os.access(path, os.R_OK):
-        raise ValueError(f"{what} checkpoint {str(path)!r} is not readable")
+        raise ValueError(f"{what} {str(path)!r} is not readable")
 
 
 def model_state(trainer) -> dict[str, Any]:
@@ -71,7 +81,7 @@ def model_state(trainer) -> dict[str, Any]:
             "backbone_spec": getattr(trainer.backbone, "spec", None),
             "model": trainer.learner.state_dict() if trainer.learner is not None else None,
             "backbone": trainer.backbone.state_dict(), "batchnorm": trainer.batchnorm,
-            "history": trainer.history}
+            "history": trainer.history, "run": dict(getattr(trainer, "run_info", {}) or {})}
 
 
 def save_training(directory: str, trainer, epoch: int, best: dict[str, Any]) -> None:

@@ -247,7 +247,7 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
             "eval_seconds": eval_seconds[0], "wall_seconds": wall,
             "steps": points[-1]["steps"] if points else 0,
             "images_per_step": (points[-1]["images"] / max(1, points[-1]["steps"]))
-            if points else 0, "epochs": len(history)}
+            if points else 0, "epochs": len(history), "history": history}
 
 
 def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], *,
@@ -341,6 +341,21 @@ def _first_reach(result, shot, protocol, target):
     return None
 
 
+def _first_reach_interpolated(result, shot, protocol, target):
+    """Like :func:`_first_reach`, the crossing placed by linear interpolation between the
+    evaluation before it and the first at or above the target (at the first point, that
+    point: nothing is known before it)."""
+    times, flops, accs = _curve(result, shot, protocol)
+    for i, a in enumerate(accs):
+        if a >= target:
+            if i == 0 or accs[i] == accs[i - 1]:
+                return times[i], flops[i]
+            f = (target - accs[i - 1]) / (accs[i] - accs[i - 1])
+            return (times[i - 1] + f * (times[i] - times[i - 1]),
+                    flops[i - 1] + f * (flops[i] - flops[i - 1]))
+    return None
+
+
 def _at_time(result, shot, protocol, seconds):
     """Accuracy at the last evaluation point at or before ``seconds`` of training."""
     best = None
@@ -356,7 +371,10 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
     For baseline b (protocol p: logistic, or b's own adaptation): target
     a_b = b's best accuracy - 1; the first time (and FLOPs) b reached a_b and MTL
     (logistic) reached a_b; the ratios; MTL minus b at b's last evaluation time. The other
-    way round: target a = MTL's best - 1, and when b first reached it.
+    way round: target a = MTL's best - 1, and when b first reached it. Times are those
+    of the first evaluation at or above the target (conservative: the crossing lies
+    between it and the one before); ``*_interpolated`` place the crossing linearly
+    between those two evaluations.
     """
     if reference not in results:
         return {}
@@ -377,6 +395,8 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
                 target = max(accs) - 1.0
                 tb = _first_reach(res, shot, protocol, target)
                 tm = _first_reach(ref, shot, "logistic", target)
+                tbi = _first_reach_interpolated(res, shot, protocol, target)
+                tmi = _first_reach_interpolated(ref, shot, "logistic", target)
                 last_t = times[-1]
                 mtl_at = _at_time(ref, shot, "logistic", last_t)
                 rows.append({"baseline": b, "protocol": protocol, "best": max(accs),
@@ -386,6 +406,10 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
                              "mtl_flops": tm[1] if tm else None,
                              "speedup_time": tb[0] / tm[0] if tm and tm[0] > 0 else None,
                              "speedup_flops": tb[1] / tm[1] if tm and tm[1] > 0 else None,
+                             "speedup_time_interpolated":
+                                 tbi[0] / tmi[0] if tmi and tmi[0] > 0 else None,
+                             "speedup_flops_interpolated":
+                                 tbi[1] / tmi[1] if tmi and tmi[1] > 0 else None,
                              "mtl_best": ref_best,
                              "mtl_minus_baseline_at_equal_time":
                                  (mtl_at - accs[-1]) if mtl_at is not None else None,
@@ -393,7 +417,10 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
             target = ref_best - 1.0
             tm = _first_reach(ref, shot, "logistic", target)
             tb = _first_reach(res, shot, "logistic", target)
-            reverse.append({"baseline": b, "target": target, "mtl_seconds": tm[0],
+            tmi = _first_reach_interpolated(ref, shot, "logistic", target)
+            tbi = _first_reach_interpolated(res, shot, "logistic", target)
+            reverse.append({"baseline_speedup_time_interpolated":
+                                tmi[0] / tbi[0] if tbi and tbi[0] > 0 else None,"baseline": b, "target": target, "mtl_seconds": tm[0],
                             "mtl_flops": tm[1],
                             "baseline_seconds": tb[0] if tb else None,
                             "baseline_flops": tb[1] if tb else None,
@@ -441,8 +468,9 @@ def markdown(payload: dict[str, Any]) -> str:
     for shot, t in tables.items():
         lines += ["", f"## {shot}-shot: how much sooner MTL reaches each baseline's best - 1",
                   "", "| baseline | target | baseline reached at s (TFLOPs) | MTL reached at s "
-                  "(TFLOPs) | speed-up of MTL: time | FLOPs | MTL - baseline at equal time |",
-                  "|---|---|---|---|---|---|---|"]
+                  "(TFLOPs) | speed-up of MTL: time | FLOPs | interpolated: time / FLOPs | "
+                  "MTL - baseline at equal time |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in t["mtl_vs_baselines"]:
             name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
             mtl = (f"{r['mtl_seconds']:.0f} ({r['mtl_flops'] / 1e12:.2f})"
@@ -451,17 +479,20 @@ def markdown(payload: dict[str, Any]) -> str:
                          f"({r['baseline_flops'] / 1e12:.2f}) | {mtl} | "
                          f"{_fmt(r['speedup_time'], '.1f', suffix='x')} | "
                          f"{_fmt(r['speedup_flops'], '.1f', suffix='x')} | "
+                         f"{_fmt(r['speedup_time_interpolated'], '.1f', suffix='x')} / "
+                         f"{_fmt(r['speedup_flops_interpolated'], '.1f', suffix='x')} | "
                          f"{_fmt(r['mtl_minus_baseline_at_equal_time'], '+.1f')} "
                          f"(at {r['equal_time_seconds']:.0f} s) |")
         lines += ["", f"## {shot}-shot: how much sooner each baseline reaches MTL's best - 1", "",
                   "| baseline | target | MTL reached at s | baseline reached at s | speed-up of "
-                  "baseline: time | FLOPs |", "|---|---|---|---|---|---|"]
+                  "baseline: time | FLOPs | interpolated: time |", "|---|---|---|---|---|---|---|"]
         for r in t["baselines_vs_mtl"]:
             bs = (f"{r['baseline_seconds']:.0f}" if r["baseline_seconds"] is not None
                   else f"not reached (best {r['baseline_best']:.1f})")
             lines.append(f"| {r['baseline']} | {r['target']:.1f} | {r['mtl_seconds']:.0f} | {bs} | "
                          f"{_fmt(r['baseline_speedup_time'], '.2f', suffix='x')} | "
-                         f"{_fmt(r['baseline_speedup_flops'], '.2f', suffix='x')} |")
+                         f"{_fmt(r['baseline_speedup_flops'], '.2f', suffix='x')} | "
+                         f"{_fmt(r['baseline_speedup_time_interpolated'], '.2f', suffix='x')} |")
     return "\n".join(lines) + "\n"
 
 

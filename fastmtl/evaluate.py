@@ -14,6 +14,7 @@ them; the gathered results, hence mean and CI, are those of one process.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import checks
 from . import distributed as _dist
 from .adapt import fit_logistic
 from .data.base import FewShotDataset
 from .sampling import EpisodeSampler
 
-__all__ = ["evaluate", "embed"]
+__all__ = ["evaluate", "embed", "summary"]
 
 
 @torch.no_grad()
@@ -81,12 +83,13 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
     """
     if not isinstance(dataset, FewShotDataset):
         raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")
-    if not isinstance(episodes, (int, np.integer)) or episodes < 1:
-        raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
-    if not isinstance(n_query, (int, np.integer)) or n_query < 1:
-        raise ValueError(f"n_query must be a positive integer, got {n_query!r}")
-    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    checks.integer("episodes", episodes, 1)
+    # One class needs no classifier: every query would be right, 100% that says nothing.
+    checks.integer("n_way", n_way, 2)
+    checks.integer("k_shot", k_shot, 1)
+    checks.integer("n_query", n_query, 1)
+    checks.integer("chunk", chunk, 1)
+    checks.number("C", C)
     sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed)
     if features is None:
         features = embed(backbone, dataset, device=device, progress=progress)
@@ -96,6 +99,7 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
     ys = torch.arange(n_way, device=features.device).repeat_interleave(k_shot)
     yq = torch.arange(n_way, device=features.device).repeat_interleave(n_query)
     accs = [torch.zeros(0, dtype=torch.float64)]
+    unconverged = 0
     for lo, count in tqdm(list(_dist.chunks(episodes, chunk)), desc=f"{n_way}-way {k_shot}-shot",
                           leave=False, disable=not progress or not _dist.is_main()):
         _, index = sampler.episodes(lo, count)
@@ -103,10 +107,23 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         zs = features[index[:, :, :k_shot].reshape(count, -1)]
         zq = features[index[:, :, k_shot:].reshape(count, -1)]
         heads = fit_logistic(zs, ys.expand(count, -1), C=C, n_classes=n_way)
+        unconverged += int((~heads.converged).sum())
         pred = heads.predict(zq)
         accs.append((pred == yq).double().mean(1).cpu())
     acc = _dist.gather_rows(torch.cat(accs).to(features.device)).cpu().numpy() * 100.0
+    if unconverged:
+        warnings.warn(f"evaluate: the logistic head did not converge on {unconverged} of "
+                      f"{episodes} episodes (C={C}); their accuracies are of an unfinished "
+                      f"fit", RuntimeWarning, stacklevel=2)
+    return summary(acc, dict(episodes=int(episodes), n_way=n_way, k_shot=k_shot,
+                             n_query=n_query, seed=seed, C=C))
+
+
+def summary(acc: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
+    """Mean, 95% CI (NaN for a single episode: one sample has no interval) and std of
+    per-episode accuracies (percent), with ``settings`` and the accuracies."""
     std = float(acc.std())
-    return {"mean": float(acc.mean()), "ci95": 1.96 * std / math.sqrt(episodes), "std": std,
-            "episodes": int(episodes), "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
-            "seed": seed, "C": C, "accuracies": acc.tolist()}
+    ci = 1.96 * std / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+    return {"mean": float(acc.mean()), "ci95": ci, "std": std, **settings,
+            "accuracies": acc.tolist(), **({"note": "one episode: no confidence interval"}
+                                           if len(acc) == 1 else {})}

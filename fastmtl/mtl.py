@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checks
 from . import distributed as _dist
 from .models import feature_dim
 from .ops import multihead_ce
@@ -142,27 +143,35 @@ class MTLConfig:
         return cls(**dict(RECIPES[recipe], **overrides))
 
     def validate(self) -> None:
-        for name in ("n_way", "images_per_class", "tasks_per_step", "tasks_per_epoch",
-                     "epochs", "val_ways", "val_shots"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Raise ValueError naming the first field out of range (before any work)."""
+        for name in ("images_per_class", "tasks_per_step", "tasks_per_epoch", "epochs",
+                     "val_shots", "val_queries", "val_episodes", "batch_size"):
+            checks.integer(name, getattr(self, name), 1)
+        # A 1-way task has nothing to tell apart: loss 0, zero gradients, 100% accuracy.
+        checks.integer("n_way", self.n_way, 2)
+        checks.integer("val_ways", self.val_ways, 2)
+        checks.integer("plateau_patience", self.plateau_patience, 0)
+        checks.integer("early_stop_patience", self.early_stop_patience, 1, optional=True)
+        checks.number("max_minutes", self.max_minutes, optional=True)
+        checks.number("weight_decay", self.weight_decay, inclusive=True)
+        checks.number("grad_clip", self.grad_clip, optional=True)
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
+        if self.task_sampling == "episodic" and self.tasks_per_epoch < self.tasks_per_step:
+            raise ValueError(f"tasks_per_epoch ({self.tasks_per_epoch}) is smaller than "
+                             f"tasks_per_step ({self.tasks_per_step}): an epoch needs a step")
         if self.head not in ("linear", "cosine"):
             raise ValueError(f"head must be 'linear' or 'cosine', got {self.head!r}")
         if self.chunking not in ("auto", "task", "batch"):
             raise ValueError(f"chunking must be 'auto', 'task' or 'batch', got {self.chunking!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        checks.number("lr", self.lr)
         if self.task_sampling not in ("episodic", "all_classes"):
             raise ValueError(f"task_sampling must be 'episodic' or 'all_classes', got "
                              f"{self.task_sampling!r}")
         if self.optimizer not in ("radam", "adam", "sgd"):
             raise ValueError(f"optimizer must be 'radam', 'adam' or 'sgd', got {self.optimizer!r}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.head_lr_scale > 0:
-            raise ValueError(f"head_lr_scale must be > 0, got {self.head_lr_scale}")
-        if self.scale <= 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
+        checks.number("head_lr_scale", self.head_lr_scale)
+        checks.number("scale", self.scale)
 
 
 def _random_affine(x: torch.Tensor, u: torch.Tensor, rotate=10.0, scale=0.1,

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -30,9 +33,11 @@ from tqdm.auto import tqdm
 from . import checkpoint as _ckpt
 from . import distributed as _dist
 from .data.base import FewShotDataset
+from .ops import NonFiniteError
 
-__all__ = ["Trainer", "TrainState", "Callback", "AtTrainingSeconds", "EveryTrainingSeconds",
-           "TrainingClock",
+__all__ = ["Trainer", "TrainState", "TrainingInterrupted", "TrainingDiverged", "Callback",
+           "AtTrainingSeconds", "EveryTrainingSeconds", "ProfileSteps", "TrainingClock",
+           "check_same_run",
            "check_val", "epoch_seed", "format_record", "phase"]
 
 
@@ -91,6 +96,81 @@ class phase:
         self.rf.__exit__(*exc)
         if self.nvtx:
             torch.cuda.nvtx.range_pop()
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step's loss was NaN or infinite; training stopped before using it further.
+
+    The message names the epoch and step and the last good checkpoint (``last.pt`` of the
+    last complete epoch), from which a run with other settings (a lower learning rate,
+    ``grad_clip``) can be resumed.
+    """
+
+
+# Settings a resumed run may change: they do not alter the steps already taken or to come.
+RESUMABLE_CHANGES = frozenset({"epochs", "max_minutes", "checkpoint_dir", "early_stop_patience",
+                               "val_episodes", "backend"})
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM at the end of a step.
+
+    Attributes:
+        signum: the signal; epoch: the epoch it came in (1-based, not saved);
+        checkpoint: the ``last.pt`` holding the last complete epoch (None: no
+        ``checkpoint_dir``, nothing saved); saved_epoch: that epoch (0: none yet).
+    Resuming from ``checkpoint`` repeats the interrupted epoch from its start, so the
+    resumed run ends exactly where an uninterrupted one ends.
+    """
+
+    def __init__(self, signum: int, epoch: int, checkpoint: str | None, saved_epoch: int):
+        self.signum, self.epoch, self.checkpoint = signum, epoch, checkpoint
+        self.saved_epoch = saved_epoch
+        name = signal.Signals(signum).name
+        where = (f"{checkpoint} holds epoch {saved_epoch}" if checkpoint and saved_epoch
+                 else "nothing was saved")
+        super().__init__(f"interrupted by {name} in epoch {epoch}; {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _SignalStop:
+    """While active (main thread only), SIGINT/SIGTERM set ``signum`` instead of raising."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:        # a second Ctrl-C: stop now
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_same_run(saved: dict[str, Any], config, path: str) -> None:
+    """ValueError if ``config`` changes a setting of the checkpointed run that a resume
+    cannot honour (anything but :data:`RESUMABLE_CHANGES`), naming each."""
+    import dataclasses
+    now = dataclasses.asdict(config)
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"resume: {path!r} was trained with other settings ("
+                         f"{'; '.join(changed)}); a resumed run keeps its settings: drop "
+                         f"these, or start a new run")
 
 
 # -- the training clock and callbacks --------------------------------------------------------
@@ -229,6 +309,65 @@ class EveryTrainingSeconds(AtTrainingSeconds):
         return (math.floor(seconds / self.seconds) + 1) * self.seconds
 
 
+class ProfileSteps(Callback):
+    """Records steps ``warmup + 1 .. warmup + steps`` with ``torch.profiler`` and writes
+    ``trace.json`` (Chrome trace: open in Perfetto or chrome://tracing) and
+    ``top_ops.txt`` (operators by self time) into ``directory``; training then goes on.
+
+    The phases every trainer marks (``data``, ``backbone``, ``heads``, ``backward``,
+    ``optimizer``; GBML ``inner_loop_and_outer_loss``, ``outer_backward``) appear as named
+    ranges. The profiled steps' time is training time as any other (the profiler slows
+    them a little).
+
+    Example:
+        >>> # trainer.fit(train, callbacks=[ProfileSteps("prof", warmup=5, steps=3)])
+    """
+
+    def __init__(self, directory: str, warmup: int = 5, steps: int = 3):
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        self.directory, self.warmup, self.steps = directory, warmup, steps
+        self._prof = None
+        self.written: list[str] = []
+
+    def _start(self):
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                         if torch.cuda.is_available() else [])
+        self._prof = profile(activities=acts, record_shapes=True)
+        self._prof.__enter__()
+
+    def on_train_begin(self, trainer, state):
+        self._first = state.step + self.warmup
+        if self.warmup == 0:
+            self._start()
+
+    def on_step_end(self, trainer, state):
+        if self._prof is None and state.step == self._first and not self.written:
+            self._start()
+        elif self._prof is not None and state.step >= self._first + self.steps:
+            self._finish()
+        return None
+
+    def on_train_end(self, trainer, state):
+        if self._prof is not None:
+            self._finish()
+
+    def _finish(self):
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        os.makedirs(self.directory, exist_ok=True)
+        trace = os.path.join(self.directory, "trace.json")
+        prof.export_chrome_trace(trace)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        top = os.path.join(self.directory, "top_ops.txt")
+        with open(top, "w") as f:
+            f.write(table + "\n")
+        self.written = [trace, top]
+
+
 # -- the trainer base --------------------------------------------------------------------------
 class Trainer:
     """Base of every fastmtl trainer: ``fit(train, val=None, resume=None, progress=True,
@@ -242,11 +381,15 @@ class Trainer:
 
     method = "trainer"
     learner: nn.Module | None = None
+    # What the caller knows of the run (data set, split, image size): stored in every
+    # checkpoint, so `fastmtl eval` can rebuild the data a checkpoint was trained on.
+    run_info: dict[str, Any] = {}
 
     # -- public ---------------------------------------------------------------------------
     def fit(self, train: FewShotDataset, val: FewShotDataset | None = None,
             resume: str | None = None, progress: bool = True,
-            callbacks: Sequence[Callback] = ()) -> list[dict[str, Any]]:
+            callbacks: Sequence[Callback] = (),
+            allow_changed_settings: bool = False) -> list[dict[str, Any]]:
         """Train on ``train``; validate on ``val`` after each epoch; returns the history.
 
         Args:
@@ -256,6 +399,9 @@ class Trainer:
             resume: a ``last.pt`` of an earlier run of the same settings, continued exactly.
             progress: show tqdm bars and a line per epoch (rank 0 only).
             callbacks: :class:`Callback` s run at points of training time.
+            allow_changed_settings: resume even if ``config`` differs from the
+                checkpoint's settings in more than :data:`RESUMABLE_CHANGES` (the run is
+                then no longer a repeat of the original).
 
         Returns:
             The history: one record per epoch (``epoch``, ``steps``, ``train_loss``,
@@ -272,6 +418,7 @@ class Trainer:
         if resume is not None:
             _ckpt.check_readable(resume, "resume")
         self._prepare_fit(train, val)
+        self._allow_changed = bool(allow_changed_settings)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
@@ -353,7 +500,9 @@ class Trainer:
         with clock.paused():
             for cb in callbacks:
                 cb.on_train_begin(self, state)
+        self._signals = _SignalStop()
         try:
+            self._signals.__enter__()
             for epoch in range(start_epoch, cfg.epochs):
                 state.epoch = epoch + 1
                 try:
@@ -388,6 +537,7 @@ class Trainer:
                 if stop:
                     break
         finally:
+            self._signals.__exit__()
             self._end_run()
         state.train_seconds = clock.seconds()
         for cb in callbacks:
@@ -409,7 +559,12 @@ class Trainer:
                    desc=f"{self.method} epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         stop = False
         for batch in bar:
-            loss, acc, n_images = self._train_step(batch)
+            try:
+                loss, acc, n_images = self._train_step(batch)
+            except NonFiniteError:        # NaN features or rows reached the head op
+                loss = float("nan")
+            if not math.isfinite(loss):
+                self._diverged(epoch, len(losses) + 1, loss)
             seconds = clock.seconds()
             late = cfg.max_minutes is not None and seconds > 60 * cfg.max_minutes
             # One small all-reduce: every rank logs the global figures, and all stop
@@ -424,6 +579,9 @@ class Trainer:
             state.loss, state.acc, state.train_seconds = loss, acc, seconds
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                             acc=f"{100 * np.mean(accs[-20:]):.1f}")
+            if _dist.any_rank(bool(self._signals.signum)) if _dist.is_distributed() \
+                    else self._signals.signum:
+                self._interrupted(epoch)
             asked = False
             if callbacks:
                 with clock.paused():
@@ -452,6 +610,24 @@ class Trainer:
     def _end_run(self) -> None:
         pass
 
+    def _diverged(self, epoch: int, step: int, loss: float):
+        directory = self.config.checkpoint_dir
+        last = os.path.join(directory, "last.pt") if directory else None
+        where = (f"the last good checkpoint is {last} (epoch {self.history[-1]['epoch']})"
+                 if last and self.history and os.path.exists(last)
+                 else "no checkpoint of an earlier epoch exists")
+        raise TrainingDiverged(f"{self.method}: the training loss became {loss} at step "
+                               f"{step} of epoch {epoch + 1}; stopped. {where}; try a lower "
+                               f"learning rate or grad_clip")
+
+    def _interrupted(self, epoch: int):
+        directory = self.config.checkpoint_dir
+        last = os.path.join(directory, "last.pt") if directory else None
+        saved = self.history[-1]["epoch"] if self.history else 0
+        if last is not None and not os.path.exists(last):
+            last = None
+        raise TrainingInterrupted(self._signals.signum or signal.SIGINT, epoch + 1, last, saved)
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The model as one fastmtl checkpoint (see :mod:`fastmtl.checkpoint`)."""
@@ -464,7 +640,10 @@ class Trainer:
         _ckpt.save_training(directory, self, epoch, best)
 
     def _load(self, path: str) -> tuple[int, dict[str, Any]]:
-        state = _ckpt.load(path, method=self.method, device=self.device, training=True)
+        state = _ckpt.load(path, method=self.method, device=self.device, training=True,
+                           what="resume")
+        if not getattr(self, "_allow_changed", False):
+            check_same_run(state.get("config", {}), self.config, path)
         _ckpt.load_learner(self.learner, state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:

@@ -1,7 +1,11 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# ImageFolder caches decoded images; the tests keep theirs out of the user's home.
+os.environ.setdefault("FASTMTL_CACHE", tempfile.mkdtemp(prefix="fastmtl-cache-"))
 
 
 def omniglot_root() -> str:

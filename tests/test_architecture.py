@@ -10,7 +10,8 @@ ROOT = pathlib.Path(fastmtl.__file__).parent
 
 # Lower layers never import higher ones; within a layer only inside one package.
 LAYERS = [
-    ("fastmtl._env", "fastmtl.distributed", "fastmtl.checkpoint", "fastmtl._episodes",
+    ("fastmtl._env", "fastmtl.checks", "fastmtl.distributed", "fastmtl.checkpoint",
+     "fastmtl._episodes",
      "fastmtl._multihead_ce", "fastmtl.kernels"),
     ("fastmtl.data",),
     ("fastmtl.sampling",),
@@ -19,7 +20,7 @@ LAYERS = [
     ("fastmtl.evaluate",),
     ("fastmtl.training",),
     ("fastmtl.mtl", "fastmtl.gbml"),
-    ("fastmtl.compare",),
+    ("fastmtl.compare", "fastmtl.classifier"),
     ("fastmtl.cli",),
     ("fastmtl.__main__",),
 ]

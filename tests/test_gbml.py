@@ -304,3 +304,16 @@ def test_protonet_learns_real_omniglot():
     tr.fit(train, progress=False)
     after = tr.evaluate(test, **kwargs)["mean"]
     assert after > before + 8.0, (before, after)     # chance is 20%
+
+
+def test_private_functorch_probe_still_works():
+    """_BatchStatNorm picks its formulation with a private functorch call (checked against
+    torch 2.13): fail loudly here, not with wrong second-order gradients, if it moves."""
+    from fastmtl.gbml._common import _functorch_wrapped
+    seen = []
+
+    def f(t):
+        seen.append(_functorch_wrapped(t))
+        return t
+    torch.func.vmap(f)(torch.zeros(2, 3))
+    assert seen == [True] and not _functorch_wrapped(torch.zeros(1))

@@ -1,5 +1,6 @@
 """Data sets: real few-shot benchmarks read from a folder, and a built-in procedural default."""
 from .base import FewShotDataset
+from .folder import IMAGE_EXTENSIONS, ImageFolder, class_folders, image_files, read_image
 from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_SPLITS, OMNIGLOT_STD, Omniglot
 from .pickles import (CIFAR_MEAN, CIFAR_STD, CIFARFS, FC100, IMAGENET_MEAN, IMAGENET_STD,
                       MiniImageNet, TieredImageNet)
@@ -9,4 +10,5 @@ from .transforms import with_rotations
 __all__ = ["FewShotDataset", "Omniglot", "OMNIGLOT_SPLITS", "OMNIGLOT_MEAN", "OMNIGLOT_STD",
            "MiniImageNet", "TieredImageNet", "CIFARFS", "FC100", "IMAGENET_MEAN",
            "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "SyntheticGlyphs", "SYNTHETIC_MEAN",
-           "SYNTHETIC_STD", "with_rotations"]
+           "SYNTHETIC_STD", "with_rotations", "ImageFolder", "IMAGE_EXTENSIONS", "read_image",
+           "class_folders", "image_files"]

@@ -16,11 +16,12 @@ support and the query set separately, as the MAML reference code does; ProtoNet 
 R2D2 forward a task's support and queries as one batch, as their papers do. Evaluation
 uses batch statistics too: the method's own ``evaluate`` per episode (transductive BN,
 as in the MAML reference code), and :func:`fastmtl.evaluate` per embedding batch.
-The normalization is written with plain tensor ops rather than ``F.batch_norm``: in
-torch 2.13, second-order gradients of the fused op under ``vmap`` are wrong (relative
-errors near 1e-2 in the conv weights before it, pytorch/functorch#534), while the
-composite is exact; ``torch.func.replace_all_batch_norm_modules_`` would keep the
-fused op.
+Under ``torch.func`` transforms the normalization is written with plain tensor ops
+rather than ``F.batch_norm``: in torch 2.13, second-order gradients of the fused op under
+``vmap`` are wrong (relative errors near 1e-2 in the conv weights before it,
+pytorch/functorch#534), while the composite is exact;
+``torch.func.replace_all_batch_norm_modules_`` would keep the fused op. Outside the
+transforms (the per-task loop) the fused op is exact and faster, and is used.
 
 Distributed (``torchrun``; :mod:`fastmtl.distributed`): the meta-batch is split across
 ranks in contiguous blocks of episodes and the learner trains as one
@@ -32,19 +33,19 @@ shows progress and writes checkpoints; evaluation splits its episodes across ran
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import checks
 from .. import distributed as _dist
 from ..data.base import FewShotDataset
 from ..evaluate import evaluate as _logistic_evaluate
+from ..evaluate import summary
 from ..models import feature_dim
 from ..sampling import EpisodeSampler, assemble
 from ..training import Trainer, check_val, phase
@@ -116,27 +117,32 @@ class _EpisodicConfig:
     checkpoint_dir: str | None = None
 
     def validate(self) -> None:
-        for name in ("n_way", "k_shot", "n_query", "meta_batch", "tasks_per_epoch", "epochs",
-                     "val_ways", "val_shots", "val_queries", "val_episodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        """Raise ValueError naming the first field out of range (before any work)."""
+        for name in ("k_shot", "n_query", "meta_batch", "tasks_per_epoch", "epochs",
+                     "val_shots", "val_queries", "val_episodes"):
+            checks.integer(name, getattr(self, name), 1)
+        checks.integer("n_way", self.n_way, 2)
+        checks.integer("val_ways", self.val_ways, 2)
         for name in ("lr_decay_every", "chunk_size", "early_stop_patience"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.n_way < 2:
-            raise ValueError(f"n_way must be >= 2, got {self.n_way}")
-        if self.meta_lr <= 0:
-            raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
+            checks.integer(name, getattr(self, name), 1, optional=True)
+        checks.number("meta_lr", self.meta_lr)
+        checks.number("weight_decay", self.weight_decay, inclusive=True)
+        checks.number("grad_clip", self.grad_clip, optional=True)
+        checks.number("max_minutes", self.max_minutes, optional=True)
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if self.val_protocol not in _VAL_PROTOCOLS:
-            raise ValueError(f"val_protocol must be one of {_VAL_PROTOCOLS}, got "
-                             f"{self.val_protocol!r}")
+        checks.one_of("val_protocol", self.val_protocol, _VAL_PROTOCOLS)
+        if self.tasks_per_epoch < self.meta_batch:
+            raise ValueError(f"tasks_per_epoch ({self.tasks_per_epoch}) is smaller than "
+                             f"meta_batch ({self.meta_batch}): an epoch needs a step")
 
 
 # -- BatchNorm ------------------------------------------------------------------------------
+# Private functorch API (checked against torch 2.13): is a tensor wrapped by a torch.func
+# transform (vmap, grad)? tests/test_gbml.py fails loudly if it moves.
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 class _BatchStatNorm(nn.Module):
     """A BatchNorm that always uses the statistics of its input batch (no running stats)."""
 
@@ -147,6 +153,11 @@ class _BatchStatNorm(nn.Module):
         self.weight, self.bias = bn.weight, bn.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _functorch_wrapped(x):
+            # Outside torch.func transforms (the per-task loop, plain autograd) the fused op
+            # is exact to any order and faster; only under vmap is it wrong (see above).
+            return F.batch_norm(x, None, None, self.weight, self.bias, training=True,
+                                momentum=0.0, eps=self.eps)
         dims = [0] + list(range(2, x.dim()))
         # mean, then the mean square of the centred input: under vmap this measured 1.7x
         # faster (forward + backward) than torch.var_mean on Conv-4 activations.
@@ -312,8 +323,10 @@ class _EpisodicTrainer(Trainer):
         """
         if not isinstance(dataset, FewShotDataset):
             raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")
-        if not isinstance(episodes, (int, np.integer)) or episodes < 1:
-            raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
+        checks.integer("episodes", episodes, 1)
+        checks.integer("n_way", n_way, 2)
+        checks.integer("k_shot", k_shot, 1)
+        checks.integer("n_query", n_query, 1)
         self._check_eval_ways(n_way)
         if self.model is None:
             self.build(dataset.image_shape)
@@ -329,11 +342,8 @@ class _EpisodicTrainer(Trainer):
                 pred = self._predict(xs, ys, xq, n_way).argmax(-1)
                 accs.append((pred == yq).double().mean(1))
         acc = _dist.gather_rows(torch.cat(accs)).cpu().numpy() * 100.0
-        std = float(acc.std())
-        return {"mean": float(acc.mean()), "ci95": 1.96 * std / math.sqrt(episodes),
-                "std": std, "episodes": int(episodes), "n_way": n_way, "k_shot": k_shot,
-                "n_query": n_query, "seed": seed, "protocol": self._protocol(),
-                "accuracies": acc.tolist()}
+        return summary(acc, dict(episodes=int(episodes), n_way=n_way, k_shot=k_shot,
+                                 n_query=n_query, seed=seed, protocol=self._protocol()))
 
     @property
     def learner(self) -> _Learner | None:

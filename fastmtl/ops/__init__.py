@@ -1,4 +1,5 @@
 """Differentiable ops: :func:`multihead_ce` and its backends."""
-from .multihead_ce import available_backends, multihead_ce, multihead_ce_reference
+from .multihead_ce import (NonFiniteError, available_backends, multihead_ce,
+                           multihead_ce_reference)
 
-__all__ = ["multihead_ce", "multihead_ce_reference", "available_backends"]
+__all__ = ["multihead_ce", "multihead_ce_reference", "available_backends", "NonFiniteError"]

@@ -32,6 +32,7 @@ inputs is saved for the backward: it recomputes the n logits per sample.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import torch
@@ -42,7 +43,7 @@ try:  # the compiled CPU kernels; absent when the C++ build failed or was skippe
 except ImportError:
     _cpu_ext = None
 
-__all__ = ["multihead_ce", "multihead_ce_reference", "available_backends"]
+__all__ = ["multihead_ce", "multihead_ce_reference", "available_backends", "NonFiniteError"]
 
 _ALL_BACKENDS = ("reference", "cpu", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -191,6 +192,10 @@ def _check_values(z, weight, task_classes, sample_task, labels):
         raise ValueError("every task in task_classes needs at least one sample in sample_task")
 
 
+class NonFiniteError(ValueError):
+    """An input of :func:`multihead_ce` holds NaN or infinite values."""
+
+
 def _check_scale(scale):
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0 or not scale.is_floating_point():
@@ -198,6 +203,19 @@ def _check_scale(scale):
                              f"{scale.dtype} tensor of shape {tuple(scale.shape)}")
     elif not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a float or a 0-d tensor, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise NonFiniteError(f"scale must be finite, got {scale}")
+
+
+def _check_finite(z, weight, scale):
+    """NaN or inf in the features, the rows or a tensor scale: one pass, one host sync."""
+    parts = [torch.isfinite(_plain(z)).all(), torch.isfinite(_plain(weight)).all()]
+    if isinstance(scale, torch.Tensor):
+        parts.append(torch.isfinite(_plain(scale)).all())
+    ok = torch.stack(parts).tolist()
+    for name, good in zip(("z", "weight", "scale"), ok):
+        if not good:
+            raise NonFiniteError(f"{name} holds NaN or infinite values")
 
 
 def _constant_scale(scale):
@@ -406,7 +424,9 @@ def multihead_ce(z, weight, task_classes, sample_task, labels, scale=1.0, reduct
         reduction: "mean" or "none" (per-task losses, shape (T,)).
         backend: None (fastest for the device), or "cpu", "triton", "reference"; see
             :func:`available_backends`.
-        check: validate shapes and index ranges (one host sync); leave on at the boundary.
+        check: validate shapes, index ranges and that z, weight and scale are finite (a
+            NaN or inf raises :class:`NonFiniteError`, a ValueError); leave on at the
+            boundary.
 
     Returns:
         A scalar (``"mean"``) or the (T,) per-task losses, in the dtype of ``z``.
@@ -420,6 +440,8 @@ def multihead_ce(z, weight, task_classes, sample_task, labels, scale=1.0, reduct
     elif reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     _check_scale(scale)
+    if check:
+        _check_finite(z, weight, scale)
     backend = _resolve_backend(backend, z, task_classes.shape[-1])
     const = _constant_scale(scale) if backend != "reference" else None
     if backend == "reference" or const is None:

@@ -1,0 +1,254 @@
+"""FewShotClassifier: fit a new head on a few labelled images, then classify new ones.
+
+The paper's test-time adaptation as a scikit-learn-style estimator over a trained
+backbone: features of the frozen backbone (eval mode, L2-normalized, exactly as
+:func:`fastmtl.evaluate` computes them), then the logistic-regression head of
+:func:`fastmtl.adapt.fit_logistic` (C = 3 by default), or a nearest-prototype head
+(cosine similarity to each class's mean feature). Images may be file paths, PIL images,
+uint8 arrays (H, W) / (H, W, C) or float tensors (C, H, W) already normalized; labels
+any hashable values.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Hashable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checks
+from .adapt import fit_logistic
+from .checkpoint import atomic_save
+from .checkpoint import load as load_checkpoint
+from .data.folder import read_image
+
+__all__ = ["FewShotClassifier", "backbone_from_checkpoint"]
+
+_FORMAT = "fastmtl-classifier/1"
+
+
+def backbone_from_checkpoint(state: dict[str, Any], path: str = "checkpoint") -> nn.Module:
+    """The trained backbone of a fastmtl checkpoint dict (as :mod:`fastmtl.checkpoint`)."""
+    from . import models
+    spec = state.get("backbone_spec") or {}
+    if spec.get("name") not in ("conv4", "resnet12"):
+        raise ValueError(f"{path!r} does not say which backbone it holds (backbone_spec "
+                         f"{spec or None}); build it yourself and use FewShotClassifier(...)")
+    net = getattr(models, spec["name"])(in_channels=spec["in_channels"])
+    net.spec = dict(spec)
+    if state.get("batchnorm") == "batch-statistics":
+        from .gbml import use_batch_stats
+        use_batch_stats(net)
+    try:
+        net.load_state_dict(state["backbone"])
+    except RuntimeError as exc:
+        raise ValueError(f"{path!r}: the backbone state does not fit {spec}: "
+                         f"{str(exc).strip().splitlines()[0]}") from None
+    return net
+
+
+class FewShotClassifier:
+    """Classify new images from a handful of labelled examples per class.
+
+    Args:
+        backbone: any ``nn.Module`` mapping (B, C, H, W) float images to (B, d) features.
+        image_size: side of the square images the backbone takes.
+        channels: 1 or 3.
+        mean, std: per-channel normalization after scaling pixels to [0, 1] (as the
+            backbone was trained).
+        head: "logistic" (the paper's protocol) or "prototype".
+        C: inverse L2 strength of the logistic head.
+        device: where the backbone runs (None: CUDA when available, else CPU).
+        batch_size: images per backbone call.
+
+    Raises:
+        ValueError: bad arguments.
+
+    Example:
+        >>> import fastmtl, numpy as np
+        >>> clf = fastmtl.FewShotClassifier(fastmtl.models.conv4(in_channels=1), image_size=28,
+        ...                                 channels=1, mean=(0.5,), std=(0.5,))
+        >>> imgs = np.random.default_rng(0).integers(0, 255, (6, 28, 28), dtype=np.uint8)
+        >>> _ = clf.fit(list(imgs), ["a", "a", "a", "b", "b", "b"])
+        >>> clf.predict(list(imgs[:2])).shape
+        (2,)
+    """
+
+    def __init__(self, backbone: nn.Module, image_size: int, channels: int = 3,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 head: str = "logistic", C: float = 3.0,
+                 device: torch.device | str | None = None, batch_size: int = 256):
+        if not isinstance(backbone, nn.Module):
+            raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        checks.integer("image_size", image_size, 1)
+        checks.one_of("channels", channels, (1, 3))
+        checks.one_of("head", head, ("logistic", "prototype"))
+        checks.number("C", C)
+        checks.integer("batch_size", batch_size, 1)
+        self.mean = tuple(float(m) for m in (mean if mean is not None else (0.0,) * channels))
+        self.std = tuple(float(s) for s in (std if std is not None else (1.0,) * channels))
+        if len(self.mean) != channels or len(self.std) != channels or min(self.std) <= 0:
+            raise ValueError(f"mean and std need {channels} value(s) each (std > 0), got "
+                             f"{self.mean} and {self.std}")
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.backbone = backbone.to(self.device).eval()
+        self.image_size, self.channels, self.head, self.C = image_size, channels, head, C
+        self.batch_size = batch_size
+        self.classes_: np.ndarray | None = None
+        self._weight = self._bias = None
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str, head: str = "logistic", C: float = 3.0,
+                        device: torch.device | str | None = None) -> "FewShotClassifier":
+        """A classifier over the backbone of a fastmtl checkpoint (``final.pt``, ...).
+
+        Image size, channels and normalization come from the checkpoint's record of its
+        training data.
+
+        Raises:
+            ValueError: not a fastmtl checkpoint, or one that does not record them.
+        """
+        state = load_checkpoint(path, what="checkpoint")
+        net = backbone_from_checkpoint(state, path)
+        run = state.get("run") or {}
+        missing = [k for k in ("image_size", "channels", "mean", "std") if run.get(k) is None]
+        if missing:
+            raise ValueError(f"checkpoint {path!r} does not record {missing} of its training "
+                             f"data; use FewShotClassifier(backbone, image_size=..., ...)")
+        return cls(net, run["image_size"], run["channels"], run["mean"], run["std"], head=head,
+                   C=C, device=device)
+
+    # -- the estimator ----------------------------------------------------------------------
+    def fit(self, images: Sequence[Any], labels: Sequence[Hashable]) -> "FewShotClassifier":
+        """Fit the head on support ``images`` with ``labels`` (>= 2 classes).
+
+        Returns:
+            self.
+        """
+        labels = list(labels)
+        if len(labels) != len(images):
+            raise ValueError(f"labels must have one entry per image: {len(images)} images, "
+                             f"{len(labels)} labels")
+        try:
+            classes = sorted(set(labels))
+        except TypeError:
+            classes = list(dict.fromkeys(labels))
+        if len(classes) < 2:
+            raise ValueError(f"labels must name at least 2 classes, got {classes}")
+        index = {c: i for i, c in enumerate(classes)}
+        y = torch.tensor([index[v] for v in labels], device=self.device)
+        z = self.features(images)
+        if self.head == "logistic":
+            heads = fit_logistic(z[None], y[None], C=self.C, n_classes=len(classes))
+            self._weight, self._bias = heads.weight[0], heads.bias[0]
+        else:
+            onehot = F.one_hot(y, len(classes)).to(z.dtype)
+            protos = F.normalize(onehot.T @ z, dim=1)
+            self._weight, self._bias = protos * 10.0, torch.zeros(len(classes), device=z.device)
+        self.classes_ = _as_array(classes)
+        return self
+
+    def decision_function(self, images: Sequence[Any]) -> torch.Tensor:
+        """Class scores (N, n_classes), columns in the order of ``classes_``."""
+        if self._weight is None:
+            raise ValueError("call fit(support_images, labels) before predicting")
+        z = self.features(images)
+        dtype = torch.promote_types(z.dtype, self._weight.dtype)
+        w, b = self._weight.to(z.device, dtype), self._bias.to(z.device, dtype)
+        # The product of LogisticHeads.logits, so predictions equal fastmtl.evaluate's.
+        return torch.baddbmm(b[None, :, None], w[None], z.to(dtype).T[None])[0].T
+
+    def predict_proba(self, images: Sequence[Any]) -> np.ndarray:
+        """Class probabilities (N, n_classes), columns in the order of ``classes_``."""
+        return torch.softmax(self.decision_function(images).double(), 1).cpu().numpy()
+
+    def predict(self, images: Sequence[Any]) -> np.ndarray:
+        """The most probable class of each image (labels as given to ``fit``)."""
+        return self.classes_[self.decision_function(images).argmax(1).cpu().numpy()]
+
+    def features(self, images: Sequence[Any]) -> torch.Tensor:
+        """L2-normalized backbone features (N, d) of ``images``, in batches, eval mode."""
+        if isinstance(images, (str, os.PathLike)) or not hasattr(images, "__len__"):
+            raise ValueError("images must be a sequence (a list of paths, PIL images or "
+                             "arrays, or a (N, C, H, W) tensor)")
+        if len(images) == 0:
+            raise ValueError("images is empty")
+        dtype = next((p.dtype for p in self.backbone.parameters()), torch.float32)
+        out = []
+        with torch.no_grad():
+            for lo in range(0, len(images), self.batch_size):
+                x = self._tensor(images[lo:lo + self.batch_size]).to(self.device, dtype)
+                out.append(self.backbone(x).float())
+        return F.normalize(torch.cat(out), dim=1)
+
+    def _tensor(self, images: Iterable[Any]) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            return images.float()
+        arrs = []
+        for im in images:
+            if isinstance(im, torch.Tensor):
+                if im.dim() != 3:
+                    raise ValueError(f"image tensors must be (C, H, W), got {tuple(im.shape)}")
+                arrs.append(im.float())
+                continue
+            a = read_image(im, self.image_size, self.channels)
+            t = torch.from_numpy(np.array(a, copy=True)).float().div_(255.0)
+            t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+            mean = torch.tensor(self.mean).view(-1, 1, 1)
+            std = torch.tensor(self.std).view(-1, 1, 1)
+            arrs.append((t - mean) / std)
+        return torch.stack(arrs)
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Save the backbone, the settings and the fitted head (atomically)."""
+        spec = getattr(self.backbone, "spec", None)
+        state = {"format": _FORMAT, "backbone_spec": spec,
+                 "backbone": self.backbone.state_dict() if spec else None,
+                 "module": None if spec else self.backbone,
+                 "batchnorm": "batch-statistics" if _has_batch_stats(self.backbone)
+                 else "running",
+                 "settings": dict(image_size=self.image_size, channels=self.channels,
+                                  mean=self.mean, std=self.std, head=self.head, C=self.C),
+                 "classes": None if self.classes_ is None else list(self.classes_),
+                 "weight": None if self._weight is None else self._weight.cpu(),
+                 "bias": None if self._bias is None else self._bias.cpu()}
+        atomic_save(state, path)
+
+    @classmethod
+    def load(cls, path: str, device: torch.device | str | None = None) -> "FewShotClassifier":
+        """A classifier saved by :meth:`save`, head included."""
+        from .checkpoint import check_readable
+        check_readable(path, "classifier")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ValueError(f"{path!r} is not a saved FewShotClassifier ({type(exc).__name__})") \
+                from None
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"{path!r} is not a saved FewShotClassifier")
+        net = state["module"] if state["module"] is not None else \
+            backbone_from_checkpoint(state, path)
+        clf = cls(net, device=device, **state["settings"])
+        if state["classes"] is not None:
+            clf.classes_ = _as_array(state["classes"])
+            clf._weight = state["weight"].to(clf.device)
+            clf._bias = state["bias"].to(clf.device)
+        return clf
+
+
+def _as_array(classes: list) -> np.ndarray:
+    out = np.empty(len(classes), dtype=object)
+    out[:] = classes
+    kinds = {type(c) for c in classes}
+    if kinds <= {str} or kinds <= {int} or kinds <= {float}:
+        return np.array(classes)
+    return out
+
+
+def _has_batch_stats(module: nn.Module) -> bool:
+    return any(type(m).__name__ == "_BatchStatNorm" for m in module.modules())

@@ -1,0 +1,278 @@
+"""Every bad input is one clear error before any work (DESIGN.md, "Every public function and
+CLI command checks its arguments"): a ValueError naming the argument, or for the CLI one
+line on stderr naming the flag and exit code 2, no traceback, no checkpoint written."""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+import fastmtl
+from fastmtl import MTLConfig, MTLTrainer
+from fastmtl.adapt import fit_logistic
+from fastmtl.checkpoint import load as load_checkpoint
+from fastmtl.cli import main
+from fastmtl.data import SyntheticGlyphs
+from fastmtl.gbml import MAMLConfig, ProtoNetConfig
+from fastmtl.models import conv4
+from fastmtl.ops import NonFiniteError, multihead_ce
+from fastmtl.training import TrainingDiverged
+
+TINY = ["--recipe", "paper", "--data", "synthetic", "--epochs", "1", "--tasks-per-epoch", "2",
+        "--tasks-per-step", "2", "--images-per-class", "4", "--val-episodes", "5",
+        "--eval-episodes", "5"]
+
+
+def _cli(argv, capsys):
+    t0 = time.perf_counter()
+    try:
+        code = main(argv)
+    except SystemExit as exc:       # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    return code, err, time.perf_counter() - t0
+
+
+def _assert_one_line(code, err, needle):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert needle in lines[0], (needle, err)
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished tiny MTL run: last.pt, best.pt, final.pt."""
+    d = tmp_path_factory.mktemp("run")
+    assert main(["train", *TINY, "--checkpoint-dir", str(d / "ck")]) == 0
+    return d / "ck"
+
+
+# -- the CLI ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags, needle", [
+    (["--shots", "0"], "--shots"),
+    (["--shots", "-1"], "--shots"),
+    (["--n-way", "1"], "n_way"),
+    (["--max-minutes", "-5"], "max_minutes"),
+    (["--max-minutes", "nan"], "max_minutes"),
+    (["--eval-episodes", "-1"], "--eval-episodes"),
+    (["--tasks-per-epoch", "1"], "tasks_per_epoch"),
+    (["--ways", "1"], "--ways"),
+    (["--queries", "0"], "--queries"),
+    (["--lr", "0"], "lr"),
+    (["--lr", "inf"], "lr"),
+    (["--epochs", "0"], "epochs"),
+    (["--head", "bogus"], "head"),
+    (["--n-way", "abc"], "--n-way"),
+    (["--val-episodes", "0"], "val_episodes"),
+    (["--data", "nope"], "--data"),
+])
+def test_train_flag_out_of_range_or_wrong_type(tmp_path, capsys, flags, needle):
+    ck = tmp_path / "ck"
+    code, err, seconds = _cli(["train", *TINY, "--checkpoint-dir", str(ck), *flags], capsys)
+    _assert_one_line(code, err, needle)
+    assert not ck.exists() or not any(ck.iterdir())        # failed before training
+    assert seconds < 10
+
+
+def test_train_files_are_checked_before_training(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for flags, needle in ((["--checkpoint-dir", str(a_file)], "--checkpoint-dir"),
+                          (["--out", str(tmp_path)], "--out"),
+                          (["--plot", str(tmp_path)], "--plot")):
+        code, err, seconds = _cli(["train", *TINY, *flags], capsys)
+        _assert_one_line(code, err, needle)
+        assert seconds < 10
+
+
+def test_resume_with_the_wrong_file_is_one_line(tmp_path, capsys, run_dir):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(256))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"backbone": {}}, foreign)
+    other = tmp_path / "other.pt"
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    state["backbone_spec"] = {"name": "resnet12", "in_channels": 1}
+    torch.save(state, other)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((run_dir / "last.pt").read_bytes()[:500])
+    cases = [(run_dir / "final.pt", "optimizer state"), (foreign, "not a fastmtl checkpoint"),
+             (junk, "not a fastmtl checkpoint"), (truncated, "not a fastmtl checkpoint"),
+             (other, "resnet12"), (tmp_path / "missing.pt", "does not exist"),
+             (tmp_path, "is not a file")]
+    for path, needle in cases:
+        code, err, _ = _cli(["train", *TINY, "--resume", str(path)], capsys)
+        _assert_one_line(code, err, needle)
+        assert "--resume" in err
+
+
+def test_resume_refuses_changed_settings(capsys, run_dir):
+    code, err, _ = _cli(["train", *TINY, "--resume", str(run_dir / "last.pt"), "--lr", "0.01",
+                         "--epochs", "2"], capsys)
+    _assert_one_line(code, err, "lr: 0.001 -> 0.01")
+    # What a resume may change (the epoch count) is accepted, and it continues.
+    code, err, _ = _cli(["train", *TINY, "--resume", str(run_dir / "last.pt"), "--epochs", "2",
+                         "--eval-episodes", "0"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("content", ["random", "truncated", "list", "missing", "dir"])
+def test_eval_with_a_file_that_is_not_a_checkpoint(tmp_path, capsys, run_dir, content):
+    path = tmp_path / "x.pt"
+    if content == "random":
+        path.write_bytes(os.urandom(300))
+    elif content == "truncated":
+        path.write_bytes((run_dir / "final.pt").read_bytes()[:400])
+    elif content == "list":
+        torch.save([1, 2], path)
+    elif content == "dir":
+        path = tmp_path
+    code, err, _ = _cli(["eval", "--checkpoint", str(path), "--episodes", "5"], capsys)
+    _assert_one_line(code, err, "--checkpoint")
+
+
+def test_eval_of_any_checkpoint_knows_its_data(tmp_path, capsys, run_dir):
+    for name in ("last.pt", "best.pt", "final.pt"):
+        code, err, _ = _cli(["eval", "--checkpoint", str(run_dir / name), "--episodes", "5",
+                             "--shots", "1"], capsys)
+        assert code == 0, (name, err)
+    bare = tmp_path / "bare.pt"
+    state = torch.load(run_dir / "final.pt", weights_only=False)
+    state["run"] = {}
+    torch.save(state, bare)
+    code, err, _ = _cli(["eval", "--checkpoint", str(bare), "--episodes", "5"], capsys)
+    _assert_one_line(code, err, "pass --data")
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--episodes", "0"], "--episodes"), (["--ways", "1"], "--ways"),
+    (["--shots", "0"], "--shots")])
+def test_eval_flags(capsys, run_dir, flags, needle):
+    code, err, _ = _cli(["eval", "--checkpoint", str(run_dir / "final.pt"), *flags], capsys)
+    _assert_one_line(code, err, needle)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--episodes", "0"], "--episodes"), (["--minutes", "-1"], "--minutes"),
+    (["--minutes", "0"], "--minutes"), (["--minutes", "x"], "--minutes")])
+def test_demo_flags_fail_before_training(tmp_path, capsys, flags, needle):
+    code, err, seconds = _cli(["demo", "--out", str(tmp_path / "d.json"), *flags], capsys)
+    _assert_one_line(code, err, needle)
+    assert seconds < 10 and not (tmp_path / "d.json").exists()
+
+
+def test_help_and_behaviour_agree_on_zero_episodes(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "0 skips" not in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "0 skips evaluation" in " ".join(capsys.readouterr().out.split())
+
+
+# -- the public API ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def glyphs():
+    return SyntheticGlyphs(12, 8, seed=0)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(n_way=1), "n_way"), (dict(episodes=0), "episodes"), (dict(k_shot=0), "k_shot"),
+    (dict(n_query=0), "n_query"), (dict(C=0.0), "C"), (dict(episodes=2.5), "episodes"),
+    (dict(n_way="5"), "n_way")])
+def test_evaluate_arguments(glyphs, kwargs, needle):
+    args = dict(n_way=5, k_shot=1, n_query=2, episodes=4, progress=False)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        fastmtl.evaluate(conv4(hidden=8), glyphs, **args)
+
+
+def test_one_episode_has_no_confidence_interval(glyphs):
+    res = fastmtl.evaluate(conv4(hidden=8), glyphs, n_way=5, k_shot=1, n_query=2, episodes=1,
+                           progress=False)
+    assert math.isnan(res["ci95"]) and "no confidence interval" in res["note"]
+
+
+def test_unconverged_heads_warn_with_their_count(glyphs):
+    z = torch.nn.functional.normalize(torch.randn(3, 10, 16), dim=-1)
+    y = torch.arange(5).repeat(2).expand(3, -1)
+    assert not fit_logistic(z, y, C=1e-12, max_iter=1).converged.all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastmtl.evaluate(conv4(hidden=8), glyphs, n_way=5, k_shot=1, n_query=2, episodes=4,
+                         C=1e-12, progress=False)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("did not converge on" in m and "of 4 episodes" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("what", ["z_nan", "z_inf", "weight_inf", "scale_nan", "scale_tensor"])
+def test_multihead_ce_refuses_non_finite_inputs(what):
+    z, w = torch.randn(6, 4), torch.randn(5, 4)
+    tc, st, y = torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 0, 0, 1, 1, 1]), \
+        torch.tensor([0, 1, 0, 1, 0, 1])
+    scale = 1.0
+    if what == "z_nan":
+        z[2, 1] = float("nan")
+    elif what == "z_inf":
+        z[0, 0] = float("inf")
+    elif what == "weight_inf":
+        w[4, 3] = -float("inf")
+    elif what == "scale_nan":
+        scale = float("nan")
+    else:
+        scale = torch.tensor(float("nan"))
+    name = what.split("_")[0]
+    with pytest.raises(NonFiniteError, match=name):
+        multihead_ce(z, w, tc, st, y, scale=scale)
+    assert issubclass(NonFiniteError, ValueError)
+
+
+@pytest.mark.parametrize("config, needle", [
+    (lambda: MTLConfig(n_way=1), "n_way"), (lambda: MTLConfig(max_minutes=-5), "max_minutes"),
+    (lambda: MTLConfig(tasks_per_epoch=1, tasks_per_step=2), "tasks_per_epoch"),
+    (lambda: MTLConfig(lr=float("nan")), "lr"), (lambda: MTLConfig(epochs=1.5), "epochs"),
+    (lambda: MTLConfig(val_ways=1), "val_ways"), (lambda: MTLConfig(batch_size=0), "batch_size"),
+    (lambda: MAMLConfig(n_way=1), "n_way"), (lambda: MAMLConfig(meta_lr=0), "meta_lr"),
+    (lambda: MAMLConfig(max_minutes=-1), "max_minutes"),
+    (lambda: ProtoNetConfig(tasks_per_epoch=1, meta_batch=2), "tasks_per_epoch"),
+    (lambda: ProtoNetConfig(k_shot=True), "k_shot")])
+def test_config_fields(config, needle):
+    with pytest.raises(ValueError, match=needle):
+        config().validate()
+
+
+class _NaNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = conv4(hidden=8)
+
+    def forward(self, x):
+        return self.net(x) * float("nan")
+
+
+def test_a_diverged_step_stops_with_its_epoch_step_and_checkpoint(glyphs, tmp_path):
+    cfg = MTLConfig(n_way=3, images_per_class=4, tasks_per_step=1, tasks_per_epoch=2,
+                    epochs=2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(TrainingDiverged, match=r"step 1 of epoch 1.*no checkpoint"):
+        MTLTrainer(_NaNNet(), cfg).fit(glyphs, progress=False)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resume_api_refuses_changed_settings_and_wrong_files(glyphs, tmp_path):
+    cfg = MTLConfig(n_way=3, images_per_class=4, tasks_per_step=1, tasks_per_epoch=2,
+                    epochs=1, checkpoint_dir=str(tmp_path))
+    MTLTrainer(conv4(hidden=8), cfg).fit(glyphs, progress=False)
+    with pytest.raises(ValueError, match="n_way: 3 -> 4"):
+        MTLTrainer(conv4(hidden=8), MTLConfig(**{**cfg.__dict__, "n_way": 4, "epochs": 2})).fit(
+            glyphs, resume=str(tmp_path / "last.pt"), progress=False)
+    with pytest.raises(ValueError, match="another model"):
+        MTLTrainer(conv4(hidden=16), MTLConfig(**{**cfg.__dict__, "epochs": 2})).fit(
+            glyphs, resume=str(tmp_path / "last.pt"), progress=False)
+    with pytest.raises(ValueError, match="holds a 'mtl' run"):
+        load_checkpoint(str(tmp_path / "last.pt"), method="maml")

@@ -188,20 +188,28 @@ class FewShotClassifier:
     def _tensor(self, images: Iterable[Any]) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             return images.float()
-        arrs = []
-        for im in images:
+        images = list(images)
+        if all(isinstance(im, torch.Tensor) for im in images):
+            bad = [tuple(im.shape) for im in images if im.dim() != 3]
+            if bad:
+                raise ValueError(f"image tensors must be (C, H, W), got {bad[0]}")
+            return torch.stack([im.float() for im in images])
+        want = (self.image_size, self.image_size) + (() if self.channels == 1
+                                                     else (self.channels,))
+        raw = np.empty((len(images),) + want, dtype=np.uint8)
+        for i, im in enumerate(images):
             if isinstance(im, torch.Tensor):
-                if im.dim() != 3:
-                    raise ValueError(f"image tensors must be (C, H, W), got {tuple(im.shape)}")
-                arrs.append(im.float())
-                continue
-            a = read_image(im, self.image_size, self.channels)
-            t = torch.from_numpy(np.array(a, copy=True)).float().div_(255.0)
-            t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
-            mean = torch.tensor(self.mean).view(-1, 1, 1)
-            std = torch.tensor(self.std).view(-1, 1, 1)
-            arrs.append((t - mean) / std)
-        return torch.stack(arrs)
+                raise ValueError("give images all as tensors or all as paths/PIL/arrays")
+            if isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.shape == want:
+                raw[i] = im                   # already converted: no Pillow round trip
+            else:
+                raw[i] = read_image(im, self.image_size, self.channels)
+        # The arithmetic of FewShotDataset.tensor, so features equal fastmtl.evaluate's.
+        x = torch.from_numpy(raw).float().div_(255.0)
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 __all__ = ["FORMAT", "MODEL_KEYS", "atomic_save", "atomic_write_json", "atomic_write_text",
-           "check_readable",
+           "atomic_savefig", "check_readable",
            "load", "load_learner", "model_state", "save_training"]
 
 FORMAT = "fastmtl-checkpoint/1"
@@ -59,6 +59,13 @@ def atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_savefig(fig, path: str, dpi: int = 110) -> None:
+    """Save a matplotlib figure to a temporary file beside ``path``, then rename it."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
 
 

@@ -16,7 +16,7 @@ import torch
 from . import checks
 from . import distributed as _dist
 from ._env import keep_freed_memory, machine_info
-from .checkpoint import atomic_save, atomic_write_json, atomic_write_text
+from .checkpoint import atomic_save, atomic_savefig, atomic_write_json, atomic_write_text
 from .checkpoint import load as load_checkpoint
 from .mtl import RECIPES, MTLConfig
 from .training import ProfileSteps, TrainingDiverged, TrainingInterrupted
@@ -105,9 +105,7 @@ def _plot(path: str | None, history: list[dict[str, Any]], title: str) -> None:
         ax2.set_ylabel("validation accuracy (%)", color="tab:red")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     _say(f"wrote {path}")
 
@@ -379,18 +377,8 @@ def cmd_eval(args) -> int:
     _check_eval_flags(args, "--episodes", allow_zero=False)
     state = load_checkpoint(args.checkpoint, what="--checkpoint")
     run = state.get("run") or {}
-    spec = state.get("backbone_spec")
-    if not spec:
-        raise ValueError(f"checkpoint {args.checkpoint!r} does not say which backbone it holds")
-    backbone = build_backbone(spec["name"], spec["in_channels"])
-    if state.get("batchnorm") == "batch-statistics":     # a GBML checkpoint
-        from .gbml import use_batch_stats
-        use_batch_stats(backbone)
-    try:
-        backbone.load_state_dict(state["backbone"])
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {args.checkpoint!r}: its backbone state does not fit "
-                         f"{spec}: {str(exc).strip().splitlines()[0]}") from None
+    from .classifier import backbone_from_checkpoint
+    backbone = backbone_from_checkpoint(state, args.checkpoint)
     data_name = args.data or run.get("data")
     if data_name is None:
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not record its data set: "
@@ -655,9 +643,7 @@ def _confusion_plot(path, cm, classes, acc) -> None:
     ax.set_ylabel("true")
     ax.set_title(f"accuracy {acc:.1f}%")
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     _say(f"wrote {path}")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_savefig
 from .evaluate import embed, evaluate
 from .gbml import METHODS as GBML_METHODS
 from .mtl import RECIPES, MTLConfig, MTLTrainer
@@ -46,13 +46,16 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # often; ProtoNet/R2D2: higher-way training episodes, as their papers train. chunk_size 10:
 # test episodes vmapped 10 at a time in the method's own evaluation (measured 1.8-2x
 # faster than 50 on a 2-core CPU; with meta-batches of 1-4 it does not change training).
+# MAML/FO-MAML: the per-task loop, chosen by measurement at this shape on the CPU
+# (benchmarks/test_bench_steps.py: loop 123 ms, vmapped 136 ms, learn2learn-style 119 ms
+# a meta-step; the committed Omniglot comparison was run before, with the vmapped path).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
-                 chunk_size=10,
+                 chunk_size=10, vectorize=False,
                  test_inner_steps=3, tasks_per_epoch=80),
     "fomaml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
-                   chunk_size=10,
+                   chunk_size=10, vectorize=False,
                    test_inner_steps=3, tasks_per_epoch=80),
     "anil": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
                  chunk_size=10,
@@ -527,7 +530,5 @@ def plot(payload: dict[str, Any], path: str) -> None:
     axes[0][0].legend()
     fig.suptitle(f"fastmtl compare: {payload['data']}, {payload['backbone']}")
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)

@@ -29,7 +29,7 @@ from .adapt import fit_logistic
 from .data.base import FewShotDataset
 from .sampling import EpisodeSampler
 
-__all__ = ["evaluate", "embed", "summary"]
+__all__ = ["evaluate", "embed", "summary", "check_episodes"]
 
 
 @torch.no_grad()
@@ -83,11 +83,7 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
     """
     if not isinstance(dataset, FewShotDataset):
         raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")
-    checks.integer("episodes", episodes, 1)
-    # One class needs no classifier: every query would be right, 100% that says nothing.
-    checks.integer("n_way", n_way, 2)
-    checks.integer("k_shot", k_shot, 1)
-    checks.integer("n_query", n_query, 1)
+    check_episodes(n_way, k_shot, n_query, episodes)
     checks.integer("chunk", chunk, 1)
     checks.number("C", C)
     sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed)
@@ -117,6 +113,15 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
                       f"fit", RuntimeWarning, stacklevel=2)
     return summary(acc, dict(episodes=int(episodes), n_way=n_way, k_shot=k_shot,
                              n_query=n_query, seed=seed, C=C))
+
+
+def check_episodes(n_way, k_shot, n_query, episodes) -> None:
+    """ValueError naming the first of the test-episode arguments out of range."""
+    checks.integer("episodes", episodes, 1)
+    # One class needs no classifier: every query would be right, 100% that says nothing.
+    checks.integer("n_way", n_way, 2)
+    checks.integer("k_shot", k_shot, 1)
+    checks.integer("n_query", n_query, 1)
 
 
 def summary(acc: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from .. import checks
 from .. import distributed as _dist
 from ..data.base import FewShotDataset
 from ..evaluate import evaluate as _logistic_evaluate
-from ..evaluate import summary
+from ..evaluate import check_episodes, summary
 from ..models import feature_dim
 from ..sampling import EpisodeSampler, assemble
 from ..training import Trainer, check_val, phase
@@ -323,10 +323,7 @@ class _EpisodicTrainer(Trainer):
         """
         if not isinstance(dataset, FewShotDataset):
             raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")
-        checks.integer("episodes", episodes, 1)
-        checks.integer("n_way", n_way, 2)
-        checks.integer("k_shot", k_shot, 1)
-        checks.integer("n_query", n_query, 1)
+        check_episodes(n_way, k_shot, n_query, episodes)
         self._check_eval_ways(n_way)
         if self.model is None:
             self.build(dataset.image_shape)

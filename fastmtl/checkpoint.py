@@ -33,6 +33,9 @@ __all__ = ["FORMAT", "MODEL_KEYS", "atomic_save", "atomic_write_json", "atomic_w
            "load", "load_learner", "model_state", "save_training"]
 
 FORMAT = "fastmtl-checkpoint/1"
+# torch.save's zip files start with the zip signature; its legacy format with a pickled
+# magic number (protocol 2, LONG1 of 10 bytes: 0x1950a86a20f9469cfc6c).
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 MODEL_KEYS = ("format", "method", "config", "backbone_spec", "model", "backbone", "batchnorm",
               "history", "run")
 
@@ -125,6 +128,13 @@ def load(path: str, method: str | None = None, device: torch.device | str = "cpu
             method, or (``training``) lacks the resume state.
     """
     check_readable(path, what)
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    # Only hand torch.load what could be a torch file: unpickling arbitrary bytes can fail
+    # deep inside pickle (MemoryError, interpreter warnings on stderr) instead of cleanly.
+    if not (head.startswith(b"PK\x03\x04") or head == _LEGACY_MAGIC):
+        raise ValueError(f"{what} {str(path)!r} is not a fastmtl checkpoint (not a file "
+                         f"torch.save writes)")
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:      # pickle, zip and torch errors alike: not a checkpoint

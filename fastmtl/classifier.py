@@ -232,6 +232,9 @@ class FewShotClassifier:
         """A classifier saved by :meth:`save`, head included."""
         from .checkpoint import check_readable
         check_readable(path, "classifier")
+        with open(path, "rb") as f:
+            if not f.read(4) == b"PK\x03\x04":
+                raise ValueError(f"{path!r} is not a saved FewShotClassifier")
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:

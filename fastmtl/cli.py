@@ -297,6 +297,34 @@ def _check_train_files(args, cfg) -> None:
             check_same_run(state.get("config", {}), cfg, args.resume)
 
 
+def _run_info(args, train) -> dict[str, Any]:
+    """What a checkpoint records of its training data, so it can be used alone later."""
+    return {"data": args.data, "root": args.root, "image_size": train.image_shape[1],
+            "channels": train.channels, "mean": list(train.mean), "std": list(train.std),
+            "class_names": list(train.class_names), "data_seed": args.data_seed,
+            "train_split": args.train_split, "rotations": args.rotations}
+
+
+def _test_results(args, trainer) -> dict[str, Any]:
+    """The test split with the logistic protocol and, for GBML, the method's own."""
+    test = load_dataset(args.data, args.root, "test", args.image_size, args.data_seed,
+                        **_folder_kwargs(args))
+    rows = _evaluate_all(trainer.backbone, test, args.shots, args.ways, args.queries,
+                         args.eval_episodes, args.eval_seed)
+    _say(_table(rows))
+    out = {"results": rows}
+    if args.method != "mtl" and trainer.supports_ways(args.ways):
+        own = [trainer.evaluate(test, n_way=args.ways, k_shot=k, n_query=args.queries,
+                                episodes=args.eval_episodes, seed=args.eval_seed,
+                                progress=_dist.is_main())
+               for k in args.shots]
+        for r in own:
+            r.pop("accuracies")
+        _say(f"{args.method} own adaptation:\n" + _table(own))
+        out["results_own"] = own
+    return out
+
+
 def cmd_train(args) -> int:
     t0 = time.perf_counter()
     _dist.init_from_env()      # under torchrun: join the group before anything else
@@ -320,12 +348,7 @@ def cmd_train(args) -> int:
     torch.manual_seed(cfg.seed)          # the backbone's initialization repeats too
     backbone = build_backbone(args.backbone, train.channels)
     trainer = trainer_cls(backbone, cfg)
-    trainer.run_info = {"data": args.data, "root": args.root,
-                        "image_size": train.image_shape[1], "channels": train.channels,
-                        "mean": list(train.mean), "std": list(train.std),
-                        "class_names": list(train.class_names),
-                        "data_seed": args.data_seed, "train_split": args.train_split,
-                        "rotations": args.rotations}
+    trainer.run_info = _run_info(args, train)
     callbacks = []
     if args.profile and _dist.is_main():
         callbacks.append(ProfileSteps(args.profile, warmup=args.profile_warmup,
@@ -348,24 +371,7 @@ def cmd_train(args) -> int:
         atomic_save(state, final)
         _say(f"wrote {final}")
     if args.eval_episodes > 0:
-        test = load_dataset(args.data, args.root, "test", args.image_size, args.data_seed,
-                            **_folder_kwargs(args))
-        rows = _evaluate_all(trainer.backbone, test, args.shots, args.ways, args.queries,
-                             args.eval_episodes, args.eval_seed)
-        _say(_table(rows))
-        payload["results"] = rows
-        # The method's own test-time adaptation on the same episodes (MAML/ANIL heads are
-        # n_way-way, so only at --ways == --n-way).
-        if args.method != "mtl" and (args.method not in ("maml", "fomaml", "anil")
-                                     or args.ways == cfg.n_way):
-            own = [trainer.evaluate(test, n_way=args.ways, k_shot=k, n_query=args.queries,
-                                    episodes=args.eval_episodes, seed=args.eval_seed,
-                                    progress=_dist.is_main())
-                   for k in args.shots]
-            for r in own:
-                r.pop("accuracies")
-            _say(f"{args.method} own adaptation:\n" + _table(own))
-            payload["results_own"] = own
+        payload.update(_test_results(args, trainer))
     payload["total_seconds"] = time.perf_counter() - t0
     _write_json(args.out, payload)
     _plot(args.plot, history, f"{args.method.upper()}, {args.backbone}, {args.data}")
@@ -673,11 +679,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="fastmtl", description="Multi-task learning for few-shot classification, fast.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train MTL on built-in synthetic glyphs and evaluate",
                        description="Train MTL (Conv-4) on the built-in SyntheticGlyphs data "
                                    "(generated, no download) and evaluate 5-way 1-/5-shot.")
@@ -689,6 +691,8 @@ def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.Argument
     p.add_argument("--plot", default="demo.png", help="learning-curve PNG (default: demo.png)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_train_parser(sub, method, recipe) -> None:
     p = sub.add_parser("train", help="train MTL or a GBML baseline, then evaluate on the test split",
                        description="Train the MTL learner (or, with --method, a GBML baseline); "
                                    "validate each epoch on the val split; evaluate the best "
@@ -734,6 +738,8 @@ def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.Argument
         f"{type(defaults).__name__})"), defaults, fixed)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint with the logistic-regression protocol",
                        description="Evaluate a trained backbone: per test episode, fit an "
                                    "L2-regularized logistic regression (C=3) on the support "
@@ -747,6 +753,8 @@ def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.Argument
     _add_eval_flags(p, "--episodes", zero_skips=False)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="time-, FLOP- and memory-to-accuracy of methods",
                        description="Train each method (a fresh backbone each, the same "
                                    "training classes, the same training-time budget, one "
@@ -793,6 +801,8 @@ def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.Argument
                    help="keep the methods already in --out/compare.json, run the rest")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_adapt_parser(sub) -> None:
     p = sub.add_parser("adapt", help="fit a head on a few labelled images, classify new ones",
                        description="Load a trained checkpoint, fit the paper's test-time head "
                                    "(logistic regression, C=3) on --support (one folder per "
@@ -814,6 +824,17 @@ def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.Argument
     p.add_argument("--plot", default=None, help="confusion-matrix PNG (labelled --query)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --shots choice")
     p.set_defaults(func=cmd_adapt)
+
+
+def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fastmtl", description="Multi-task learning for few-shot classification, fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo_parser(sub)
+    _add_train_parser(sub, method, recipe)
+    _add_eval_parser(sub)
+    _add_compare_parser(sub)
+    _add_adapt_parser(sub)
     return parser
 
 

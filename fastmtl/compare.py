@@ -182,16 +182,11 @@ def _evaluate_point(trainer, method, test, shots, ways, queries, episodes, seed)
         res = {"logistic": evaluate(trainer.backbone, test, n_way=ways, k_shot=k,
                                     n_query=queries, episodes=episodes, seed=seed,
                                     features=feats, progress=False)}
-        if method != "mtl" and _own_ok(method, trainer, ways):
+        if method != "mtl" and trainer.supports_ways(ways):
             res["own"] = trainer.evaluate(test, n_way=ways, k_shot=k, n_query=queries,
                                           episodes=episodes, seed=seed, progress=False)
         out[str(k)] = {p: {"mean": r["mean"], "ci95": r["ci95"]} for p, r in res.items()}
     return out
-
-
-def _own_ok(method, trainer, ways) -> bool:
-    # MAML/ANIL heads are n_way-way: their own adaptation only runs at that many ways.
-    return method not in ("maml", "fomaml", "anil") or trainer.config.n_way == ways
 
 
 def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
@@ -253,6 +248,30 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
             if points else 0, "epochs": len(history), "history": history}
 
 
+def _check_compare_args(methods, budget_minutes, eval_every, episodes, settings) -> None:
+    """ValueError naming the first bad argument of :func:`compare`, before any work."""
+    if not methods:
+        raise ValueError("methods: name at least one method")
+    if not (isinstance(budget_minutes, (int, float)) and math.isfinite(budget_minutes)
+            and budget_minutes > 0):
+        raise ValueError(f"budget_minutes must be a positive number, got {budget_minutes!r}")
+    if isinstance(eval_every, (list, tuple)):
+        AtTrainingSeconds(eval_every, print)          # checks the times
+        first = eval_every[0]
+    elif not (isinstance(eval_every, (int, float)) and eval_every > 0):
+        raise ValueError(f"eval_every must be a positive number of seconds, got {eval_every!r}")
+    else:
+        first = eval_every
+    if first > 60 * budget_minutes:
+        raise ValueError(f"eval_every ({first} s) is larger than the budget "
+                         f"({60 * budget_minutes:g} s)")
+    if not isinstance(episodes, int) or episodes < 2:
+        raise ValueError(f"episodes must be an integer >= 2, got {episodes!r}")
+    unknown = sorted(set(settings or {}) - set(METHODS))
+    if unknown:
+        raise ValueError(f"settings: unknown method(s) {unknown}")
+
+
 def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], *,
             budget_minutes: float, eval_every: float, shots=(1, 5), ways: int = 5,
             queries: int = 15, episodes: int = 300, seed: int = 0,
@@ -288,27 +307,8 @@ def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], 
         >>> #                   budget_minutes=1, eval_every=20)
     """
     methods = list(methods)
-    if not methods:
-        raise ValueError("methods: name at least one method")
-    if not (isinstance(budget_minutes, (int, float)) and math.isfinite(budget_minutes)
-            and budget_minutes > 0):
-        raise ValueError(f"budget_minutes must be a positive number, got {budget_minutes!r}")
-    if isinstance(eval_every, (list, tuple)):
-        AtTrainingSeconds(eval_every, print)          # checks the times
-        first = eval_every[0]
-    elif not (isinstance(eval_every, (int, float)) and eval_every > 0):
-        raise ValueError(f"eval_every must be a positive number of seconds, got {eval_every!r}")
-    else:
-        first = eval_every
-    if first > 60 * budget_minutes:
-        raise ValueError(f"eval_every ({first} s) is larger than the budget "
-                         f"({60 * budget_minutes:g} s)")
-    if not isinstance(episodes, int) or episodes < 2:
-        raise ValueError(f"episodes must be an integer >= 2, got {episodes!r}")
+    _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
     settings = settings or {}
-    unknown = sorted(set(settings) - set(METHODS))
-    if unknown:
-        raise ValueError(f"settings: unknown method(s) {unknown}")
     configs = {}
     for m in methods:
         cls, cfg = config_for(m, settings.get(m), seed, budget_minutes)
@@ -368,6 +368,47 @@ def _at_time(result, shot, protocol, seconds):
     return best
 
 
+def _ratio(a, b, i: int):
+    """a[i] / b[i] for (seconds, FLOPs) pairs, None where either is missing or zero."""
+    return a[i] / b[i] if a and b and b[i] > 0 else None
+
+
+def _mtl_vs(ref, b, res, shot, protocol, ref_best):
+    """How soon MTL (``ref``) reaches baseline ``b``'s best - 1 under ``protocol``."""
+    times, _, accs = _curve(res, shot, protocol)
+    if not accs:
+        return None
+    target = max(accs) - 1.0
+    tb, tm = _first_reach(res, shot, protocol, target), _first_reach(ref, shot, "logistic", target)
+    tbi = _first_reach_interpolated(res, shot, protocol, target)
+    tmi = _first_reach_interpolated(ref, shot, "logistic", target)
+    mtl_at = _at_time(ref, shot, "logistic", times[-1])
+    return {"baseline": b, "protocol": protocol, "best": max(accs), "final": accs[-1],
+            "target": target, "baseline_seconds": tb[0], "baseline_flops": tb[1],
+            "mtl_seconds": tm[0] if tm else None, "mtl_flops": tm[1] if tm else None,
+            "speedup_time": _ratio(tb, tm, 0), "speedup_flops": _ratio(tb, tm, 1),
+            "speedup_time_interpolated": _ratio(tbi, tmi, 0),
+            "speedup_flops_interpolated": _ratio(tbi, tmi, 1), "mtl_best": ref_best,
+            "mtl_minus_baseline_at_equal_time":
+                (mtl_at - accs[-1]) if mtl_at is not None else None,
+            "equal_time_seconds": times[-1]}
+
+
+def _baseline_vs(ref, b, res, shot, ref_best):
+    """How soon baseline ``b`` reaches MTL's best - 1 (logistic protocol)."""
+    target = ref_best - 1.0
+    tm, tb = _first_reach(ref, shot, "logistic", target), _first_reach(res, shot, "logistic", target)
+    tmi = _first_reach_interpolated(ref, shot, "logistic", target)
+    tbi = _first_reach_interpolated(res, shot, "logistic", target)
+    return {"baseline": b, "target": target, "mtl_seconds": tm[0], "mtl_flops": tm[1],
+            "baseline_seconds": tb[0] if tb else None,
+            "baseline_flops": tb[1] if tb else None,
+            "baseline_speedup_time": _ratio(tm, tb, 0),
+            "baseline_speedup_flops": _ratio(tm, tb, 1),
+            "baseline_speedup_time_interpolated": _ratio(tmi, tbi, 0),
+            "baseline_best": max(_curve(res, shot, "logistic")[2])}
+
+
 def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str, Any]:
     """Per shot setting: MTL's speed-up over each baseline, and each baseline's over MTL.
 
@@ -379,59 +420,18 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
     between it and the one before); ``*_interpolated`` place the crossing linearly
     between those two evaluations.
     """
-    if reference not in results:
+    if reference not in results or not results[reference]["points"]:
         return {}
     ref = results[reference]
-    shots = list(ref["points"][0]["accuracy"]) if ref["points"] else []
     tables: dict[str, Any] = {}
-    for shot in shots:
-        rows, reverse = [], []
-        _, _, ref_acc = _curve(ref, shot, "logistic")
-        ref_best = max(ref_acc)
-        for b, res in results.items():
-            if b == reference or not res["points"]:
-                continue
-            for protocol in ("logistic", "own"):
-                times, _, accs = _curve(res, shot, protocol)
-                if not accs:
-                    continue
-                target = max(accs) - 1.0
-                tb = _first_reach(res, shot, protocol, target)
-                tm = _first_reach(ref, shot, "logistic", target)
-                tbi = _first_reach_interpolated(res, shot, protocol, target)
-                tmi = _first_reach_interpolated(ref, shot, "logistic", target)
-                last_t = times[-1]
-                mtl_at = _at_time(ref, shot, "logistic", last_t)
-                rows.append({"baseline": b, "protocol": protocol, "best": max(accs),
-                             "final": accs[-1], "target": target,
-                             "baseline_seconds": tb[0], "baseline_flops": tb[1],
-                             "mtl_seconds": tm[0] if tm else None,
-                             "mtl_flops": tm[1] if tm else None,
-                             "speedup_time": tb[0] / tm[0] if tm and tm[0] > 0 else None,
-                             "speedup_flops": tb[1] / tm[1] if tm and tm[1] > 0 else None,
-                             "speedup_time_interpolated":
-                                 tbi[0] / tmi[0] if tmi and tmi[0] > 0 else None,
-                             "speedup_flops_interpolated":
-                                 tbi[1] / tmi[1] if tmi and tmi[1] > 0 else None,
-                             "mtl_best": ref_best,
-                             "mtl_minus_baseline_at_equal_time":
-                                 (mtl_at - accs[-1]) if mtl_at is not None else None,
-                             "equal_time_seconds": last_t})
-            target = ref_best - 1.0
-            tm = _first_reach(ref, shot, "logistic", target)
-            tb = _first_reach(res, shot, "logistic", target)
-            tmi = _first_reach_interpolated(ref, shot, "logistic", target)
-            tbi = _first_reach_interpolated(res, shot, "logistic", target)
-            reverse.append({"baseline_speedup_time_interpolated":
-                                tmi[0] / tbi[0] if tbi and tbi[0] > 0 else None,"baseline": b, "target": target, "mtl_seconds": tm[0],
-                            "mtl_flops": tm[1],
-                            "baseline_seconds": tb[0] if tb else None,
-                            "baseline_flops": tb[1] if tb else None,
-                            "baseline_speedup_time": tm[0] / tb[0] if tb and tb[0] > 0 else None,
-                            "baseline_speedup_flops":
-                                tm[1] / tb[1] if tb and tb[1] > 0 else None,
-                            "baseline_best": max(_curve(res, shot, "logistic")[2])})
-        tables[shot] = {"mtl_vs_baselines": rows, "baselines_vs_mtl": reverse}
+    for shot in ref["points"][0]["accuracy"]:
+        ref_best = max(_curve(ref, shot, "logistic")[2])
+        baselines = [(b, r) for b, r in results.items() if b != reference and r["points"]]
+        rows = [_mtl_vs(ref, b, r, shot, p, ref_best) for b, r in baselines
+                for p in ("logistic", "own")]
+        tables[shot] = {"mtl_vs_baselines": [r for r in rows if r is not None],
+                        "baselines_vs_mtl": [_baseline_vs(ref, b, r, shot, ref_best)
+                                             for b, r in baselines]}
     return tables
 
 

@@ -422,6 +422,15 @@ class _EpisodicTrainer(Trainer):
     def _check_eval_ways(self, n_way: int) -> None:
         pass
 
+    def supports_ways(self, n_way: int) -> bool:
+        """Whether :meth:`evaluate` can run ``n_way``-way episodes (MAML and ANIL have an
+        ``n_way``-way head, so only their training ways)."""
+        try:
+            self._check_eval_ways(n_way)
+        except ValueError:
+            return False
+        return True
+
     # -- internals ------------------------------------------------------------------------
     def _check_batch(self, xs, ys, xq, yq) -> None:
         for name, t, dims in (("xs", xs, 5), ("ys", ys, 2), ("xq", xq, 5), ("yq", yq, 2)):

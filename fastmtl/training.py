@@ -516,18 +516,7 @@ class Trainer:
                     raise
                 if record is None:
                     break
-                self.history.append(record)
-                if record["_score"] > best["score"]:
-                    best = {"score": record["_score"], "epoch": epoch + 1,
-                            "state": copy.deepcopy(self.learner.state_dict())}
-                    stale = 0
-                else:
-                    stale += 1
-                del record["_score"]
-                if progress:
-                    tqdm.write(f"{self.method} " + format_record(record))
-                if main:
-                    self._save(epoch + 1, best)
+                best, stale = self._keep_epoch(record, best, stale, progress and main, main)
                 state.record = record
                 with clock.paused():
                     stop = any([bool(cb.on_epoch_end(self, state)) for cb in callbacks]) or stop
@@ -546,6 +535,22 @@ class Trainer:
             self.learner.load_state_dict(best["state"])
         self.best_epoch = best["epoch"]
         return self.history
+
+    def _keep_epoch(self, record, best, stale, show: bool, save: bool):
+        """Append the epoch's record, track the best epoch, print and checkpoint it."""
+        self.history.append(record)
+        if record["_score"] > best["score"]:
+            best = {"score": record["_score"], "epoch": record["epoch"],
+                    "state": copy.deepcopy(self.learner.state_dict())}
+            stale = 0
+        else:
+            stale += 1
+        del record["_score"]
+        if show:
+            tqdm.write(f"{self.method} " + format_record(record))
+        if save:
+            self._save(record["epoch"], best)
+        return best, stale
 
     def _run_epoch(self, train, val, epoch, steps, state, clock, callbacks, progress):
         """Trains one epoch; returns (its record or None if no step ran, stop)."""

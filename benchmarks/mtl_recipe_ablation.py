@@ -48,15 +48,46 @@ VARIANTS = {
     "all_b64": {"task_sampling": "all_classes", "batch_size": 64},
     "all_b128_noaug": {"task_sampling": "all_classes", "batch_size": 128, "augment": False},
     "all_b256": {"task_sampling": "all_classes", "batch_size": 256},
+    # Second round, from the "fast" recipe (all_b128 above), over longer budgets: the
+    # fast recipe's test curve peaked at 4 of 10 minutes (compare_omniglot), so these probe
+    # annealing and regularization.
+    "fast": {"recipe": "fast"},
+    "fast_cosine": {"recipe": "fast", "lr_schedule": "cosine"},
+    "fast_cosine_wd5e-4": {"recipe": "fast", "lr_schedule": "cosine", "weight_decay": 5e-4},
+    "fast_cosine_lr2e-3": {"recipe": "fast", "lr_schedule": "cosine", "lr": 0.002},
+    "fast_cosine_b256": {"recipe": "fast", "lr_schedule": "cosine", "batch_size": 256},
+    "fast_aug1.5": {"recipe": "fast", "augment_strength": 1.5},
+    "fast_aug2": {"recipe": "fast", "augment_strength": 2.0},
+    "fast_s20": {"recipe": "fast", "scale": 20.0},
+    "fast_cosine_sgd": {"recipe": "fast", "lr_schedule": "cosine", "optimizer": "sgd",
+                        "lr": 0.05, "weight_decay": 5e-4},
 }
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                       "mtl_recipe_ablation.jsonl")
 
 
-def run_one(root: str, name: str, seconds: float, changes: dict, out: str) -> dict:
+def _recalibrate(net, train, images: int) -> None:
+    """BatchNorm running statistics recomputed on ``images`` un-augmented training images."""
+    import numpy as np
+    import torch
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None           # a cumulative average over the batches below
+    idx = np.random.default_rng(0).permutation(len(train))[:images]
+    net.train()
+    with torch.no_grad():
+        for lo in range(0, len(idx), 256):
+            net(train.tensor(idx[lo:lo + 256]))
+    net.eval()
+
+
+def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
+            eval_at: list[float], bn_probe: bool = False) -> dict:
     import torch
 
     from fastmtl import MTLConfig, MTLTrainer
+    from fastmtl.training import AtTrainingSeconds
     from fastmtl._env import keep_freed_memory, machine_info
     from fastmtl.cli import _evaluate_all, build_backbone, load_dataset
 
@@ -66,14 +97,37 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str) -> di
     base = MTLConfig(n_way=20, tasks_per_step=2, images_per_class=10, tasks_per_epoch=200,
                      epochs=10**6, head="cosine", scale=10.0, augment=True,
                      max_minutes=seconds / 60, seed=0)
+    changes = dict(changes)
+    recipe = changes.pop("recipe", None)
+    if recipe is not None:      # the recipe's config, 10**6 epochs, the time budget
+        base = MTLConfig.from_recipe(recipe, epochs=10**6, max_minutes=seconds / 60, seed=0)
     cfg = dataclasses.replace(base, **changes)
     torch.manual_seed(0)
     trainer = MTLTrainer(build_backbone("conv4", 1), cfg)
+    curve = []
+
+    def point(tr, state):       # the validation curve, off the training clock
+        was = tr.backbone.training
+        r = _evaluate_all(tr.backbone, val, (1, 5), 5, 15, 300, 0, progress=False)
+        curve.append({"train_s": round(state.train_seconds, 1), "steps": state.step,
+                      "val_1shot": r[0]["mean"], "val_5shot": r[1]["mean"]})
+        if bn_probe:            # the same model with BatchNorm statistics of clean images
+            import copy
+            net = copy.deepcopy(tr.backbone)
+            _recalibrate(net, train, 2048)
+            r = _evaluate_all(net, val, (1, 5), 5, 15, 300, 0, progress=False)
+            curve[-1].update(recal_1shot=r[0]["mean"], recal_5shot=r[1]["mean"])
+        tr.backbone.train(was)
+        print(json.dumps(curve[-1]), flush=True)
+
+    callbacks = [AtTrainingSeconds(eval_at, point)] if eval_at else []
     t0 = time.perf_counter()
-    history = trainer.fit(train, None, progress=False)
+    history = trainer.fit(train, None, progress=False, callbacks=callbacks)
     train_s = time.perf_counter() - t0
     rows = _evaluate_all(trainer.backbone, val, (1, 5), 5, 15, 300, 0, progress=False)
-    result = {"name": name, "changes": changes, "seconds": train_s,
+    if recipe is not None:
+        changes["recipe"] = recipe
+    result = {"name": name, "changes": changes, "seconds": train_s, "curve": curve,
               "steps": sum(h["steps"] for h in history),
               "images": sum(h["images"] for h in history),
               "loss": history[-1]["train_loss"], "val_1shot": rows[0]["mean"],
@@ -92,14 +146,22 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seconds", type=float, default=90.0, help="training budget per variant")
     p.add_argument("--out", default=RESULT, help="JSONL file results are appended to")
+    p.add_argument("--eval-at", type=float, nargs="*", default=[],
+                   help="also evaluate on the validation alphabet at these training seconds")
+    p.add_argument("--bn-probe", action="store_true",
+                   help="at each --eval-at point also evaluate with BatchNorm statistics "
+                        "recomputed on un-augmented training images")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        run_one(args.root, args.one, args.seconds, VARIANTS[args.one], args.out)
+        run_one(args.root, args.one, args.seconds, VARIANTS[args.one], args.out, args.eval_at,
+                args.bn_probe)
         return
     for name in args.variants:      # one process each
         subprocess.run([sys.executable, __file__, "--root", args.root, "--one", name,
-                        "--seconds", str(args.seconds), "--out", args.out], check=True)
+                        "--seconds", str(args.seconds), "--out", args.out,
+                        *(["--bn-probe"] if args.bn_probe else []), "--eval-at",
+                        *map(str, args.eval_at)], check=True)
 
 
 if __name__ == "__main__":

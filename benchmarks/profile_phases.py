@@ -3,8 +3,8 @@
 Runs `fastmtl train --profile` (a few steps after warm-up, torch.profiler) for MTL with
 the fast and the paper recipe and for MAML, ProtoNet and R2D2 on the Omniglot training
 alphabets (Conv-4, 28x28), then sums the wall time of each named phase range (``data``,
-``backbone``, ``heads``, ``backward``, ``optimizer``; GBML ``inner_loop_and_outer_loss``,
-``outer_backward``) over the profiled steps and divides by the steps. Results:
+``backbone``, ``heads``, ``backward``, ``optimizer``; GBML ``inner_loop``, ``outer_loss``,
+``outer_backward``; the committed figures predate the split of ``inner_loop_and_outer_loss``) over the profiled steps and divides by the steps. Results:
 ``benchmarks/results/profile_cpu.json`` and a Markdown table on stdout.
 
     python benchmarks/profile_phases.py --root ../shared/data/omniglot
@@ -21,7 +21,7 @@ from collections import defaultdict
 
 from _results import write_result  # benchmarks/_results.py
 
-PHASES = ("data", "backbone", "heads", "backward", "optimizer", "inner_loop_and_outer_loss",
+PHASES = ("data", "backbone", "heads", "backward", "optimizer", "inner_loop", "outer_loss",
           "outer_backward")
 RUNS = {
     "mtl (fast recipe, 128 images a step)": ["--method", "mtl", "--recipe", "fast"],

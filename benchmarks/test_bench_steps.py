@@ -191,11 +191,11 @@ def _fastmtl_step(vectorize, tasks, steps, method="maml"):
     opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
 
     def step(xs, ys, xq, yq):
+        # The trainer's own meta-gradient (the loop path backpropagates task by task).
         opt.zero_grad(set_to_none=True)
-        loss, _ = tr.meta_loss(xs, ys, xq, yq)
-        loss.backward()
+        loss, _ = tr._step(xs, ys, xq, yq)
         opt.step()
-        return loss.item()
+        return loss
     return step
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -353,8 +354,12 @@ def cmd_train(args) -> int:
     if args.profile and _dist.is_main():
         callbacks.append(ProfileSteps(args.profile, warmup=args.profile_warmup,
                                       steps=args.profile_steps))
-    history = trainer.fit(train, val, resume=args.resume, callbacks=callbacks,
-                          allow_changed_settings=args.allow_changed_settings)
+    # --emit-nvtx: every autograd op also an NVTX range (Nsight Systems), beside the phases.
+    nvtx = torch.autograd.profiler.emit_nvtx() if args.emit_nvtx and torch.cuda.is_available() \
+        else contextlib.nullcontext()
+    with nvtx:
+        history = trainer.fit(train, val, resume=args.resume, callbacks=callbacks,
+                              allow_changed_settings=args.allow_changed_settings)
     if callbacks and callbacks[0].written:
         _say(f"wrote {' and '.join(callbacks[0].written)} (open trace.json in "
              f"https://ui.perfetto.dev)")
@@ -726,6 +731,9 @@ def _add_train_parser(sub, method, recipe) -> None:
                    help="steps before profiling starts")
     p.add_argument("--profile-steps", type=_positive("--profile-steps", int), default=3,
                    help="steps profiled")
+    p.add_argument("--emit-nvtx", action="store_true",
+                   help="on CUDA, also an NVTX range per autograd op, for Nsight Systems "
+                        "(docs/profiling.md); the named phases are NVTX ranges without it")
     p.add_argument("--eval-seed", type=int, default=0, help="seed of the test episodes")
     _add_eval_flags(p, "--eval-episodes")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=recipe,

@@ -38,7 +38,8 @@ from .models import feature_dim
 from .ops import multihead_ce
 from .sampling import EpisodeLoader, assemble
 from .evaluate import evaluate
-from .training import Trainer, check_val, epoch_seed, phase
+from .training import (PRECISIONS, Trainer, backbone_autocast, check_val, epoch_seed,
+                       phase)
 
 __all__ = ["MTLConfig", "MTLTrainer", "MTLLearner", "RECIPES"]
 
@@ -72,6 +73,13 @@ class MTLConfig:
         lr, weight_decay: RAdam settings (the paper: lr 1e-3).
         plateau_patience, plateau_factor: ReduceLROnPlateau on validation accuracy (or on
             the training loss without a validation set).
+        lr_schedule: "plateau" (the paper: ReduceLROnPlateau, above) or "cosine" (every
+            step, the learning rate is lr * (1 + cos(pi * f)) / 2, f the fraction of the run
+            done: the training clock over max_minutes or the steps over the epochs' steps,
+            whichever is further; a time-driven schedule repeats a run only as closely as
+            the machine's speed does).
+        warmup_steps: with lr_schedule "cosine", the learning rate rises linearly over the
+            first warmup_steps steps.
         normalize_features: L2-normalize features before the head in training (the
             paper: on for all data sets but FC100).
         head: "linear" (the paper: plain class rows, Kaiming-uniform init scaled by
@@ -80,12 +88,16 @@ class MTLConfig:
         scale: logit scale (inverse temperature), multiplies the features before the head.
         learn_scale: make ``scale`` a trained parameter (log-parameterized).
         augment: random affine jitter of training images (rotation, scale, shift).
+        augment_strength: multiplies the jitter's ranges (1: up to 10 degrees, 10% scale,
+            10% shift).
         chunking: "auto", "task" or "batch"; see the module docstring.
         grad_clip: max gradient norm, or None (the default: no clipping).
         val_episodes, val_ways, val_shots, val_queries: validation protocol per epoch
             (the test protocol: logistic regression on the support features).
         early_stop_patience: stop after this many epochs without a better validation
             accuracy (None: never); the best epoch's weights are restored at the end.
+        precision: "fp32" or "bf16" (bfloat16 autocast of the backbone; the head table,
+            logits and losses stay in float32).
         max_minutes: wall-clock budget for fit (None: none): training stops at the first
             step past it; that (partial) epoch is still validated, recorded and saved.
         seed: seeds episodes, head init, augmentation and dropout (one seed, repeatable).
@@ -106,11 +118,14 @@ class MTLConfig:
     weight_decay: float = 0.0
     plateau_patience: int = 4
     plateau_factor: float = 0.1
+    lr_schedule: str = "plateau"
+    warmup_steps: int = 0
     normalize_features: bool = True
     head: str = "linear"
     scale: float = 1.0
     learn_scale: bool = False
     augment: bool = False
+    augment_strength: float = 1.0
     chunking: str = "auto"
     grad_clip: float | None = None
     val_episodes: int = 200
@@ -119,6 +134,7 @@ class MTLConfig:
     val_queries: int = 15
     early_stop_patience: int | None = None
     max_minutes: float | None = None
+    precision: str = "fp32"
     seed: int = 0
     backend: str | None = None
     checkpoint_dir: str | None = None
@@ -151,6 +167,9 @@ class MTLConfig:
         checks.integer("n_way", self.n_way, 2)
         checks.integer("val_ways", self.val_ways, 2)
         checks.integer("plateau_patience", self.plateau_patience, 0)
+        checks.integer("warmup_steps", self.warmup_steps, 0)
+        checks.one_of("lr_schedule", self.lr_schedule, ("plateau", "cosine"))
+        checks.one_of("precision", self.precision, PRECISIONS)
         checks.integer("early_stop_patience", self.early_stop_patience, 1, optional=True)
         checks.number("max_minutes", self.max_minutes, optional=True)
         checks.number("weight_decay", self.weight_decay, inclusive=True)
@@ -172,6 +191,7 @@ class MTLConfig:
             raise ValueError(f"optimizer must be 'radam', 'adam' or 'sgd', got {self.optimizer!r}")
         checks.number("head_lr_scale", self.head_lr_scale)
         checks.number("scale", self.scale)
+        checks.number("augment_strength", self.augment_strength)
 
 
 def _random_affine(x: torch.Tensor, u: torch.Tensor, rotate=10.0, scale=0.1,
@@ -247,8 +267,9 @@ class MTLLearner(nn.Module):
         return (z * self.config.scale if self.config.scale != 1.0 else z), w
 
     def forward(self, x, task_classes, sample_task, labels, n_tasks):
-        with phase("backbone"):
+        with phase("backbone"), backbone_autocast(self.config.precision, x.device):
             z = self.features(x, n_tasks)
+        z = z.to(self.head.dtype)           # heads and losses in the learner's precision
         if self.config.normalize_features:
             z = F.normalize(z, dim=1)
         with phase("heads"):
@@ -349,6 +370,7 @@ class MTLTrainer(Trainer):
             self.optimizer, mode="max" if self._has_val else "min", factor=cfg.plateau_factor,
             patience=cfg.plateau_patience)
         self.scheduler = self._plateau
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if cfg.task_sampling == "all_classes":
             # One task over every class: the step's images share the whole head table.
             offset, B_local = _dist.shard(cfg.batch_size, "batch_size")
@@ -392,7 +414,8 @@ class MTLTrainer(Trainer):
         if cfg.augment:
             with phase("data"):
                 u = torch.rand(self._images_per_step, 4, generator=self._gen)[self._rows]
-                x = _random_affine(x, u)
+                a = cfg.augment_strength
+                x = _random_affine(x, u, rotate=10.0 * a, scale=0.1 * a, shift=0.1 * a)
         self._bn_sync.snapshot()
         loss, zs, w = self._model(x, classes, self._sample_task, labels, self._T_local)
         with phase("backward"):
@@ -415,8 +438,20 @@ class MTLTrainer(Trainer):
                         n_query=cfg.val_queries, episodes=cfg.val_episodes, seed=cfg.seed,
                         device=self.device, progress=False)
 
+    def _before_step(self) -> None:
+        cfg = self.config
+        if cfg.lr_schedule != "cosine":
+            return
+        factor = 0.5 * (1.0 + math.cos(math.pi * self.run_fraction()))
+        run = getattr(self, "_progress_of", None)
+        if run is not None and run[1].step < cfg.warmup_steps:
+            factor *= (run[1].step + 1) / cfg.warmup_steps
+        for group, lr in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = lr * factor
+
     def _end_epoch(self, record, score, has_val) -> None:
-        self._plateau.step(score if has_val else record["train_loss"])
+        if self.config.lr_schedule == "plateau":
+            self._plateau.step(score if has_val else record["train_loss"])
 
     def _record_extra(self):
         return {"scale": float(self.learner.log_scale.exp())}

@@ -16,6 +16,7 @@ times without charging the evaluation to the method.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -96,6 +97,23 @@ class phase:
         self.rf.__exit__(*exc)
         if self.nvtx:
             torch.cuda.nvtx.range_pop()
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def backbone_autocast(precision: str, device: torch.device):
+    """The context a trainer runs its backbone in: bfloat16 autocast for ``"bf16"`` (on
+    CUDA, and on the CPU where autocast supports the ops), nothing for ``"fp32"``. Heads
+    and losses leave it (:func:`full_precision`) and run in float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def full_precision(device_type: str):
+    """Autocast off: heads and losses inside a ``"bf16"`` backbone context run as given."""
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class TrainingDiverged(RuntimeError):
@@ -315,7 +333,7 @@ class ProfileSteps(Callback):
     ``top_ops.txt`` (operators by self time) into ``directory``; training then goes on.
 
     The phases every trainer marks (``data``, ``backbone``, ``heads``, ``backward``,
-    ``optimizer``; GBML ``inner_loop_and_outer_loss``, ``outer_backward``) appear as named
+    ``optimizer``; GBML ``inner_loop``, ``outer_loss``, ``outer_backward``) appear as named
     ranges. The profiled steps' time is training time as any other (the profiler slows
     them a little).
 
@@ -472,11 +490,29 @@ class Trainer:
     def _record_extra(self) -> dict[str, Any]:
         return {}
 
+    def _before_step(self) -> None:
+        """Per-step scheduling, before the optimizer step (see :meth:`run_fraction`)."""
+
+    def run_fraction(self) -> float:
+        """How much of this run is done, in [0, 1]: the larger of the training clock over
+        ``config.max_minutes`` and the steps taken over ``config.epochs`` epochs' steps
+        (0 outside ``fit``). A per-step schedule that follows it anneals over whichever
+        ends the run first, the time budget or the epochs."""
+        run = getattr(self, "_progress_of", None)
+        if run is None:
+            return 0.0
+        clock, state, total = run
+        done = state.step / total
+        if self.config.max_minutes is not None:
+            done = max(done, clock.seconds() / (60.0 * self.config.max_minutes))
+        return min(1.0, done)
+
     # -- the loop -------------------------------------------------------------------------
     def _apply_gradients(self) -> None:
         """Clip (``config.grad_clip``), step the optimizer and any per-step scheduler."""
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
+        self._before_step()
         with phase("optimizer"):
             self.optimizer.step()
 
@@ -497,6 +533,7 @@ class Trainer:
                            images=sum(h.get("images", 0) for h in self.history),
                            train_seconds=self.history[-1]["elapsed_s"] if self.history else 0.0)
         stale = 0 if not self.history else self.history[-1]["epoch"] - best["epoch"]
+        self._progress_of = (clock, state, max(1, cfg.epochs * steps))
         with clock.paused():
             for cb in callbacks:
                 cb.on_train_begin(self, state)
@@ -527,6 +564,7 @@ class Trainer:
                     break
         finally:
             self._signals.__exit__()
+            self._progress_of = None
             self._end_run()
         state.train_seconds = clock.seconds()
         for cb in callbacks:

@@ -8,7 +8,8 @@ import pytest
 from fastmtl.cli import main
 
 PHASES = {"mtl": {"data", "backbone", "heads", "backward", "optimizer"},
-          "maml": {"data", "inner_loop_and_outer_loss", "outer_backward", "optimizer"},
+          "maml": {"data", "inner_loop", "outer_loss", "outer_backward", "optimizer"},
+          "anil": {"data", "backbone", "inner_loop", "outer_loss", "outer_backward", "optimizer"},
           "protonet": {"data", "backbone", "outer_backward", "optimizer"}}
 
 

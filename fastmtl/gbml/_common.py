@@ -48,7 +48,8 @@ from ..evaluate import evaluate as _logistic_evaluate
 from ..evaluate import check_episodes, summary
 from ..models import feature_dim
 from ..sampling import EpisodeSampler, assemble
-from ..training import Trainer, check_val, phase
+from ..training import (PRECISIONS, Trainer, backbone_autocast, check_val, full_precision,
+                        phase)
 
 _VAL_PROTOCOLS = ("logistic", "own")
 
@@ -66,8 +67,10 @@ _SHARED_DOC = """
         lr_decay: factor of the step decay.
         grad_clip: max meta-gradient norm, or None (no clipping).
         vectorize: vmap over the tasks of a meta-batch (False: a Python loop over tasks).
-            Both compute the same; the loop is for comparison and for models vmap cannot run.
-        chunk_size: tasks vmapped at once (None: the whole meta-batch), to bound memory.
+            Both compute the same; the loop (one backward per task, as learn2learn does) is
+            for comparison, for models vmap cannot run, and faster on some CPUs.
+        chunk_size: tasks vmapped at once in training (None: the whole meta-batch), to
+            bound memory.
             The meta-gradient is accumulated chunk by chunk, so this bounds training memory
             (vmap's own chunk_size would not: autograd keeps every chunk's graph); it is
             also the number of episodes per vmap in the method's own evaluation.
@@ -79,6 +82,8 @@ _SHARED_DOC = """
         early_stop_patience: stop after this many epochs without a better val accuracy.
             None: never. The best epoch's weights are restored at the end.
         max_minutes: training-time budget of fit (None: none), checked after every step.
+        precision: "fp32" or "bf16" (bfloat16 autocast of the backbone; heads, inner-loop
+            heads and losses stay in float32).
         seed: seeds episodes, head init and any dropout (one seed, repeatable).
         checkpoint_dir: where last.pt, best.pt and history.json go every epoch (None: none).
 """
@@ -113,6 +118,7 @@ class _EpisodicConfig:
     val_episodes: int = 200
     early_stop_patience: int | None = None
     max_minutes: float | None = None
+    precision: str = "fp32"
     seed: int = 0
     checkpoint_dir: str | None = None
 
@@ -132,6 +138,7 @@ class _EpisodicConfig:
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         checks.one_of("val_protocol", self.val_protocol, _VAL_PROTOCOLS)
+        checks.one_of("precision", self.precision, PRECISIONS)
         if self.tasks_per_epoch < self.meta_batch:
             raise ValueError(f"tasks_per_epoch ({self.tasks_per_epoch}) is smaller than "
                              f"meta_batch ({self.meta_batch}): an epoch needs a step")
@@ -198,6 +205,15 @@ class _MetaLoss(nn.Module):
 
     def forward(self, xs, ys, xq, yq):
         return self.loss_fn(xs, ys, xq, yq)
+
+
+class LinearHead(nn.Linear):
+    """A linear head that runs in its weights' precision even inside a bf16 backbone
+    autocast (``precision="bf16"``): the features are cast to it, autocast is off."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        with full_precision(z.device.type):
+            return F.linear(z.to(self.weight.dtype), self.weight, self.bias)
 
 
 class _Learner(nn.Module):
@@ -446,7 +462,9 @@ class _EpisodicTrainer(Trainer):
     def _step(self, xs, ys, xq, yq) -> tuple[float, float]:
         """One meta-gradient, accumulated over chunks of tasks; returns (loss, accuracy)."""
         T = xs.shape[0]
-        chunk = self.config.chunk_size or T
+        # The per-task loop backpropagates each task as it goes (learn2learn's pattern: one
+        # task's graph alive at a time; measured 3-10% faster than one backward a batch).
+        chunk = (self.config.chunk_size or T) if self.config.vectorize else 1
         total, correct = 0.0, 0.0
         for lo in range(0, T, chunk):
             sl = slice(lo, lo + chunk)
@@ -456,7 +474,8 @@ class _EpisodicTrainer(Trainer):
                 contextlib.nullcontext()
             with sync:
                 fn = self.meta_loss if self._ddp is None else self._ddp
-                loss, logits = fn(xs[sl], ys[sl], xq[sl], yq[sl])
+                with backbone_autocast(self.config.precision, xs.device):
+                    loss, logits = fn(xs[sl], ys[sl], xq[sl], yq[sl])
                 share = logits.shape[0] / T
                 with phase("outer_backward"):
                     (loss * share).backward()
@@ -494,10 +513,16 @@ class _FeatureHeadTrainer(_EpisodicTrainer):
                 z = torch.stack([self.model.backbone(xt) for xt in x])
         return z[:, :S], z[:, S:]
 
+    def _full_precision_head(self, zs, ys, zq, n_way):
+        dtype = next(self.model.parameters()).dtype
+        with full_precision(zs.device.type):
+            return self._head_logits(zs.to(dtype), ys, zq.to(dtype), n_way)
+
     def _losses(self, xs, ys, xq, yq, vectorize):
         zs, zq = self._split_features(xs, xq, vectorize)
-        logits = self._head_logits(zs, ys, zq, self.config.n_way)
-        return _cross_entropy(logits, yq), logits
+        logits = self._full_precision_head(zs, ys, zq, self.config.n_way)
+        with full_precision(logits.device.type):
+            return _cross_entropy(logits, yq), logits
 
     def _vmapped(self, xs, ys, xq, yq):
         return self._losses(xs, ys, xq, yq, True)
@@ -507,7 +532,7 @@ class _FeatureHeadTrainer(_EpisodicTrainer):
 
     def _predict(self, xs, ys, xq, n_way):
         zs, zq = self._split_features(xs, xq, self.config.vectorize)
-        return self._head_logits(zs, ys, zq, n_way)
+        return self._full_precision_head(zs, ys, zq, n_way)
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

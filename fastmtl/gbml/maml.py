@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import (_document_shared_fields, _EpisodicConfig, _EpisodicTrainer, _Learner,
-                      _params, _vmap)
+from ._common import (LinearHead, _document_shared_fields, _EpisodicConfig, _EpisodicTrainer,
+                      _Learner, _params, _vmap)
 from ..training import phase
 
 __all__ = ["MAMLConfig", "MAML"]
@@ -109,7 +109,7 @@ class MAML(_EpisodicTrainer):
         return f"{self.method}: {self.config.test_inner_steps} inner steps per test episode"
 
     def _make_model(self, dim: int) -> _Learner:
-        model = _Learner(self.backbone, nn.Linear(dim, self.config.n_way))
+        model = _Learner(self.backbone, LinearHead(dim, self.config.n_way))
         model.to(next(self.backbone.parameters()).dtype)
         if self.config.learn_inner_lr:
             model.inner_lr = nn.ParameterList(
@@ -134,60 +134,85 @@ class MAML(_EpisodicTrainer):
             return dict(zip(names, self.model.inner_lr))
         return {k: self.config.inner_lr for k in names}
 
-    def _support_loss(self, fast, xs, ys):
-        return F.cross_entropy(torch.func.functional_call(self.model, fast, (xs,)), ys)
+    # -- one task, as pure functions of the weights --------------------------------------
+    # A task's "inputs" are its images (MAML) or its backbone features (ANIL, which
+    # overrides these three and _task_inputs); everything below is written once.
+    def _support_loss(self, fast, inputs, ys):
+        return F.cross_entropy(self._logits(fast, inputs), ys)
 
-    def _adapt(self, fast, lrs, xs, ys, steps, first_order):
-        """``steps`` inner SGD steps of one task (vmappable: torch.func.grad, no in-place)."""
+    def _logits(self, fast, inputs):
+        return torch.func.functional_call(self.model, fast, (inputs,))
+
+    def _task_inputs(self, xs, xq, vectorized: bool, detach: bool = False):
+        return xs, xq
+
+    def _inner_loop(self, fast, lrs, inputs, ys, steps, first_order, looped=False):
+        """``steps`` SGD steps of one task on its support loss (the only inner loop).
+
+        ``looped``: ``torch.autograd.grad`` (``create_graph`` for second order), for the
+        per-task loop; else ``torch.func.grad``, which ``vmap`` batches over tasks.
+        """
         for _ in range(steps):
-            grads = torch.func.grad(self._support_loss)(fast, xs, ys)
-            if first_order:
-                grads = {k: g.detach() for k, g in grads.items()}
+            if looped:
+                loss = self._support_loss(fast, inputs, ys)
+                grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()),
+                                                           create_graph=not first_order)))
+            else:
+                grads = torch.func.grad(self._support_loss)(fast, inputs, ys)
+                if first_order:
+                    grads = {k: g.detach() for k, g in grads.items()}
             fast = {k: w - lrs[k] * grads[k] for k, w in fast.items()}
         return fast
 
-    def _task(self, fast, lrs, xs, ys, xq, yq):
-        cfg = self.config
-        fast = self._adapt(fast, lrs, xs, ys, cfg.inner_steps, cfg.first_order)
-        logits = torch.func.functional_call(self.model, fast, (xq,))
+    def _outer_loss(self, fast, inputs, yq):
+        logits = self._logits(fast, inputs)
         return F.cross_entropy(logits, yq), logits
 
-    # -- hooks ------------------------------------------------------------------------------
-    def _vmapped(self, xs, ys, xq, yq):
-        params = self._adapted()
-        with phase("inner_loop_and_outer_loss"):
-            return _vmap(self._task, (None, None, 0, 0, 0, 0))(
-                params, self._step_sizes(params), xs, ys, xq, yq)
-
-    def _looped(self, xs, ys, xq, yq):
-        # The textbook form: per task, autograd.grad with create_graph for second order.
+    def _adapt_and_score(self, s, ys, q, yq, vectorized: bool):
+        """Per-task query losses (T,) and logits (T, Q, n) after the inner loop."""
         cfg = self.config
         params = self._adapted()
         lrs = self._step_sizes(params)
+
+        def inner(s, ys):
+            return self._inner_loop(params, lrs, s, ys, cfg.inner_steps, cfg.first_order,
+                                    looped=not vectorized)
+
+        if vectorized:
+            with phase("inner_loop"):
+                fast = _vmap(inner, (0, 0))(s, ys)
+            with phase("outer_loss"):
+                return _vmap(self._outer_loss, (0, 0, 0))(fast, q, yq)
         losses, all_logits = [], []
-        for t in range(xs.shape[0]):
-            fast = dict(params)
-            for _ in range(cfg.inner_steps):
-                loss = self._support_loss(fast, xs[t], ys[t])
-                grads = torch.autograd.grad(loss, list(fast.values()),
-                                            create_graph=not cfg.first_order)
-                fast = {k: w - lrs[k] * g for (k, w), g in zip(fast.items(), grads)}
-            logits = torch.func.functional_call(self.model, fast, (xq[t],))
-            losses.append(F.cross_entropy(logits, yq[t]))
+        for t in range(s.shape[0]):       # the textbook form, one task at a time
+            with phase("inner_loop"):
+                fast = inner(s[t], ys[t])
+            with phase("outer_loss"):
+                loss, logits = self._outer_loss(fast, q[t], yq[t])
+            losses.append(loss)
             all_logits.append(logits)
         return torch.stack(losses), torch.stack(all_logits)
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _vmapped(self, xs, ys, xq, yq):
+        s, q = self._task_inputs(xs, xq, vectorized=True)
+        return self._adapt_and_score(s, ys, q, yq, vectorized=True)
+
+    def _looped(self, xs, ys, xq, yq):
+        s, q = self._task_inputs(xs, xq, vectorized=False)
+        return self._adapt_and_score(s, ys, q, yq, vectorized=False)
 
     def _predict(self, xs, ys, xq, n_way):
         params = {k: v.detach() for k, v in self._adapted().items()}
         lrs = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
                for k, v in self._step_sizes(params).items()}
         steps = self.config.test_inner_steps
+        s, q = self._task_inputs(xs, xq, self.config.vectorize, detach=True)
 
-        def one(fast, lrs, xs, ys, xq):
-            fast = self._adapt(fast, lrs, xs, ys, steps, True)
-            return torch.func.functional_call(self.model, fast, (xq,))
+        def one(s, ys, q):
+            fast = self._inner_loop(params, lrs, s, ys, steps, True)
+            return self._logits(fast, q)
 
         if not self.config.vectorize:
-            return torch.stack([one(params, lrs, xs[e], ys[e], xq[e])
-                                for e in range(xs.shape[0])])
-        return _vmap(one, (None, None, 0, 0, 0))(params, lrs, xs, ys, xq)
+            return torch.stack([one(s[e], ys[e], q[e]) for e in range(s.shape[0])])
+        return _vmap(one, (0, 0, 0))(s, ys, q)

@@ -27,14 +27,14 @@ namespace {
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 
-inline uint64_t _mix(uint64_t x) {
+inline uint64_t mix(uint64_t x) {
   uint64_t z = x + kGolden;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
 }
 
-inline uint64_t _mulhi(uint64_t a, uint64_t b) {
+inline uint64_t mulhi(uint64_t a, uint64_t b) {
 #if defined(__SIZEOF_INT128__)
   return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
 #else
@@ -48,11 +48,11 @@ inline uint64_t _mulhi(uint64_t a, uint64_t b) {
 // Exact n % d for a fixed divisor by multiplication (Granlund & Montgomery 1994, fig. 4.1).
 // A hardware 64-bit division costs several times more, and the divisors (class count minus
 // i, class size minus i) are all known when the sampler is built.
-struct _FastMod {
+struct FastMod {
   uint64_t d = 1, magic = 1;
   unsigned sh1 = 0, sh2 = 0;
 
-  explicit _FastMod(uint64_t divisor = 1) : d(divisor) {
+  explicit FastMod(uint64_t divisor = 1) : d(divisor) {
     unsigned l = 0;  // ceil(log2(d))
     while (l < 64 && (uint64_t{1} << l) < d) ++l;
     // magic = floor((2**l - d) * 2**64 / d) + 1 by long division; 2**l - d < d.
@@ -72,12 +72,12 @@ struct _FastMod {
   }
 
   inline uint64_t mod(uint64_t n) const {
-    const uint64_t t = _mulhi(magic, n);
+    const uint64_t t = mulhi(magic, n);
     return n - ((t + ((n - t) >> sh1)) >> sh2) * d;
   }
 };
 
-int _clamp_threads(int requested, int64_t work_items, int64_t grain) {
+int clamp_threads(int requested, int64_t work_items, int64_t grain) {
   int hw = static_cast<int>(std::thread::hardware_concurrency());
   int n = requested > 0 ? requested : std::max(1, hw);
   // A thread costs tens of microseconds to start, and on a busy machine it may wait a time
@@ -89,7 +89,7 @@ int _clamp_threads(int requested, int64_t work_items, int64_t grain) {
 // f(lo, hi, worker) over [0, n) split into `threads` contiguous ranges. f must not throw:
 // everything that can fail (allocation, validation) happens before the split.
 template <class F>
-void _parallel_for(int64_t n, int threads, F&& f) {
+void parallel_for(int64_t n, int threads, F&& f) {
   if (threads <= 1 || n <= 1) {
     f(int64_t{0}, n, 0);
     return;
@@ -109,7 +109,7 @@ void _parallel_for(int64_t n, int threads, F&& f) {
   for (auto& t : pool) t.join();
 }
 
-void _require_contiguous(const py::array& a, const char* name) {
+void require_contiguous(const py::array& a, const char* name) {
   if (!(a.flags() & py::array::c_style)) {
     throw py::value_error(std::string(name) + " must be a C-contiguous array");
   }
@@ -117,11 +117,11 @@ void _require_contiguous(const py::array& a, const char* name) {
 
 // Equivalence, not identity, of dtypes: int64 is 'l' on Linux but 'q' on other platforms.
 template <class T>
-bool _is_dtype(const py::array& a) {
+bool is_dtype(const py::array& a) {
   return py::isinstance<py::array_t<T>>(a);
 }
 
-std::string _shape_str(const py::array& a) {
+std::string shape_str(const py::array& a) {
   std::string s = "(";
   for (py::ssize_t i = 0; i < a.ndim(); ++i) {
     s += std::to_string(a.shape(i));
@@ -131,7 +131,7 @@ std::string _shape_str(const py::array& a) {
   return s + ")";
 }
 
-uint64_t _to_u64(const py::handle& value, const char* name) {
+uint64_t to_u64(const py::handle& value, const char* name) {
   if (!PyLong_Check(value.ptr()) || PyBool_Check(value.ptr())) {
     throw py::value_error(std::string(name) + " must be an integer");
   }
@@ -144,25 +144,25 @@ uint64_t _to_u64(const py::handle& value, const char* name) {
   return static_cast<uint64_t>(v);
 }
 
-class _Sampler {
+class Sampler {
  public:
-  _Sampler(const py::array& labels, int64_t n_way, int64_t k_shot, int64_t n_query,
+  Sampler(const py::array& labels, int64_t n_way, int64_t k_shot, int64_t n_query,
            const py::object& seed) {
     if (labels.ndim() != 1) {
-      throw py::value_error("labels must be a 1-D array, got shape " + _shape_str(labels));
+      throw py::value_error("labels must be a 1-D array, got shape " + shape_str(labels));
     }
-    if (!_is_dtype<int64_t>(labels)) {
+    if (!is_dtype<int64_t>(labels)) {
       throw py::value_error("labels must be an int64 array, got dtype " +
                             py::str(labels.dtype()).cast<std::string>());
     }
-    _require_contiguous(labels, "labels");
+    require_contiguous(labels, "labels");
     if (n_way < 1) throw py::value_error("n_way must be >= 1, got " + std::to_string(n_way));
     if (k_shot < 1) throw py::value_error("k_shot must be >= 1, got " + std::to_string(k_shot));
     if (n_query < 0) {
       throw py::value_error("n_query must be >= 0, got " + std::to_string(n_query));
     }
-    seed_ = _to_u64(seed, "seed");
-    seed_key_ = _mix(seed_);
+    seed_ = to_u64(seed, "seed");
+    seed_key_ = mix(seed_);
     n_way_ = n_way;
     k_shot_ = k_shot;
     n_query_ = n_query;
@@ -212,7 +212,7 @@ class _Sampler {
   }
 
   py::tuple sample(const py::object& start_obj, int64_t count, int num_threads) const {
-    const uint64_t start = _to_u64(start_obj, "start");
+    const uint64_t start = to_u64(start_obj, "start");
     if (count < 0) throw py::value_error("count must be >= 0, got " + std::to_string(count));
     if (count > 0 && start + static_cast<uint64_t>(count - 1) < start) {
       throw py::value_error("episode numbers must stay below 2**64");
@@ -221,7 +221,7 @@ class _Sampler {
     py::array_t<int64_t> idx({count, n_way_, shots_});
     int64_t* cls_p = cls.mutable_data();
     int64_t* idx_p = idx.mutable_data();
-    const int threads = _clamp_threads(num_threads, count, 4096);
+    const int threads = clamp_threads(num_threads, count, 4096);
     // Per-worker scratch: identity permutations that each episode disturbs and restores,
     // so an episode costs O(n_way * shots), never O(classes + class size).
     const int64_t n_classes = static_cast<int64_t>(classes_.size());
@@ -233,12 +233,12 @@ class _Sampler {
     }
     {
       py::gil_scoped_release release;
-      _parallel_for(count, threads, [&](int64_t lo, int64_t hi, int w) {
+      parallel_for(count, threads, [&](int64_t lo, int64_t hi, int w) {
         int64_t* perm = scratch[w].data();
         int64_t* slots = perm + n_classes;
         int64_t* touched = slots + max_count_;
         for (int64_t e = lo; e < hi; ++e) {
-          _episode(start + static_cast<uint64_t>(e), cls_p + e * n_way_,
+          draw_episode(start + static_cast<uint64_t>(e), cls_p + e * n_way_,
                    idx_p + e * n_way_ * shots_, perm, slots, touched);
         }
       });
@@ -246,13 +246,13 @@ class _Sampler {
     return py::make_tuple(std::move(cls), std::move(idx));
   }
 
-  py::array_t<int64_t> classes() const { return _vec(classes_); }
-  py::array_t<int64_t> counts() const { return _vec(counts_); }
-  py::array_t<int64_t> offsets() const { return _vec(offsets_); }
-  py::array_t<int64_t> order() const { return _vec(order_); }
+  py::array_t<int64_t> classes() const { return to_array(classes_); }
+  py::array_t<int64_t> counts() const { return to_array(counts_); }
+  py::array_t<int64_t> offsets() const { return to_array(offsets_); }
+  py::array_t<int64_t> order() const { return to_array(order_); }
 
  private:
-  static py::array_t<int64_t> _vec(const std::vector<int64_t>& v) {
+  static py::array_t<int64_t> to_array(const std::vector<int64_t>& v) {
     py::array_t<int64_t> out(static_cast<py::ssize_t>(v.size()));
     std::copy(v.begin(), v.end(), out.mutable_data());
     return out;
@@ -260,13 +260,13 @@ class _Sampler {
 
   // Locals throughout: the int64 stores into the outputs could alias the members, which
   // would make the compiler reload them on every step.
-  void _episode(uint64_t e, int64_t* cls_out, int64_t* idx_out, int64_t* perm,
+  void draw_episode(uint64_t e, int64_t* cls_out, int64_t* idx_out, int64_t* perm,
                 int64_t* slots, int64_t* touched) const {
     const int64_t n_way = n_way_, shots = shots_;
-    const uint64_t key = _mix(seed_key_ ^ e);
-    const _FastMod* class_mod = class_mod_.data();
+    const uint64_t key = mix(seed_key_ ^ e);
+    const FastMod* class_mod = class_mod_.data();
     for (int64_t i = 0; i < n_way; ++i) {
-      const uint64_t u = _mix(key + static_cast<uint64_t>(i) * kGolden);
+      const uint64_t u = mix(key + static_cast<uint64_t>(i) * kGolden);
       const int64_t j = i + static_cast<int64_t>(class_mod[i].mod(u));
       cls_out[i] = perm[j];  // position i is final once step i has run: no write back
       perm[j] = perm[i];
@@ -278,18 +278,18 @@ class _Sampler {
       perm[i] = i;
     }
 
-    const _FastMod* image_mod = image_mod_.data();
+    const FastMod* image_mod = image_mod_.data();
     const int64_t* order = order_.data();
     const int64_t* offsets = offsets_.data();
     const int64_t* classes = classes_.data();
     for (int64_t w = 0; w < n_way; ++w) {
       const int64_t c = cls_out[w];
-      const _FastMod* mods = image_mod + c * shots;
+      const FastMod* mods = image_mod + c * shots;
       const int64_t* members = order + offsets[c];
       const uint64_t base = static_cast<uint64_t>(n_way + w * shots);
       int64_t* out = idx_out + w * shots;
       for (int64_t i = 0; i < shots; ++i) {
-        const uint64_t u = _mix(key + (base + static_cast<uint64_t>(i)) * kGolden);
+        const uint64_t u = mix(key + (base + static_cast<uint64_t>(i)) * kGolden);
         const int64_t j = i + static_cast<int64_t>(mods[i].mod(u));
         const int64_t picked = slots[j];
         slots[j] = slots[i];
@@ -307,7 +307,7 @@ class _Sampler {
   uint64_t seed_ = 0, seed_key_ = 0;
   int64_t n_way_ = 0, k_shot_ = 0, n_query_ = 0, shots_ = 0, max_count_ = 0;
   std::vector<int64_t> classes_, counts_, offsets_, order_;
-  std::vector<_FastMod> class_mod_, image_mod_;
+  std::vector<FastMod> class_mod_, image_mod_;
 };
 
 // --- batch assembly ----------------------------------------------------------------------
@@ -316,13 +316,13 @@ class _Sampler {
 // baseline (SSE2) lacks; on Linux/x86-64 the compiler also emits SSSE3 and AVX2 copies and
 // the loader picks the best one the CPU has.
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define _FASTMTL_CLONES __attribute__((target_clones("avx2", "ssse3", "default")))
+#define FASTMTL_CLONES __attribute__((target_clones("avx2", "ssse3", "default")))
 #else
-#define _FASTMTL_CLONES
+#define FASTMTL_CLONES
 #endif
 
-_FASTMTL_CLONES
-void _deinterleave3(const uint8_t* __restrict src, uint8_t* __restrict d0,
+FASTMTL_CLONES
+void deinterleave3(const uint8_t* __restrict src, uint8_t* __restrict d0,
                     uint8_t* __restrict d1, uint8_t* __restrict d2, int64_t hw) {
   for (int64_t p = 0; p < hw; ++p) {
     d0[p] = src[3 * p];
@@ -331,13 +331,13 @@ void _deinterleave3(const uint8_t* __restrict src, uint8_t* __restrict d0,
   }
 }
 
-void _copy_planar_u8(const uint8_t* src, uint8_t* dst, int64_t hw, int64_t ch) {
+void copy_planar_u8(const uint8_t* src, uint8_t* dst, int64_t hw, int64_t ch) {
   if (ch == 1) {
     std::memcpy(dst, src, static_cast<size_t>(hw));
     return;
   }
   if (ch == 3) {
-    _deinterleave3(src, dst, dst + hw, dst + 2 * hw, hw);
+    deinterleave3(src, dst, dst + hw, dst + 2 * hw, hw);
     return;
   }
   for (int64_t p = 0; p < hw; ++p) {
@@ -347,7 +347,7 @@ void _copy_planar_u8(const uint8_t* src, uint8_t* dst, int64_t hw, int64_t ch) {
 
 // lut[c * 256 + v] is the normalized value of byte v in channel c, computed in Python with
 // the same float32 operations as FewShotDataset.tensor, so both give identical floats.
-void _copy_planar_f32(const uint8_t* src, float* dst, int64_t hw, int64_t ch, const float* lut) {
+void copy_planar_f32(const uint8_t* src, float* dst, int64_t hw, int64_t ch, const float* lut) {
   if (ch == 1) {
     for (int64_t p = 0; p < hw; ++p) dst[p] = lut[src[p]];
     return;
@@ -373,20 +373,20 @@ void _copy_planar_f32(const uint8_t* src, float* dst, int64_t hw, int64_t ch, co
 
 void assemble(const py::array& images, const py::array& index, const py::array& out,
               const py::object& lut_obj, int num_threads) {
-  if (!_is_dtype<uint8_t>(images) || (images.ndim() != 3 && images.ndim() != 4)) {
+  if (!is_dtype<uint8_t>(images) || (images.ndim() != 3 && images.ndim() != 4)) {
     throw py::value_error("images must be a uint8 array (N, H, W[, C]), got dtype " +
                           py::str(images.dtype()).cast<std::string>() + " with shape " +
-                          _shape_str(images));
+                          shape_str(images));
   }
-  _require_contiguous(images, "images");
-  if (!_is_dtype<int64_t>(index)) {
+  require_contiguous(images, "images");
+  if (!is_dtype<int64_t>(index)) {
     throw py::value_error("index must be an int64 array, got dtype " +
                           py::str(index.dtype()).cast<std::string>());
   }
-  _require_contiguous(index, "index");
-  _require_contiguous(out, "out");
-  const bool as_float = _is_dtype<float>(out);
-  if (!as_float && !_is_dtype<uint8_t>(out)) {
+  require_contiguous(index, "index");
+  require_contiguous(out, "out");
+  const bool as_float = is_dtype<float>(out);
+  if (!as_float && !is_dtype<uint8_t>(out)) {
     throw py::value_error("out must be a float32 or uint8 array, got dtype " +
                           py::str(out.dtype()).cast<std::string>());
   }
@@ -402,21 +402,21 @@ void assemble(const py::array& images, const py::array& index, const py::array& 
     shape_ok = out.shape(k) == ch && out.shape(k + 1) == h && out.shape(k + 2) == w;
   }
   if (!shape_ok) {
-    throw py::value_error("out must have shape index.shape + (C, H, W) = " + _shape_str(index) +
+    throw py::value_error("out must have shape index.shape + (C, H, W) = " + shape_str(index) +
                           " + (" + std::to_string(ch) + ", " + std::to_string(h) + ", " +
-                          std::to_string(w) + "), got " + _shape_str(out));
+                          std::to_string(w) + "), got " + shape_str(out));
   }
 
   const float* lut = nullptr;
   if (as_float) {
     if (lut_obj.is_none()) throw py::value_error("a float32 out needs a lookup table");
     py::array lut_arr = py::reinterpret_borrow<py::array>(lut_obj);
-    if (!_is_dtype<float>(lut_arr) || lut_arr.ndim() != 2 || lut_arr.shape(0) != ch ||
+    if (!is_dtype<float>(lut_arr) || lut_arr.ndim() != 2 || lut_arr.shape(0) != ch ||
         lut_arr.shape(1) != 256) {
       throw py::value_error("lut must be a float32 array of shape (" + std::to_string(ch) +
                             ", 256)");
     }
-    _require_contiguous(lut_arr, "lut");
+    require_contiguous(lut_arr, "lut");
     lut = static_cast<const float*>(lut_arr.data());
   } else if (!lut_obj.is_none()) {
     throw py::value_error("a uint8 out takes no lookup table (no normalization)");
@@ -432,16 +432,16 @@ void assemble(const py::array& images, const py::array& index, const py::array& 
   const uint8_t* src = static_cast<const uint8_t*>(images.data());
   void* dst = const_cast<void*>(out.data());
   if (!out.writeable()) throw py::value_error("out must be writeable");
-  const int threads = _clamp_threads(num_threads, count * image_bytes, 4 << 20);
+  const int threads = clamp_threads(num_threads, count * image_bytes, 4 << 20);
 
   py::gil_scoped_release release;
-  _parallel_for(count, threads, [&](int64_t lo, int64_t hi, int) {
+  parallel_for(count, threads, [&](int64_t lo, int64_t hi, int) {
     for (int64_t b = lo; b < hi; ++b) {
       const uint8_t* s = src + idx[b] * image_bytes;
       if (as_float) {
-        _copy_planar_f32(s, static_cast<float*>(dst) + b * image_bytes, hw, ch, lut);
+        copy_planar_f32(s, static_cast<float*>(dst) + b * image_bytes, hw, ch, lut);
       } else {
-        _copy_planar_u8(s, static_cast<uint8_t*>(dst) + b * image_bytes, hw, ch);
+        copy_planar_u8(s, static_cast<uint8_t*>(dst) + b * image_bytes, hw, ch);
       }
     }
   });
@@ -452,19 +452,19 @@ void assemble(const py::array& images, const py::array& index, const py::array& 
 PYBIND11_MODULE(_episodes, m) {
   m.doc() = "C++ core of fastmtl.sampling: counter-based episode sampling, batch assembly.";
 
-  py::class_<_Sampler>(m, "Sampler")
+  py::class_<Sampler>(m, "Sampler")
       .def(py::init<const py::array&, int64_t, int64_t, int64_t, const py::object&>(),
            py::arg("labels"), py::arg("n_way"), py::arg("k_shot"), py::arg("n_query"),
            py::arg("seed"),
            "Index the int64 label array once; episodes are a pure function of (seed, number).")
-      .def("sample", &_Sampler::sample, py::arg("start"), py::arg("count"),
+      .def("sample", &Sampler::sample, py::arg("start"), py::arg("count"),
            py::arg("num_threads") = 0,
            "Episodes start..start+count-1: (classes (count, n_way), index (count, n_way, "
            "k_shot + n_query)), both int64.")
-      .def_property_readonly("classes", &_Sampler::classes)
-      .def_property_readonly("counts", &_Sampler::counts)
-      .def_property_readonly("offsets", &_Sampler::offsets)
-      .def_property_readonly("order", &_Sampler::order);
+      .def_property_readonly("classes", &Sampler::classes)
+      .def_property_readonly("counts", &Sampler::counts)
+      .def_property_readonly("offsets", &Sampler::offsets)
+      .def_property_readonly("order", &Sampler::order);
 
   m.def("assemble", &assemble, py::arg("images"), py::arg("index"), py::arg("out"),
         py::arg("lut") = py::none(), py::arg("num_threads") = 0,

@@ -235,6 +235,34 @@ def _fit_chunk(x, y, C, n_classes, max_iter, tol):
     return weight, bias, n_iter, converged
 
 
+@dataclass(eq=False)
+class _Rows:
+    """The working tensors of :func:`_newton`, one row per episode still iterating.
+
+    Finished rows are frozen, and dropped once they are a quarter of the rows: one slow
+    episode should not make the batch pay for its iterations, nor each finished one for a
+    copy of all the rows.
+    """
+
+    episode: torch.Tensor     # (R,) the row's episode in the chunk
+    coef: torch.Tensor        # (R, K, S) the coefficients
+    coef_img: torch.Tensor    # coef @ gram: the logits without the mask
+    gram: torch.Tensor        # (R, S, S) gram_aug, float64
+    gram32: torch.Tensor      # the same in float32, for CG
+    labels: torch.Tensor      # (R, 1, S)
+    onehot: torch.Tensor      # (R, K, S)
+    c: torch.Tensor           # (R,) inverse regularization strength
+    k: torch.Tensor           # (R,) spread / S, the intercepts' weight
+    threshold: torch.Tensor   # (R,) gradient norm at which a row has converged
+    mask: torch.Tensor        # (R, K, 1) 0, or -inf for classes absent from the support
+    fill: torch.Tensor        # (R, K, K) curvature on directions the iterates never take
+    done: torch.Tensor        # (R,) frozen: converged, out of iterations or refused
+
+    def select(self, keep: torch.Tensor) -> "_Rows":
+        """The rows where ``keep`` is True."""
+        return _Rows(**{name: t[keep] for name, t in vars(self).items()})
+
+
 def _newton(gram_aug, labels, onehot, present, c, spread, max_iter, tol):
     """Newton-CG on one coefficient matrix per episode, coef (E, K, S).
 
@@ -246,74 +274,85 @@ def _newton(gram_aug, labels, onehot, present, c, spread, max_iter, tol):
     ``_img``), which gives logits and inner products without another product with the
     Gram matrix. In these terms the gradient is c (softmax - onehot) + coef P and the
     Hessian-vector product c H(v_img) + v P, H being each point's softmax Hessian.
+    Returns (coef, iterations, converged) of every episode.
     """
     E, K, S = onehot.shape
-    f64 = onehot.dtype
     dev = onehot.device
-    coef = torch.zeros(E, K, S, dtype=f64, device=dev)
+    coef = torch.zeros(E, K, S, dtype=onehot.dtype, device=dev)
     n_iter = torch.zeros(E, dtype=torch.int64, device=dev)
     converged = torch.zeros(E, dtype=torch.bool, device=dev)
+    rows = _first_rows(gram_aug, labels, onehot, present, c, spread, tol)
+    gnorm0 = last = None
+    for it in range(max_iter + 1):
+        point = _evaluate(rows.coef, rows.coef_img, rows.mask, rows.labels, rows.c, rows.k)
+        if last is not None:
+            # The Armijo test of the step just taken, at the point it led to.
+            rows.coef, rows.coef_img, point, refused = _backtrack(
+                last, rows.coef, rows.coef_img, point, rows.mask, rows.labels, rows.c, rows.k)
+            refused &= ~rows.done
+            if bool(refused.any()):
+                # Rounding dominates the objective there: as good as it gets.
+                gone = rows.episode[refused]
+                coef[gone], n_iter[gone] = rows.coef[refused], it - 1
+                rows.done = rows.done | refused
+        f, prob, pen_img, csum = point
+        grad2, gnorm = _gradient(rows, prob, pen_img, csum)
+        if gnorm0 is None:
+            gnorm0 = gnorm.clamp_min(torch.finfo(gnorm.dtype).tiny)
+        ok = gnorm <= rows.threshold
+        new = (ok | (it >= max_iter)) & ~rows.done
+        if bool(new.any()):
+            gone = rows.episode[new]
+            coef[gone], converged[gone], n_iter[gone] = rows.coef[new], ok[new], it
+            rows.done = rows.done | new
+        n_done = int(rows.done.sum())
+        if n_done == rows.done.numel():
+            break
+        if 4 * n_done >= rows.done.numel():
+            keep = ~rows.done
+            rows = rows.select(keep)
+            gnorm0, gnorm, prob, f = (t[keep] for t in (gnorm0, gnorm, prob, f))
+            grad2 = grad2[:, keep]
+        # Inexact Newton: loose solves far from the optimum, tight ones near it.
+        forcing = (gnorm / gnorm0).sqrt().clamp_max(0.5)
+        step, step_img = _pcg(rows.gram32, rows.gram, prob, rows.fill, rows.c, rows.k, grad2,
+                              (forcing * gnorm) ** 2, rows.done)
+        last = (rows.coef, rows.coef_img, step, step_img, f,
+                (grad2[0] * step_img).sum((1, 2)))
+        rows.coef, rows.coef_img = rows.coef + step, rows.coef_img + step_img
+    return coef, n_iter, converged
+
+
+def _first_rows(gram_aug, labels, onehot, present, c, spread, tol) -> _Rows:
+    E, K, S = onehot.shape
+    dev = onehot.device
+    coef = torch.zeros(E, K, S, dtype=onehot.dtype, device=dev)
     # Absent classes get a -inf logit, the limit the objective tends to (module docstring).
     mask = torch.where(present, 0.0, float("-inf")).unsqueeze(-1)
     # The iterates never move along the intercepts' common shift nor along absent classes;
     # any positive curvature there only keeps the preconditioner invertible.
     m = present.to(torch.float32)
     fill = torch.diag_embed(1.0 - m) + m.unsqueeze(2) * m.unsqueeze(1) / m.sum(1)[:, None, None]
-    k = spread / S
-    # Rows of the working tensors are episodes (original indices in idx). Finished ones
-    # are frozen (done) and dropped once they are a quarter of the rows: one slow episode
-    # should not make the whole batch pay for its iterations, nor each finished one for a
-    # copy of all the rows.
-    rows = [torch.arange(E, device=dev), coef, torch.zeros_like(coef), gram_aug,
-            gram_aug.to(torch.float32), labels, onehot, c, k, tol * c * S, mask, fill,
-            torch.zeros(E, dtype=torch.bool, device=dev)]
-    gnorm0 = last = None
-    for it in range(max_iter + 1):
-        idx, co, img, gr, gr32, lab, yy, cc, kk, thr, mk, fl, done = rows
-        point = _evaluate(co, img, mk, lab, cc, kk)
-        if last is not None:
-            # The Armijo test of the step just taken, at the point it led to.
-            co, img, point, refused = _backtrack(last, co, img, point, mk, lab, cc, kk)
-            rows[1], rows[2] = co, img
-            refused &= ~done
-            if bool(refused.any()):
-                # Rounding dominates the objective there: as good as it gets.
-                gone = idx[refused]
-                coef[gone], n_iter[gone] = co[refused], it - 1
-                done = rows[-1] = done | refused
-        f, prob, pen_img, csum = point
-        resid = prob - yy
-        c3 = cc.view(-1, 1, 1)
-        grad2 = torch.empty((2,) + co.shape, dtype=f64, device=dev)
-        grad, grad_img = grad2.unbind(0)
-        torch.addcmul(co - csum / S, c3, resid, out=grad)
-        torch.addcmul(pen_img, c3, resid @ gr, out=grad_img)
-        # Euclidean over (W, b): the metric weighs the intercepts' part by k, not 1.
-        grad_b2 = (cc.view(-1, 1) * resid.sum(-1)).square().sum(1)
-        gnorm = ((grad * grad_img).sum((1, 2)) + (1 - kk) * grad_b2).clamp_min(0).sqrt()
-        if gnorm0 is None:
-            gnorm0 = gnorm.clamp_min(torch.finfo(f64).tiny)
-        ok = gnorm <= thr
-        new = (ok | (it >= max_iter)) & ~done
-        if bool(new.any()):
-            gone = idx[new]
-            coef[gone], converged[gone], n_iter[gone] = co[new], ok[new], it
-            done = rows[-1] = done | new
-        n_done = int(done.sum())
-        if n_done == done.numel():
-            break
-        if 4 * n_done >= done.numel():
-            keep = ~done
-            rows = [t[keep] for t in rows]
-            idx, co, img, gr, gr32, lab, yy, cc, kk, thr, mk, fl, done = rows
-            gnorm0, gnorm, prob, f = (t[keep] for t in (gnorm0, gnorm, prob, f))
-            grad2 = grad2[:, keep]
-        # Inexact Newton: loose solves far from the optimum, tight ones near it.
-        forcing = (gnorm / gnorm0).sqrt().clamp_max(0.5)
-        step, step_img = _pcg(gr32, gr, prob, fl, cc, kk, grad2, (forcing * gnorm) ** 2, done)
-        last = (co, img, step, step_img, f, (grad2[0] * step_img).sum((1, 2)))
-        rows[1], rows[2] = co + step, img + step_img
-    return coef, n_iter, converged
+    return _Rows(episode=torch.arange(E, device=dev), coef=coef,
+                 coef_img=torch.zeros_like(coef), gram=gram_aug,
+                 gram32=gram_aug.to(torch.float32), labels=labels, onehot=onehot, c=c,
+                 k=spread / S, threshold=tol * c * S, mask=mask, fill=fill,
+                 done=torch.zeros(E, dtype=torch.bool, device=dev))
+
+
+def _gradient(rows: _Rows, prob, pen_img, csum):
+    """The gradient and its image stacked (2, R, K, S), and its norm over (W, b)."""
+    S = rows.coef.shape[-1]
+    resid = prob - rows.onehot
+    c3 = rows.c.view(-1, 1, 1)
+    grad2 = torch.empty((2,) + rows.coef.shape, dtype=rows.coef.dtype, device=rows.coef.device)
+    grad, grad_img = grad2.unbind(0)
+    torch.addcmul(rows.coef - csum / S, c3, resid, out=grad)
+    torch.addcmul(pen_img, c3, resid @ rows.gram, out=grad_img)
+    # Euclidean over (W, b): the metric weighs the intercepts' part by k, not 1.
+    grad_b2 = (rows.c.view(-1, 1) * resid.sum(-1)).square().sum(1)
+    gnorm = ((grad * grad_img).sum((1, 2)) + (1 - rows.k) * grad_b2).clamp_min(0).sqrt()
+    return grad2, gnorm
 
 
 def _evaluate(co, img, mask, lab, c, k):
@@ -354,10 +393,7 @@ def _pcg(gram32, gram64, prob, fill, c, k, grad2, target2, frozen):
     """Preconditioned CG for the Newton step: H step = -grad to ||residual||^2 <= target2.
 
     grad2 stacks the gradient and its image, (2, E, K, S); frozen episodes get a zero
-    step. The preconditioner replaces every support point's softmax Hessian by their mean
-    and K_c by a multiple of the identity, so it acts on the class side alone: one K x K
-    matrix for the weights and one for the intercepts. It is exact at the start (uniform
-    probabilities) for isotropic features, and needs a few iterations later on.
+    step (see :func:`_preconditioner` for the preconditioner).
 
     CG runs in float32: the step only has to be a descent direction solved to the forcing
     tolerance (the gradient and the line search stay in float64), and the iterations are
@@ -369,6 +405,58 @@ def _pcg(gram32, gram64, prob, fill, c, k, grad2, target2, frozen):
     prob = prob.to(f32)
     c3 = c.to(f32)[:, None, None]
     k3 = k.to(f32)[:, None, None]
+    precondition = _preconditioner(prob, fill, c3, k3)
+    # Removes the mean (v P) from a vector, and k times its sum from its image.
+    shift = torch.stack([torch.full_like(k3, 1.0 / S), k3])
+    zero = prob.new_zeros(())
+    x = torch.zeros_like(prob)
+    r2 = grad2.to(f32).neg_()
+    p2 = precondition(r2)
+    rz = (r2[0] * p2[1]).sum((1, 2))
+    live = (rz > 0) & ~frozen
+    target2 = target2.to(f32)
+    for _ in range(K * S):
+        hp2 = _hessian_product(p2, prob, c3, shift, gram32)
+        # Solved episodes stop moving; so do those where rounding has eaten the curvature.
+        curv = (p2[0] * hp2[1]).sum((1, 2))
+        live = live & (curv > 0)
+        alpha = torch.where(live, rz / curv, zero)[:, None, None]
+        x.addcmul_(alpha, p2[0])
+        r2.addcmul_(alpha, hp2, value=-1)
+        live = live & ((r2[0] * r2[1]).sum((1, 2)) > target2)
+        if not bool(live.any()):
+            break
+        z2 = precondition(r2)
+        rz_new = (r2[0] * z2[1]).sum((1, 2))
+        beta = torch.where(live, rz_new / rz, zero)[:, None, None]
+        rz = rz_new
+        p2 = z2.addcmul_(beta, p2)
+    # The image in float64: it updates the logits, which must stay those of the coefficients.
+    x = x.to(gram64.dtype)
+    return x, x @ gram64
+
+
+def _hessian_product(p2, prob, c3, shift, gram32):
+    """H p and its image for a direction p stacked with its image, (2, E, K, S)."""
+    p, p_img = p2[0], p2[1]
+    u = prob * p_img
+    hz = torch.addcmul(u, prob, u.sum(1, keepdim=True), value=-1)
+    hp2 = torch.addcmul(p2, shift, p.sum(-1, keepdim=True), value=-1)
+    hp2[0].addcmul_(c3, hz)
+    hp2[1].addcmul_(c3, torch.bmm(hz, gram32))
+    return hp2
+
+
+def _preconditioner(prob, fill, c3, k3):
+    """The CG preconditioner, as a function of a stacked (2, E, K, S) vector.
+
+    It replaces every support point's softmax Hessian by their mean and K_c by a multiple
+    of the identity, so it acts on the class side alone: one K x K matrix for the weights
+    and one for the intercepts. It is exact at the start (uniform probabilities) for
+    isotropic features, and needs a few iterations later on.
+    """
+    E, K, S = prob.shape
+    f32 = prob.dtype
     mean_hess = torch.diag_embed(prob.sum(-1) / S) - (prob @ prob.transpose(1, 2)) / S + fill
     cs = c3 * k3 * S
     eye = torch.eye(K, dtype=f32, device=prob.device)
@@ -384,37 +472,4 @@ def _pcg(gram32, gram64, prob, fill, c, k, grad2, target2, frozen):
         flat = v2.view(2 * E, K, S)
         return torch.baddbmm(pre_diff2 @ flat.sum(-1, keepdim=True), pre_w2, flat).view(
             2, E, K, S)
-
-    # Removes the mean (v P) from a vector, and k times its sum from its image.
-    shift = torch.stack([torch.full_like(k3, 1.0 / S), k3])
-    zero = prob.new_zeros(())
-    x = torch.zeros_like(prob)
-    r2 = grad2.to(f32).neg_()
-    p2 = precondition(r2)
-    rz = (r2[0] * p2[1]).sum((1, 2))
-    live = (rz > 0) & ~frozen
-    target2 = target2.to(f32)
-    for _ in range(K * S):
-        p, p_img = p2[0], p2[1]
-        u = prob * p_img
-        hz = torch.addcmul(u, prob, u.sum(1, keepdim=True), value=-1)
-        hp2 = torch.addcmul(p2, shift, p.sum(-1, keepdim=True), value=-1)
-        hp2[0].addcmul_(c3, hz)
-        hp2[1].addcmul_(c3, torch.bmm(hz, gram32))
-        # Solved episodes stop moving; so do those where rounding has eaten the curvature.
-        curv = (p * hp2[1]).sum((1, 2))
-        live = live & (curv > 0)
-        alpha = torch.where(live, rz / curv, zero)[:, None, None]
-        x.addcmul_(alpha, p)
-        r2.addcmul_(alpha, hp2, value=-1)
-        live = live & ((r2[0] * r2[1]).sum((1, 2)) > target2)
-        if not bool(live.any()):
-            break
-        z2 = precondition(r2)
-        rz_new = (r2[0] * z2[1]).sum((1, 2))
-        beta = torch.where(live, rz_new / rz, zero)[:, None, None]
-        rz = rz_new
-        p2 = z2.addcmul_(beta, p2)
-    # The image in float64: it updates the logits, which must stay those of the coefficients.
-    x = x.to(gram64.dtype)
-    return x, x @ gram64
+    return precondition

@@ -19,6 +19,7 @@ from . import distributed as _dist
 from ._env import keep_freed_memory, machine_info
 from .checkpoint import atomic_save, atomic_savefig, atomic_write_json, atomic_write_text
 from .checkpoint import load as load_checkpoint
+from .config import field_help
 from .mtl import RECIPES, MTLConfig
 from .training import ProfileSteps, TrainingDiverged, TrainingInterrupted
 
@@ -136,14 +137,13 @@ def _evaluate_all(backbone, test, shots, ways, queries, episodes, seed, progress
 def _add_config_flags(parser: argparse.ArgumentParser, defaults, fixed=()) -> None:
     cls = type(defaults)
     hints = typing.get_type_hints(cls)
-    doc = cls.__doc__ or ""
     for f in dataclasses.fields(cls):
         if f.name in fixed:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         hint = hints[f.name]
-        help_text = _field_help(doc, f.name).replace("%", "%%") + " (default: %(default)s)"
+        help_text = field_help(cls, f.name).replace("%", "%%") + " (default: %(default)s)"
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -159,24 +159,6 @@ def _optional(kind):
         return None if text.lower() in ("none", "off", "") else kind(text)
     parse.__name__ = kind.__name__
     return parse
-
-
-def _field_help(doc: str, name: str) -> str:
-    """The text of ``name`` in a Google-style ``Attributes:`` list: its entry may name
-    several fields (``lr, weight_decay: ...``) and continue on more-indented lines."""
-    lines = doc.splitlines()
-    for i, line in enumerate(lines):
-        head, sep, text = line.strip().partition(":")
-        if not sep or name not in [n.strip() for n in head.split(",")]:
-            continue
-        indent = len(line) - len(line.lstrip())
-        parts = [text.strip()]
-        for more in lines[i + 1:]:
-            if not more.strip() or len(more) - len(more.lstrip()) <= indent:
-                break
-            parts.append(more.strip())
-        return " ".join(p for p in parts if p)
-    return name.replace("_", " ")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

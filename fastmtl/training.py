@@ -99,7 +99,6 @@ class phase:
             torch.cuda.nvtx.range_pop()
 
 
-PRECISIONS = ("fp32", "bf16")
 
 
 def backbone_autocast(precision: str, device: torch.device):

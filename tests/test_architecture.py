@@ -13,6 +13,7 @@ LAYERS = [
     ("fastmtl._env", "fastmtl.checks", "fastmtl.distributed", "fastmtl.checkpoint",
      "fastmtl._episodes",
      "fastmtl._multihead_ce", "fastmtl.kernels"),
+    ("fastmtl.config",),
     ("fastmtl.data",),
     ("fastmtl.sampling",),
     ("fastmtl.models", "fastmtl.ops"),

@@ -22,7 +22,7 @@ from torch.func import grad, vmap  # noqa: E402
 
 from fastmtl.ops import available_backends, multihead_ce, multihead_ce_reference  # noqa: E402
 
-_ops = sys.modules["fastmtl.ops.multihead_ce"]
+_ops = sys.modules["fastmtl.ops._backends"]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cpu = pytest.mark.skipif("cpu" not in available_backends(),
                                reason="fastmtl._multihead_ce (C++ CPU kernels) is not built")
@@ -82,11 +82,49 @@ def test_reference_is_per_task_mean_then_mean_over_tasks():
                                per_task.mean())
 
 
+def test_private_functorch_api():
+    """Every private torch.func call of fastmtl.ops (fastmtl/ops/_functorch.py) still
+    exists and behaves; fails naming the one that moved."""
+    from fastmtl.ops import _functorch as fx
+    for name in ("is_functorch_wrapped_tensor", "maybe_get_bdim", "is_batchedtensor",
+                 "get_unwrapped"):
+        assert hasattr(torch._C._functorch, name), f"torch._C._functorch.{name} is gone"
+    assert hasattr(torch._C, "_are_functorch_transforms_active"), \
+        "torch._C._are_functorch_transforms_active is gone"
+    x = torch.arange(6.0).view(3, 2)
+    assert not fx.is_wrapped(x) and not fx.transforms_active()
+    seen = {}
+
+    def f(row):
+        seen.update(wrapped=fx.is_wrapped(row), active=fx.transforms_active(),
+                    plain=fx.plain(row).clone())
+        return row * 2
+    vmap(f, in_dims=1)(x)
+    assert seen["wrapped"] and seen["active"]
+    torch.testing.assert_close(seen["plain"], x.t())      # vmapped dimension first
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(a):
+            return 2 * a
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+    a = torch.ones(3, requires_grad=True)
+    fx.apply_function(Double, a).sum().backward()
+    torch.testing.assert_close(a.grad, torch.full((3,), 2.0))
+
+
 def test_backend_none_picks_by_device_and_trainer_uses_it():
     import fastmtl
     want = "cpu" if "cpu" in available_backends() else "reference"
-    assert _ops._resolve_backend(None, torch.zeros(1, 1), 5) == want
-    assert _ops._resolve_backend(None, torch.zeros(1, 1, device="meta"), 5) == "reference"
+    assert _ops.resolve_backend(None, torch.zeros(1, 1), 5) == want
+    assert _ops.resolve_backend(None, torch.zeros(1, 1, device="meta"), 5) == "reference"
     assert fastmtl.MTLConfig().backend is None
 
 
@@ -184,7 +222,7 @@ def _triton_module():
     pytest.importorskip("triton", reason="triton is not installed")
     if "triton" not in available_backends():
         pytest.skip("triton backend unavailable (no CUDA and TRITON_INTERPRET unset)")
-    mod = _ops._triton_kernels()
+    mod = _ops.triton_kernels()
     if mod is None:
         pytest.skip("fastmtl.kernels.multihead_ce did not import")
     if not torch.cuda.is_available() and "Interpreted" not in type(mod._mhce_fwd_kernel).__name__:
@@ -349,8 +387,8 @@ def test_errors_name_the_argument_before_any_kernel(backend, change, message, mo
     def boom(*a, **k):
         raise AssertionError("a kernel ran on invalid input")
 
-    monkeypatch.setattr(_ops, "multihead_ce_reference", boom)
-    monkeypatch.setattr(_ops, "_fused_forward", boom)
+    monkeypatch.setattr(sys.modules["fastmtl.ops.multihead_ce"], "multihead_ce_reference", boom)
+    monkeypatch.setattr(sys.modules["fastmtl.ops._function"], "_fused_forward", boom)
     args = _valid()
     change(args)
     with pytest.raises(ValueError, match=message):

@@ -43,102 +43,53 @@ from tqdm.auto import tqdm
 
 from .. import checks
 from .. import distributed as _dist
+from ..config import TrainerConfig, setting
 from ..data.base import FewShotDataset
 from ..evaluate import evaluate as _logistic_evaluate
 from ..evaluate import check_episodes, summary
 from ..models import feature_dim
 from ..sampling import EpisodeSampler, assemble
-from ..training import (PRECISIONS, Trainer, backbone_autocast, check_val, full_precision,
-                        phase)
+from ..training import Trainer, backbone_autocast, check_val, full_precision, phase
 
 _VAL_PROTOCOLS = ("logistic", "own")
 
-# Appended to each config's docstring so `fastmtl train --help` finds every field.
-_SHARED_DOC = """
-        n_way: classes per training task.
-        k_shot: support images per class in training tasks.
-        n_query: query images per class in training tasks.
-        meta_batch: tasks per meta-step, vectorized into one computation.
-        tasks_per_epoch: tasks per epoch (meta-steps per epoch: tasks_per_epoch // meta_batch).
-        epochs: maximum number of epochs.
-        meta_lr: Adam learning rate of the meta-update.
-        weight_decay: Adam weight decay.
-        lr_decay_every: multiply meta_lr by lr_decay every this many meta-steps (None: never).
-        lr_decay: factor of the step decay.
-        grad_clip: max meta-gradient norm, or None (no clipping).
-        vectorize: vmap over the tasks of a meta-batch (False: a Python loop over tasks).
-            Both compute the same; the loop (one backward per task, as learn2learn does) is
-            for comparison, for models vmap cannot run, and faster on some CPUs.
-        chunk_size: tasks vmapped at once in training (None: the whole meta-batch), to
-            bound memory.
-            The meta-gradient is accumulated chunk by chunk, so this bounds training memory
-            (vmap's own chunk_size would not: autograd keeps every chunk's graph); it is
-            also the number of episodes per vmap in the method's own evaluation.
-        val_protocol: "logistic" (fastmtl.evaluate) or "own" (the method's adaptation).
-        val_ways: classes per validation episode.
-        val_shots: support images per class in validation episodes.
-        val_queries: query images per class in validation episodes.
-        val_episodes: validation episodes per epoch.
-        early_stop_patience: stop after this many epochs without a better val accuracy.
-            None: never. The best epoch's weights are restored at the end.
-        max_minutes: training-time budget of fit (None: none), checked after every step.
-        precision: "fp32" or "bf16" (bfloat16 autocast of the backbone; heads, inner-loop
-            heads and losses stay in float32).
-        seed: seeds episodes, head init and any dropout (one seed, repeatable).
-        checkpoint_dir: where last.pt, best.pt and history.json go every epoch (None: none).
-"""
-
-
-def _document_shared_fields(cls):
-    # Under `python -OO` docstrings are None; there is then nothing to append to.
-    if cls.__doc__ is not None:
-        cls.__doc__ += _SHARED_DOC
-    return cls
-
 
 @dataclass
-class _EpisodicConfig:
-    n_way: int = 5
-    k_shot: int = 1
-    n_query: int = 15
-    meta_batch: int = 32
-    tasks_per_epoch: int = 3200
-    epochs: int = 600
-    meta_lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_decay_every: int | None = None
-    lr_decay: float = 0.5
-    grad_clip: float | None = None
-    vectorize: bool = True
-    chunk_size: int | None = None
-    val_protocol: str = "logistic"
-    val_ways: int = 5
-    val_shots: int = 1
-    val_queries: int = 15
-    val_episodes: int = 200
-    early_stop_patience: int | None = None
-    max_minutes: float | None = None
-    precision: str = "fp32"
-    seed: int = 0
-    checkpoint_dir: str | None = None
+class _EpisodicConfig(TrainerConfig):
+    """Fields of every episodic (GBML) trainer's config, beside TrainerConfig's."""
+
+    k_shot: int = setting(1, "support images per class in training tasks")
+    n_query: int = setting(15, "query images per class in training tasks")
+    meta_batch: int = setting(32, "tasks per meta-step, vectorized into one computation")
+    tasks_per_epoch: int = setting(3200, "tasks per epoch (meta-steps per epoch: "
+                                         "tasks_per_epoch // meta_batch)")
+    epochs: int = setting(600, None)
+    meta_lr: float = setting(1e-3, "Adam learning rate of the meta-update")
+    lr_decay_every: int | None = setting(None, "multiply meta_lr by lr_decay every this many "
+                                               "meta-steps (None: never)")
+    lr_decay: float = setting(0.5, "factor of the step decay")
+    vectorize: bool = setting(
+        True, "vmap over the tasks of a meta-batch (no: a Python loop over tasks, one "
+              "backward per task as learn2learn does; both compute the same, the loop is "
+              "for comparison, for models vmap cannot run, and faster on some CPUs)")
+    chunk_size: int | None = setting(
+        None, "tasks vmapped at once in training (None: the whole meta-batch), to bound "
+              "memory (the meta-gradient is accumulated chunk by chunk); also the episodes "
+              "per vmap in the method's own evaluation")
+    val_protocol: str = setting("logistic", "logistic (fastmtl.evaluate) or own (the "
+                                            "method's adaptation)")
 
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range (before any work)."""
-        for name in ("k_shot", "n_query", "meta_batch", "tasks_per_epoch", "epochs",
-                     "val_shots", "val_queries", "val_episodes"):
+        super().validate()
+        for name in ("k_shot", "n_query", "meta_batch"):
             checks.integer(name, getattr(self, name), 1)
-        checks.integer("n_way", self.n_way, 2)
-        checks.integer("val_ways", self.val_ways, 2)
-        for name in ("lr_decay_every", "chunk_size", "early_stop_patience"):
+        for name in ("lr_decay_every", "chunk_size"):
             checks.integer(name, getattr(self, name), 1, optional=True)
         checks.number("meta_lr", self.meta_lr)
-        checks.number("weight_decay", self.weight_decay, inclusive=True)
-        checks.number("grad_clip", self.grad_clip, optional=True)
-        checks.number("max_minutes", self.max_minutes, optional=True)
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         checks.one_of("val_protocol", self.val_protocol, _VAL_PROTOCOLS)
-        checks.one_of("precision", self.precision, PRECISIONS)
         if self.tasks_per_epoch < self.meta_batch:
             raise ValueError(f"tasks_per_epoch ({self.tasks_per_epoch}) is smaller than "
                              f"meta_batch ({self.meta_batch}): an epoch needs a step")

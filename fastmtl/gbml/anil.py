@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import setting
 from ..training import phase
-from ._common import _document_shared_fields, _params, _task_features
+from ._common import _params, _task_features
 from .maml import MAML, MAMLConfig
 
 __all__ = ["ANILConfig", "ANIL"]
@@ -24,17 +25,15 @@ class ANILConfig(MAMLConfig):
     """Settings of :class:`ANIL`: the fields and defaults of :class:`MAMLConfig` (the ANIL
     paper reuses MAML's hyperparameters), with the inner loop on the head only.
 
-    Attributes:
-        inner_steps: gradient steps of the head in meta-training.
-        inner_lr: step size of the inner loop.
-        test_inner_steps: head steps of the test-time adaptation (``evaluate``).
-        first_order: drop the second-order terms.
-        learn_inner_lr: meta-learn a step size per head element (Meta-SGD).
-            The step sizes start at inner_lr.
+    Example:
+        >>> ANILConfig().inner_lr
+        0.4
     """
 
-
-_document_shared_fields(ANILConfig)
+    inner_steps: int = setting(1, "gradient steps of the head in meta-training")
+    test_inner_steps: int = setting(3, "head steps of the test-time adaptation (evaluate)")
+    learn_inner_lr: bool = setting(False, "meta-learn a step size per head element "
+                                          "(Meta-SGD), starting at inner_lr")
 
 
 class ANIL(MAML):

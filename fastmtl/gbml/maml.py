@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import (LinearHead, _document_shared_fields, _EpisodicConfig, _EpisodicTrainer,
-                      _Learner, _params, _vmap)
+from .. import checks
+from ..config import setting
+from ._common import LinearHead, _EpisodicConfig, _EpisodicTrainer, _Learner, _params, _vmap
 from ..training import phase
 
 __all__ = ["MAMLConfig", "MAML"]
@@ -39,29 +40,23 @@ class MAMLConfig(_EpisodicConfig):
     The reference code uses k queries per class on Omniglot and 15 on mini-ImageNet;
     fastmtl uses 15 on both (a less noisy meta-gradient, the usual choice since).
 
-    Attributes:
-        inner_steps: gradient steps of the inner loop in meta-training.
-        inner_lr: step size of the inner loop.
-        test_inner_steps: inner steps of the test-time adaptation (``evaluate``).
-        first_order: drop the second-order terms (FO-MAML).
-        learn_inner_lr: meta-learn a step size per weight element (Meta-SGD).
-            The step sizes start at inner_lr.
+    Example:
+        >>> MAMLConfig.omniglot(n_way=20).inner_steps
+        5
     """
 
-    inner_steps: int = 1
-    inner_lr: float = 0.4
-    test_inner_steps: int = 3
-    first_order: bool = False
-    learn_inner_lr: bool = False
+    inner_steps: int = setting(1, "gradient steps of the inner loop in meta-training")
+    inner_lr: float = setting(0.4, "step size of the inner loop")
+    test_inner_steps: int = setting(3, "inner steps of the test-time adaptation (evaluate)")
+    first_order: bool = setting(False, "drop the second-order terms (FO-MAML)")
+    learn_inner_lr: bool = setting(False, "meta-learn a step size per weight element "
+                                          "(Meta-SGD), starting at inner_lr")
 
     def validate(self) -> None:
         super().validate()
         for name in ("inner_steps", "test_inner_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.inner_lr <= 0:
-            raise ValueError(f"inner_lr must be > 0, got {self.inner_lr}")
+            checks.integer(name, getattr(self, name), 1)
+        checks.number("inner_lr", self.inner_lr)
 
     @classmethod
     def omniglot(cls, n_way: int = 5, k_shot: int = 1, **overrides) -> "MAMLConfig":
@@ -81,9 +76,6 @@ class MAMLConfig(_EpisodicConfig):
         base = cls(n_way=5, k_shot=k_shot, n_query=15, inner_steps=5, inner_lr=0.01,
                    test_inner_steps=10, meta_batch=meta_batch, tasks_per_epoch=100 * meta_batch)
         return dataclasses.replace(base, **overrides)
-
-
-_document_shared_fields(MAMLConfig)
 
 
 class MAML(_EpisodicTrainer):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import (_document_shared_fields, _EpisodicConfig, _FeatureHeadTrainer,
-                      _Learner)
+from ..config import setting
+from ._common import _EpisodicConfig, _FeatureHeadTrainer, _Learner
 
 __all__ = ["ProtoNetConfig", "ProtoNet", "prototype_logits"]
 
@@ -51,15 +51,12 @@ class ProtoNetConfig(_EpisodicConfig):
     5-shot, 15 queries); the test episodes are 5- or 20-way. Training shot = test shot.
     """
 
-    n_way: int = 60
-    n_query: int = 5
-    meta_batch: int = 1
-    tasks_per_epoch: int = 1000
-    epochs: int = 100
-    lr_decay_every: int | None = 2000
-
-
-_document_shared_fields(ProtoNetConfig)
+    n_way: int = setting(60, None)
+    n_query: int = setting(5, None)
+    meta_batch: int = setting(1, None)
+    tasks_per_epoch: int = setting(1000, None)
+    epochs: int = setting(100, None)
+    lr_decay_every: int | None = setting(2000, None)
 
 
 class ProtoNet(_FeatureHeadTrainer):

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._common import (_document_shared_fields, _EpisodicConfig, _FeatureHeadTrainer,
-                      _Learner)
+from ..config import setting
+from ._common import _EpisodicConfig, _FeatureHeadTrainer, _Learner
 
 __all__ = ["R2D2Config", "R2D2", "ridge_regression"]
 
@@ -60,29 +60,26 @@ class R2D2Config(_EpisodicConfig):
     tasks per meta-step (MetaOptNet's batch of episodes). The paper trains with more ways
     than it tests (e.g. 16-way on mini-ImageNet, 60-way on Omniglot); set ``n_way``.
 
-    Attributes:
-        lam_init: initial ridge strength lambda (meta-learned in log space).
-        scale_init: initial logit scale alpha (meta-learned in log space).
-            Ridge outputs lie near [0, 1], too flat for softmax without a scale.
-        bias_init: initial logit bias beta (the paper's; softmax-invariant, see the module).
-        learn_lam: meta-learn lambda (the paper does).
+    Example:
+        >>> R2D2Config(n_way=20).lam_init
+        1.0
     """
 
-    meta_batch: int = 8
-    tasks_per_epoch: int = 800
-    lam_init: float = 1.0
-    scale_init: float = 10.0
-    bias_init: float = 0.0
-    learn_lam: bool = True
+    meta_batch: int = setting(8, None)
+    tasks_per_epoch: int = setting(800, None)
+    lam_init: float = setting(1.0, "initial ridge strength lambda (meta-learned in log space)")
+    scale_init: float = setting(10.0, "initial logit scale alpha (meta-learned in log space; "
+                                      "ridge outputs lie near [0, 1], too flat for softmax "
+                                      "without a scale)")
+    bias_init: float = setting(0.0, "initial logit bias beta (the paper's; softmax-invariant, "
+                                    "see the module)")
+    learn_lam: bool = setting(True, "meta-learn lambda (the paper does)")
 
     def validate(self) -> None:
         super().validate()
         if self.lam_init <= 0 or self.scale_init <= 0:
             raise ValueError(f"lam_init and scale_init must be > 0, got {self.lam_init} and "
                              f"{self.scale_init}")
-
-
-_document_shared_fields(R2D2Config)
 
 
 class _RidgeHead(nn.Module):

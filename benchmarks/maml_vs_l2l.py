@@ -1,0 +1,87 @@
+"""MAML and ANIL meta-steps against the learn2learn pattern, interleaved in one process.
+
+The pytest-benchmark group ``maml-vs-l2l`` (test_bench_steps.py) times each contender's
+rounds back to back; on a 2-core CPU the ratios of contenders that differ by a few percent
+then depend on which ran first. This script runs the contenders round-robin, rotating
+their order every round (each contender first equally often), and reports medians and
+ratios to the learn2learn-style loop: fastmtl's per-task loop (``vectorize=False``, the
+trainer's own meta-gradient: one backward per task) and the vmapped path. Shapes as
+test_bench_steps.py: the comparison's (4 tasks, 5 queries a class, 1 inner step) and the
+issue's (16 tasks, 15 queries a class, 1 and 5 inner steps). Second order, Adam.
+
+    python benchmarks/maml_vs_l2l.py           # -> results/maml_vs_l2l_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
+from test_bench_steps import SHAPES, _episodes, _L2LStyle, _L2LStyleANIL
+
+from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
+from fastmtl.models import conv4
+
+
+def _fastmtl(method, tasks, steps, vectorize):
+    torch.manual_seed(0)
+    cls, cfg_cls = (MAML, MAMLConfig) if method == "maml" else (ANIL, ANILConfig)
+    tr = cls(conv4(in_channels=1), cfg_cls(meta_batch=tasks, inner_steps=steps, inner_lr=0.4,
+                                           vectorize=vectorize))
+    tr.build((1, 28, 28))
+    opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
+
+    def step(*batch):
+        opt.zero_grad(set_to_none=True)
+        tr._step(*batch)            # the trainer's meta-gradient
+        opt.step()
+    return step
+
+
+def run(method: str, shape: str, rounds: int) -> dict:
+    tasks, queries, steps = SHAPES[shape]
+    batch = _episodes(tasks, queries)
+    torch.manual_seed(0)
+    style = _L2LStyle if method == "maml" else _L2LStyleANIL
+    contenders = {"l2l-style": style(conv4(in_channels=1), 0.4, steps).meta_step,
+                  "fastmtl-loop": _fastmtl(method, tasks, steps, False),
+                  "fastmtl-vmap": _fastmtl(method, tasks, steps, True)}
+    names = list(contenders)
+    times = {n: [] for n in names}
+    for r in range(rounds + 1):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            contenders[n](*batch)
+            if r:                       # round 0 warms every contender up
+                times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return {"median_s": med, "rounds": rounds,
+            "loop_vs_l2l": med["l2l-style"] / med["fastmtl-loop"],
+            "vmap_vs_l2l": med["l2l-style"] / med["fastmtl-vmap"],
+            "load_average": machine_info()["load_average"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=30, help="rounds of the smallest shape "
+                   "(the 16-task shapes get a third, the 5-step one a sixth)")
+    args = p.parse_args()
+    keep_freed_memory(mmap_threshold=1 << 30)
+    out = {}
+    for method in ("maml", "anil"):
+        for shape, (tasks, _, steps) in SHAPES.items():
+            rounds = args.rounds if tasks == 4 else max(3, args.rounds // (3 * steps))
+            out[f"{method} {shape}"] = row = run(method, shape, rounds)
+            print(f"{method} {shape}: loop {row['loop_vs_l2l']:.3f}x, vmap "
+                  f"{row['vmap_vs_l2l']:.3f}x of the learn2learn-style loop "
+                  f"({ {k: round(v * 1e3, 1) for k, v in row['median_s'].items()} } ms)",
+                  flush=True)
+    write_result("maml_vs_l2l_cpu", {"ratios": out, "order": "round-robin, rotated"})
+
+
+if __name__ == "__main__":
+    main()

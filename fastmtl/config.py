@@ -1,0 +1,88 @@
+"""The config base every trainer shares, with each field's help text as field metadata.
+
+A trainer's config is a dataclass deriving from :class:`TrainerConfig`; every field is
+declared with :func:`setting` (its default and its one-sentence help). The CLI builds one
+flag per field from that metadata (:func:`field_help`), so code, ``--help`` and the docs
+say the same thing. A subclass that changes a default redeclares the field with
+:func:`setting` and may keep the base's help by passing ``help=None``.
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class MyConfig(TrainerConfig):
+    ...     lr: float = setting(1e-3, "learning rate")
+    >>> field_help(MyConfig, "lr")
+    'learning rate'
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from . import checks
+
+__all__ = ["TrainerConfig", "setting", "field_help", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def setting(default: Any, help: str | None) -> Any:
+    """A dataclass field with ``default`` and its help text (None: the base class's)."""
+    return dataclasses.field(default=default, metadata={} if help is None else {"help": help})
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of field ``name`` of config class ``cls`` (from the nearest class in
+    its MRO that gives one).
+
+    Raises:
+        ValueError: ``name`` has no help text anywhere (every field must have one).
+    """
+    for klass in cls.__mro__:
+        field = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if field is not None and "help" in field.metadata:
+            return field.metadata["help"]
+    raise ValueError(f"{cls.__name__}.{name} has no help text")
+
+
+@dataclass
+class TrainerConfig:
+    """The fields every trainer has: the training length, regularization shared by all,
+    the validation protocol, the budget, precision, seed and checkpoints."""
+
+    n_way: int = setting(5, "classes per training task")
+    tasks_per_epoch: int = setting(1600, "tasks per epoch")
+    epochs: int = setting(100, "maximum number of epochs")
+    weight_decay: float = setting(0.0, "weight decay of the optimizer")
+    grad_clip: float | None = setting(None, "max gradient norm (None: no clipping)")
+    val_episodes: int = setting(200, "validation episodes per epoch (the test protocol)")
+    val_ways: int = setting(5, "classes per validation episode")
+    val_shots: int = setting(1, "support images per class in validation episodes")
+    val_queries: int = setting(15, "query images per class in validation episodes")
+    early_stop_patience: int | None = setting(
+        None, "stop after this many epochs without a better validation accuracy (None: "
+              "never); the best epoch's weights are restored at the end")
+    max_minutes: float | None = setting(
+        None, "training-time budget of fit (None: none), checked after every step; the "
+              "partial epoch is still validated, recorded and saved")
+    precision: str = setting(
+        "fp32", "fp32 or bf16 (bfloat16 autocast of the backbone; heads and losses stay "
+                "in float32)")
+    seed: int = setting(0, "seeds episodes, initialization, augmentation and dropout (one "
+                           "seed, repeatable)")
+    checkpoint_dir: str | None = setting(
+        None, "where last.pt, best.pt and history.json go every epoch (None: none)")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first shared field out of range (before any work)."""
+        for name in ("tasks_per_epoch", "epochs", "val_shots", "val_queries", "val_episodes"):
+            checks.integer(name, getattr(self, name), 1)
+        # A 1-way task has nothing to tell apart: loss 0, zero gradients, 100% accuracy.
+        checks.integer("n_way", self.n_way, 2)
+        checks.integer("val_ways", self.val_ways, 2)
+        checks.integer("early_stop_patience", self.early_stop_patience, 1, optional=True)
+        checks.number("max_minutes", self.max_minutes, optional=True)
+        checks.number("weight_decay", self.weight_decay, inclusive=True)
+        checks.number("grad_clip", self.grad_clip, optional=True)
+        checks.one_of("precision", self.precision, PRECISIONS)

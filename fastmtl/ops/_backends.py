@@ -1,0 +1,76 @@
+"""Which backend of :func:`fastmtl.ops.multihead_ce` runs a call (see its module)."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from ._cpu import cpu_ext as _cpu_ext
+
+__all__ = ["available_backends", "resolve_backend", "triton_kernels", "ALL_BACKENDS"]
+
+ALL_BACKENDS = ("reference", "cpu", "triton")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_MAX_N = 64  # kernels.multihead_ce.MAX_N, without importing triton to read it
+_triton_mod = None
+
+
+def triton_kernels():
+    """fastmtl.kernels.multihead_ce if triton imports, else None.
+
+    Imported on first use, not with fastmtl.ops: triton picks compiled or interpreted
+    kernels when they are defined, so TRITON_INTERPRET set by a test process must come first.
+    """
+    global _triton_mod
+    if _triton_mod is None:
+        try:
+            mod = importlib.import_module("fastmtl.kernels.multihead_ce")
+        except Exception:  # noqa: BLE001 - a broken triton only removes the backend
+            mod = False
+        _triton_mod = mod if mod and mod.HAS_TRITON else False
+    return _triton_mod or None
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends usable in this process (``"triton"`` needs CUDA or TRITON_INTERPRET=1)."""
+    found = ["reference"]
+    if _cpu_ext is not None:
+        found.append("cpu")
+    if (torch.cuda.is_available() or _triton_interpret()) and triton_kernels() is not None:
+        found.append("triton")
+    return tuple(found)
+
+
+def resolve_backend(backend, z, n_way) -> str:
+    if backend is None:
+        if z.is_cuda:
+            fits = z.dtype in _TRITON_DTYPES and n_way <= _TRITON_MAX_N
+            return "triton" if fits and triton_kernels() else "reference"
+        if z.device.type == "cpu" and _cpu_ext is not None:
+            return "cpu"
+        return "reference"
+    if backend not in ALL_BACKENDS:
+        raise ValueError(f"backend must be None or one of {ALL_BACKENDS}, got {backend!r}")
+    if backend == "cpu":
+        if _cpu_ext is None:
+            raise ValueError("backend='cpu' needs the compiled extension fastmtl._multihead_ce, "
+                             "which is not built; use backend=None or 'reference'")
+        if z.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, z is on {z.device}")
+    if backend == "triton":
+        if triton_kernels() is None:
+            raise ValueError("backend='triton' needs triton, which does not import here")
+        if not (z.is_cuda or (z.device.type == "cpu" and _triton_interpret())):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with "
+                             f"TRITON_INTERPRET=1), z is on {z.device}")
+        if z.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"backend='triton' supports {_TRITON_DTYPES}, z is {z.dtype}")
+        if n_way > _TRITON_MAX_N:
+            raise ValueError(f"backend='triton' supports task_classes of up to "
+                             f"{_TRITON_MAX_N} classes per task, got {n_way}")
+    return backend

@@ -1,0 +1,97 @@
+"""Argument checks of :func:`fastmtl.ops.multihead_ce`: ValueErrors naming the argument,
+before any kernel runs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._functorch import plain as _plain
+
+__all__ = ["NonFiniteError", "check_meta", "check_values", "check_scale", "check_finite"]
+
+
+def check_meta(z, weight, task_classes, sample_task, labels, reduction):
+    """Types, shapes, dtypes and devices: no data is read."""
+    for name, t in (("z", z), ("weight", weight), ("task_classes", task_classes),
+                    ("sample_task", sample_task), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if z.dim() != 2:
+        raise ValueError(f"z must have shape (N, d), got {tuple(z.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (C, d), got {tuple(weight.shape)}")
+    if weight.shape[1] != z.shape[1]:
+        raise ValueError(f"weight has feature size {weight.shape[1]} but z has {z.shape[1]} "
+                         "(weight must be (C, d) with z (N, d))")
+    if not z.is_floating_point() or weight.dtype != z.dtype:
+        raise ValueError(f"z and weight must share one floating dtype, got {z.dtype} and "
+                         f"{weight.dtype}")
+    if weight.device != z.device:
+        raise ValueError(f"weight is on {weight.device} but z is on {z.device}")
+    if task_classes.dim() != 2 or task_classes.shape[1] < 1 or task_classes.shape[0] < 1:
+        raise ValueError(f"task_classes must have shape (T, n) with T, n >= 1, got "
+                         f"{tuple(task_classes.shape)}")
+    n_samples = z.shape[0]
+    if n_samples < 1:
+        raise ValueError("z must hold at least one sample")
+    for name, t in (("sample_task", sample_task), ("labels", labels)):
+        if t.shape != (n_samples,):
+            raise ValueError(f"{name} must have shape ({n_samples},) to match z, got "
+                             f"{tuple(t.shape)}")
+    for name, t in (("task_classes", task_classes), ("sample_task", sample_task),
+                    ("labels", labels)):
+        if t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an int64 or int32 tensor, got {t.dtype}")
+        if t.device != z.device:
+            raise ValueError(f"{name} is on {t.device} but z is on {z.device}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def check_values(z, weight, task_classes, sample_task, labels):
+    """Index ranges and non-empty tasks, read back in one host sync."""
+    n_samples = z.shape[0]
+    C, (T, n) = weight.shape[0], task_classes.shape
+    limits = (("task_classes", task_classes, C), ("sample_task", sample_task, T),
+              ("labels", labels, n))
+    bad = []
+    for _, t, hi in limits:
+        lo_hi = torch.aminmax(_plain(t))
+        bad.append((lo_hi.min < 0) | (lo_hi.max >= hi))
+    st = _plain(sample_task).reshape(-1, n_samples).long()
+    # One bincount for every vmapped copy: copy r's tasks are the bins r*T .. r*T + T-1.
+    st = st + torch.arange(st.shape[0], device=st.device).unsqueeze(1) * T
+    bad.append((torch.bincount(st.reshape(-1), minlength=st.shape[0] * T) == 0).any())
+    bad = torch.stack(bad).tolist()
+    for (name, _, hi), b in zip(limits, bad):
+        if b:
+            raise ValueError(f"{name} values must lie in [0, {hi})")
+    if bad[-1]:
+        raise ValueError("every task in task_classes needs at least one sample in sample_task")
+
+
+class NonFiniteError(ValueError):
+    """An input of :func:`multihead_ce` holds NaN or infinite values."""
+
+
+def check_scale(scale):
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() != 0 or not scale.is_floating_point():
+            raise ValueError(f"scale must be a float or a 0-d floating tensor, got a "
+                             f"{scale.dtype} tensor of shape {tuple(scale.shape)}")
+    elif not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or a 0-d tensor, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise NonFiniteError(f"scale must be finite, got {scale}")
+
+
+def check_finite(z, weight, scale):
+    """NaN or inf in the features, the rows or a tensor scale: one pass, one host sync."""
+    parts = [torch.isfinite(_plain(z)).all(), torch.isfinite(_plain(weight)).all()]
+    if isinstance(scale, torch.Tensor):
+        parts.append(torch.isfinite(_plain(scale)).all())
+    ok = torch.stack(parts).tolist()
+    for name, good in zip(("z", "weight", "scale"), ok):
+        if not good:
+            raise NonFiniteError(f"{name} holds NaN or infinite values")

@@ -6,6 +6,8 @@
 Runs from the source tree on the machine's own PyTorch (nothing is installed). Sections,
 each timed and each recorded even when it fails:
 
+0. ``build`` (on CUDA): the C++ extensions built in place; where that fails, the
+   fallbacks run and the check goes on.
 1. ``tests``: the CUDA tests (``pytest -m cuda``) and the ops/adapt tests on the device.
 2. ``correctness``: the Triton multi-head CE against the float64 reference, forward and
    backward, float32 and bfloat16, ragged tasks, over d and n.
@@ -126,6 +128,25 @@ def environment(device) -> dict:
     return info
 
 
+# -- 0. the C++ extensions, built in place ---------------------------------------------------
+def section_build(timeout) -> dict:
+    """``python setup.py build_ext --inplace`` on the machine's own torch and pybind11;
+    where it fails the pure-Python/PyTorch fallbacks run (recorded, not a failure)."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        code, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        code, tail = -1, repr(exc)[:2000]
+    probe = subprocess.run([sys.executable, "-c", "import fastmtl.ops as o, fastmtl.sampling as s;"
+                            "print(','.join(o.available_backends()), s.backend())"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return {"exit_code": code, "seconds": round(time.perf_counter() - t0, 1),
+            "backends_after": probe.stdout.strip() or probe.stderr[-500:],
+            "tail": tail if code else ""}
+
+
 # -- 1. tests --------------------------------------------------------------------------------
 def section_tests(device, timeout) -> dict:
     runs = [["-m", "cuda", "tests"]]
@@ -235,7 +256,7 @@ def section_op_speed(device, sizes) -> dict:
     from fastmtl.ops import available_backends, multihead_ce, multihead_ce_reference
     bandwidth = _copy_bandwidth(device)
     compile_backend = "inductor" if device.type == "cuda" else "eager"
-    compiled = torch.compile(multihead_ce_reference, backend=compile_backend, dynamic=False)
+    compiled = torch.compile(multihead_ce_reference, backend=compile_backend)
     contenders = {
         "triton": lambda *a: multihead_ce(*a, scale=10.0, backend="triton", check=False),
         "eager_reference": lambda *a: multihead_ce_reference(*a, scale=10.0),
@@ -450,10 +471,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for gpu_check.json/.md and traces")
     p.add_argument("--cpu", action="store_true",
                    help="CPU mode (tiny sizes, Triton interpreted) even if CUDA is present")
-    p.add_argument("--sections", nargs="+",
-                   default=["tests", "correctness", "op_speed", "steps", "profile"],
-                   choices=["tests", "correctness", "op_speed", "steps", "profile"],
-                   help="what to run (default: everything)")
+    p.add_argument("--sections", nargs="+", default=None,
+                   choices=["build", "tests", "correctness", "op_speed", "steps", "profile"],
+                   help="what to run (default: everything; build only on CUDA, where the "
+                        "source tree has no compiled extensions yet)")
     p.add_argument("--tests-timeout", type=int, default=240,
                    help="seconds allowed to each pytest run")
     args = p.parse_args(argv)
@@ -463,14 +484,21 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
-    result = {"environment": environment(device), "sizes": sizes, "sections": {},
+    if args.sections is None:
+        args.sections = (["build"] if device.type == "cuda" else []) + [
+            "tests", "correctness", "op_speed", "steps", "profile"]
+    result = {"environment": {}, "sizes": sizes, "sections": {},
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
-    runners = {"tests": lambda: section_tests(device, args.tests_timeout),
+    runners = {"build": lambda: section_build(args.tests_timeout),
+               "tests": lambda: section_tests(device, args.tests_timeout),
                "correctness": lambda: section_correctness(device, sizes),
                "op_speed": lambda: section_op_speed(device, sizes),
                "steps": lambda: section_steps(device, sizes),
                "profile": lambda: section_profile(device, sizes, out)}
     for name in args.sections:
+        if name != "build" and not result["environment"]:
+            # After the build: this process imports the extensions it just built.
+            result["environment"] = environment(device)
         t0 = time.perf_counter()
         print(f"gpu_check: {name} ...", flush=True)
         try:
@@ -481,6 +509,7 @@ def main(argv=None) -> int:
         result["sections"][name] = sec
         print(f"gpu_check: {name} done in {sec['seconds']} s", flush=True)
         (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    result["environment"] = result["environment"] or environment(device)
     checks = [result["sections"][n] for n in ("tests", "correctness") if n in result["sections"]]
     result["passed"] = all(c.get("passed", False) for c in checks)
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -21,7 +21,6 @@ each baseline reaches MTL's.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable
 
@@ -29,10 +28,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .checkpoint import atomic_savefig
 from .evaluate import embed, evaluate
 from .gbml import METHODS as GBML_METHODS
 from .mtl import RECIPES, MTLConfig, MTLTrainer
+from .sampling import check_fits
 from .training import AtTrainingSeconds, Callback, EveryTrainingSeconds
 
 __all__ = ["METHODS", "DEFAULT_SETTINGS", "PAPER_MTL", "compare", "config_for",
@@ -100,22 +101,19 @@ def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int =
 
 def check_data(method: str, cfg, train, test, shots, ways: int, queries: int) -> None:
     """ValueError unless ``train`` holds ``method``'s tasks and ``test`` the test episodes."""
-    smallest = int(train.class_sizes().min())
     if method == "mtl" and cfg.task_sampling == "all_classes":
         need_ways, need_images = 1, 1
     elif method == "mtl":
         need_ways, need_images = cfg.n_way, cfg.images_per_class
     else:
         need_ways, need_images = cfg.n_way, cfg.k_shot + cfg.n_query
-    if need_ways > train.n_classes or need_images > smallest:
-        raise ValueError(f"data: too small for {method}: it needs {need_ways} classes of "
-                         f"{need_images} images, the training set has {train.n_classes} "
-                         f"classes, the smallest of {smallest} images")
-    small_test = int(test.class_sizes().min())
-    if ways > test.n_classes or max(shots) + queries > small_test:
-        raise ValueError(f"data: the test set ({test.n_classes} classes, smallest "
-                         f"{small_test} images) cannot hold {ways}-way {max(shots)}-shot "
-                         f"episodes with {queries} queries a class")
+    try:
+        check_fits(train.labels, need_ways, need_images, where="training ",
+                   ways_name=f"{method} n_way", need_name=f"{method}'s images a class")
+        check_fits(test.labels, ways, max(shots) + queries, where="test ", ways_name="ways",
+                   need_name="shots + queries")
+    except ValueError as exc:
+        raise ValueError(f"data: too small: {exc}") from None
 
 
 # -- measuring -----------------------------------------------------------------------------
@@ -252,21 +250,16 @@ def _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
     """ValueError naming the first bad argument of :func:`compare`, before any work."""
     if not methods:
         raise ValueError("methods: name at least one method")
-    if not (isinstance(budget_minutes, (int, float)) and math.isfinite(budget_minutes)
-            and budget_minutes > 0):
-        raise ValueError(f"budget_minutes must be a positive number, got {budget_minutes!r}")
+    checks.number("budget_minutes", budget_minutes)
     if isinstance(eval_every, (list, tuple)):
         AtTrainingSeconds(eval_every, print)          # checks the times
         first = eval_every[0]
-    elif not (isinstance(eval_every, (int, float)) and eval_every > 0):
-        raise ValueError(f"eval_every must be a positive number of seconds, got {eval_every!r}")
     else:
-        first = eval_every
+        first = checks.number("eval_every", eval_every)
     if first > 60 * budget_minutes:
         raise ValueError(f"eval_every ({first} s) is larger than the budget "
                          f"({60 * budget_minutes:g} s)")
-    if not isinstance(episodes, int) or episodes < 2:
-        raise ValueError(f"episodes must be an integer >= 2, got {episodes!r}")
+    checks.integer("episodes", episodes, 2)
     unknown = sorted(set(settings or {}) - set(METHODS))
     if unknown:
         raise ValueError(f"settings: unknown method(s) {unknown}")

@@ -36,7 +36,7 @@ from . import checks
 from . import distributed as _dist
 from .models import feature_dim
 from .ops import multihead_ce
-from .sampling import EpisodeLoader, assemble
+from .sampling import EpisodeLoader, assemble, check_fits
 from .evaluate import evaluate
 from .config import TrainerConfig, setting
 from .training import Trainer, backbone_autocast, check_val, epoch_seed, phase
@@ -293,19 +293,13 @@ class MTLTrainer(Trainer):
         cfg = self.config
         self._n_train = len(train)
         self._has_val = val is not None
-        if cfg.n_way > train.n_classes:
-            raise ValueError(f"n_way={cfg.n_way} is larger than the number of training classes "
-                             f"({train.n_classes})")
         if cfg.task_sampling == "all_classes":
             if cfg.batch_size > len(train):
                 raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set "
                                  f"({len(train)} images)")
-            check_val(val, cfg)
-            return
-        smallest = int(train.class_sizes().min())
-        if cfg.images_per_class > smallest:
-            raise ValueError(f"images_per_class={cfg.images_per_class} is larger than the "
-                             f"smallest training class ({smallest} images)")
+        else:
+            check_fits(train.labels, cfg.n_way, cfg.images_per_class, need_name="images_per_class",
+                       where="training ", class_names=train.class_names)
         check_val(val, cfg)
 
     def _setup(self, train) -> None:

@@ -34,12 +34,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import checks
+
 try:
     from . import _episodes as _cpp
 except ImportError:  # extension not built: the numpy reference does the work, slower
     _cpp = None
 
-__all__ = ["EpisodeSampler", "EpisodeLoader", "EpisodeBatch", "assemble", "backend"]
+__all__ = ["EpisodeSampler", "EpisodeLoader", "EpisodeBatch", "assemble", "backend",
+           "check_fits"]
 
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -89,12 +92,32 @@ def _resolve_threads(num_threads: int | None) -> int:
     return _check_int("num_threads", num_threads, 1)
 
 
+def check_fits(labels, n_way: int, need: int, ways_name: str = "n_way",
+               need_name: str = "k_shot + n_query", where: str = "",
+               class_names: Sequence[str] | None = None) -> None:
+    """ValueError unless ``labels`` hold ``n_way`` classes of at least ``need`` images: the
+    one class-size check, called by the sampler and, before any work, by the trainers,
+    the validation check and ``fastmtl compare`` with the names their callers know.
+
+    Example:
+        >>> check_fits([0, 0, 1, 1, 2, 2], n_way=3, need=2)
+    """
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if n_way > classes.size:
+        raise ValueError(f"{ways_name}={n_way} is larger than the number of {where}classes "
+                         f"({classes.size})")
+    if counts.size and counts.min() < need:
+        small = int(np.argmin(counts))
+        label = int(classes[small])
+        name = f" ({class_names[label]!r})" if class_names is not None and \
+            0 <= label < len(class_names) else ""
+        raise ValueError(f"{need_name} = {need} is larger than {where}class {label}{name}, "
+                         f"which has {counts[small]} images")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return int(checks.integer(name, value, minimum))
 
 
 class EpisodeSampler:
@@ -134,6 +157,7 @@ class EpisodeSampler:
             raise ValueError(f"seed must be < 2**64, got {seed}")
         self.backend = _resolve_backend(backend)
         self.num_threads = None if num_threads is None else _resolve_threads(num_threads)
+        check_fits(labels, self.n_way, self.k_shot + self.n_query)   # the C++ side asserts
         if self.backend == "cpp":
             self._core = _cpp.Sampler(np.ascontiguousarray(labels, dtype=np.int64), self.n_way,
                                       self.k_shot, self.n_query, self.seed)
@@ -142,14 +166,6 @@ class EpisodeSampler:
             return
         self._core = None
         self.classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        if self.n_way > self.classes.size:
-            raise ValueError(f"n_way={self.n_way} is larger than the number of classes "
-                             f"({self.classes.size})")
-        need = self.k_shot + self.n_query
-        if counts.size and counts.min() < need:
-            small = int(np.argmin(counts))
-            raise ValueError(f"k_shot + n_query = {need} is larger than class "
-                             f"{int(self.classes[small])}, which has {counts[small]} images")
         self.order = np.argsort(inverse, kind="stable").astype(np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.counts = counts.astype(np.int64)
@@ -383,17 +399,9 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         self.batches = None if batches is None else _check_int("batches", batches, 0)
         self.stride = self.tasks_per_batch if stride is None else _check_int("stride", stride, 1)
         need = _check_int("k_shot", k_shot, 1) + _check_int("n_query", n_query, 0)
-        # The sampler checks this too; here the message can name the class as well.
-        labels = np.asarray(dataset.labels)
-        sizes = np.bincount(labels.astype(np.int64)) if labels.size and \
-            np.issubdtype(labels.dtype, np.integer) and labels.min() >= 0 else np.zeros(0, int)
-        names = getattr(dataset, "class_names", None)
-        present = np.flatnonzero(sizes)
-        if present.size and sizes[present].min() < need:
-            small = int(present[np.argmin(sizes[present])])
-            name = f" ({names[small]!r})" if names is not None and small < len(names) else ""
-            raise ValueError(f"k_shot + n_query = {need} is larger than class {small}{name}, "
-                             f"which has {sizes[small]} images")
+        if np.asarray(dataset.labels).size:        # here the message can name the class
+            check_fits(dataset.labels, 1, need, class_names=getattr(dataset, "class_names",
+                                                                     None))
         self.sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed,
                                       backend=backend, num_threads=num_threads)
         self.device = torch.device(device) if device is not None else None

@@ -32,9 +32,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as _ckpt
+from . import checks
 from . import distributed as _dist
 from .data.base import FewShotDataset
 from .ops import NonFiniteError
+from .sampling import check_fits
 
 __all__ = ["Trainer", "TrainState", "TrainingInterrupted", "TrainingDiverged", "Callback",
            "AtTrainingSeconds", "EveryTrainingSeconds", "ProfileSteps", "TrainingClock",
@@ -67,13 +69,9 @@ def check_val(val, cfg) -> None:
         return
     if not isinstance(val, FewShotDataset):
         raise ValueError(f"val must be a FewShotDataset or None, got {type(val).__name__}")
-    if cfg.val_ways > val.n_classes:
-        raise ValueError(f"val_ways={cfg.val_ways} is larger than the number of "
-                         f"validation classes ({val.n_classes})")
-    need, small = cfg.val_shots + cfg.val_queries, int(val.class_sizes().min())
-    if need > small:
-        raise ValueError(f"val_shots + val_queries = {need} is larger than the smallest "
-                         f"validation class ({small} images)")
+    check_fits(val.labels, cfg.val_ways, cfg.val_shots + cfg.val_queries, ways_name="val_ways",
+               need_name="val_shots + val_queries", where="validation ",
+               class_names=val.class_names)
 
 
 class phase:
@@ -317,8 +315,7 @@ class EveryTrainingSeconds(AtTrainingSeconds):
     """
 
     def __init__(self, seconds: float, fn: Callable[["Trainer", TrainState], Any]):
-        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+        checks.number("seconds", seconds)
         super().__init__([seconds], fn)
         self.seconds = float(seconds)
 
@@ -341,10 +338,8 @@ class ProfileSteps(Callback):
     """
 
     def __init__(self, directory: str, warmup: int = 5, steps: int = 3):
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        checks.integer("warmup", warmup, 0)
+        checks.integer("steps", steps, 1)
         self.directory, self.warmup, self.steps = directory, warmup, steps
         self._prof = None
         self.written: list[str] = []

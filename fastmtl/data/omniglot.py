@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .. import checks
 from .base import FewShotDataset
 
 __all__ = ["Omniglot", "OMNIGLOT_SPLITS", "OMNIGLOT_MEAN", "OMNIGLOT_STD"]
@@ -66,9 +67,7 @@ class Omniglot(FewShotDataset):
             raise ValueError("give either alphabets or split, not both")
         if split is not None and split not in OMNIGLOT_SPLITS:
             raise ValueError(f"split must be one of {sorted(OMNIGLOT_SPLITS)}, got {split!r}")
-        if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) \
-                or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        checks.integer("image_size", image_size, 1)
         if isinstance(alphabets, str):
             alphabets = [alphabets]
         if alphabets is not None and len(alphabets) == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import checks
 from .base import FewShotDataset
 
 __all__ = ["SyntheticGlyphs", "SYNTHETIC_MEAN", "SYNTHETIC_STD"]
@@ -81,8 +82,7 @@ class SyntheticGlyphs(FewShotDataset):
 
 
 def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    checks.integer(name, value, low)
 
 
 def _random_glyph(rng: np.random.Generator) -> dict:

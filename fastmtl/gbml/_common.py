@@ -48,7 +48,7 @@ from ..data.base import FewShotDataset
 from ..evaluate import evaluate as _logistic_evaluate
 from ..evaluate import check_episodes, summary
 from ..models import feature_dim
-from ..sampling import EpisodeSampler, assemble
+from ..sampling import EpisodeSampler, assemble, check_fits
 from ..training import Trainer, backbone_autocast, check_val, full_precision, phase
 
 _VAL_PROTOCOLS = ("logistic", "own")
@@ -317,13 +317,8 @@ class _EpisodicTrainer(Trainer):
     # -- the Trainer hooks ----------------------------------------------------------------
     def _prepare_fit(self, train, val) -> None:
         cfg = self.config
-        if cfg.n_way > train.n_classes:
-            raise ValueError(f"n_way={cfg.n_way} is larger than the number of training classes "
-                             f"({train.n_classes})")
-        smallest = int(train.class_sizes().min())
-        if cfg.k_shot + cfg.n_query > smallest:
-            raise ValueError(f"k_shot + n_query = {cfg.k_shot + cfg.n_query} is larger than the "
-                             f"smallest training class ({smallest} images)")
+        check_fits(train.labels, cfg.n_way, cfg.k_shot + cfg.n_query, where="training ",
+                   class_names=train.class_names)
         check_val(val, cfg)
         if val is not None and cfg.val_protocol == "own":
             self._check_eval_ways(cfg.val_ways)

@@ -87,11 +87,17 @@ def check_scale(scale):
 
 
 def check_finite(z, weight, scale):
-    """NaN or inf in the features, the rows or a tensor scale: one pass, one host sync."""
-    parts = [torch.isfinite(_plain(z)).all(), torch.isfinite(_plain(weight)).all()]
+    """NaN or inf in the features, the rows or a tensor scale: one sum a tensor and one
+    host sync (a NaN or inf makes its tensor's sum non-finite; an element-wise test runs
+    only then, to tell them from finite values so large that their sum overflows)."""
+    named = [("z", _plain(z)), ("weight", _plain(weight))]
     if isinstance(scale, torch.Tensor):
-        parts.append(torch.isfinite(_plain(scale)).all())
-    ok = torch.stack(parts).tolist()
-    for name, good in zip(("z", "weight", "scale"), ok):
-        if not good:
+        named.append(("scale", _plain(scale)))
+    # Summed in float64: finite float32/bfloat16 values cannot overflow it.
+    sums = torch.stack([t.sum(dtype=torch.float64) for _, t in named])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for name, t in named:
+        if not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"{name} holds NaN or infinite values")
+    raise NonFiniteError("z or weight holds values so large that their sum overflows float64")

@@ -57,10 +57,11 @@ Details that keep it exact and robust:
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
+
+from . import checks
 
 __all__ = ["LogisticHeads", "fit_logistic"]
 
@@ -134,10 +135,9 @@ def fit_logistic(z_support: torch.Tensor, y_support: torch.Tensor, C: float = 3.
         :class:`LogisticHeads` with ``weight`` (E, n_classes, d) and ``bias``
         (E, n_classes); see the module docstring for absent classes and two-class episodes.
     """
-    _check_positive("C", C)
-    _check_positive("tol", tol)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    checks.number("C", C)
+    checks.number("tol", tol)
+    checks.integer("max_iter", max_iter, 1)
     x, y, n_classes = _check_support(z_support, y_support, n_classes)
     E, S, d = x.shape
     chunk = max(1, _CHUNK_BYTES // (S * d * x.element_size()))
@@ -153,13 +153,6 @@ def _describe(t) -> str:
     if isinstance(t, torch.Tensor):
         return f"shape {tuple(t.shape)}"
     return type(t).__name__
-
-
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
 
 
 def _check_support(z, y, n_classes):
@@ -182,9 +175,8 @@ def _check_support(z, y, n_classes):
     lo, hi = int(y.min()), int(y.max())
     if n_classes is None:
         n_classes = hi + 1
-    elif (isinstance(n_classes, bool) or not isinstance(n_classes, numbers.Integral)
-          or n_classes < 1):
-        raise ValueError(f"n_classes must be a positive integer, got {n_classes!r}")
+    else:
+        checks.integer("n_classes", n_classes, 1)
     if lo < 0 or hi >= n_classes:
         raise ValueError(f"y_support labels must lie in [0, {n_classes}), got values in "
                          f"[{lo}, {hi}]")

@@ -60,10 +60,10 @@ class SyntheticGlyphs(FewShotDataset):
     """
 
     def __init__(self, n_classes: int, per_class: int, seed: int = 0, image_size: int = 28):
-        _check_int("n_classes", n_classes, 1)
-        _check_int("per_class", per_class, 1)
-        _check_int("seed", seed, 0)
-        _check_int("image_size", image_size, 8)
+        checks.integer("n_classes", n_classes, 1)
+        checks.integer("per_class", per_class, 1)
+        checks.integer("seed", seed, 0)
+        checks.integer("image_size", image_size, 8)
         n_classes, per_class, seed, image_size = map(int, (n_classes, per_class, seed, image_size))
         strokes = np.empty((n_classes, per_class, _MAX_STROKES, _POINTS_PER_STROKE, 2))
         widths = np.empty((n_classes, per_class))
@@ -79,10 +79,6 @@ class SyntheticGlyphs(FewShotDataset):
         super().__init__(images, labels, names, SYNTHETIC_MEAN, SYNTHETIC_STD,
                          name="synthetic")
         self.seed = seed
-
-
-def _check_int(name: str, value, low: int) -> None:
-    checks.integer(name, value, low)
 
 
 def _random_glyph(rng: np.random.Generator) -> dict:

@@ -53,7 +53,15 @@ def _want_cuda(argv) -> bool:
 # Triton picks interpreted or compiled kernels when they are defined: decide first.
 if __name__ == "__main__" and not _want_cuda(sys.argv):
     os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, str(ROOT))
+# An installed fastmtl (CI) is used as installed; without one (a GPU machine with nothing
+# installed) the source tree is imported, its Triton sources mounted as fastmtl.kernels.
+try:
+    import importlib.util as _util
+    _installed = _util.find_spec("fastmtl") is not None
+except ImportError:
+    _installed = False
+if not _installed:
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -16,6 +19,22 @@ _TRITON_MAX_N = 64  # kernels.multihead_ce.MAX_N, without importing triton to re
 _triton_mod = None
 
 
+def _mount_source_kernels() -> None:
+    """In a source checkout that is not installed (e.g. the GPU check run from the tree),
+    the Triton sources sit in ``kernels/`` beside the package: mount them as
+    ``fastmtl.kernels``, the name an install gives them (setup.py's package_dir)."""
+    if importlib.util.find_spec("fastmtl.kernels") is not None:
+        return
+    src = Path(__file__).resolve().parents[2] / "kernels"
+    if not (src / "__init__.py").is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "fastmtl.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastmtl.kernels"] = module
+    spec.loader.exec_module(module)
+
+
 def triton_kernels():
     """fastmtl.kernels.multihead_ce if triton imports, else None.
 
@@ -25,6 +44,7 @@ def triton_kernels():
     global _triton_mod
     if _triton_mod is None:
         try:
+            _mount_source_kernels()
             mod = importlib.import_module("fastmtl.kernels.multihead_ce")
         except Exception:  # noqa: BLE001 - a broken triton only removes the backend
             mod = False

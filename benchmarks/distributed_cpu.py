@@ -29,7 +29,7 @@ RUNS = {
     "mtl": ["--method", "mtl", "--n-way", "5", "--images-per-class", "10",
             "--tasks-per-step", "8"],
     "fomaml": ["--method", "fomaml", "--n-way", "5", "--k-shot", "1", "--n-query", "15",
-               "--meta-batch", "8"],
+               "--tasks-per-step", "8"],
 }
 
 

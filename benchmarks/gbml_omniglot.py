@@ -43,11 +43,11 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omnigl
 # higher-way training as their papers (20-way here, one task per meta-step). Every
 # method sees 120 images per meta-step.
 SETTINGS = {
-    "maml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4),
-    "fomaml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4),
-    "anil": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4),
-    "r2d2": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1),
-    "protonet": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, lr_decay_every=None),
+    "maml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4),
+    "fomaml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4),
+    "anil": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4),
+    "r2d2": dict(n_way=20, k_shot=1, n_query=5, tasks_per_step=1),
+    "protonet": dict(n_way=20, k_shot=1, n_query=5, tasks_per_step=1, lr_decay_every=None),
 }
 
 
@@ -55,14 +55,14 @@ def run(method: str, train, test, minutes: float, episodes: int, seed: int) -> d
     cls, config_cls, fixed = METHODS[method]
     settings = dict(SETTINGS[method], **fixed)
     # Short epochs so the wall-clock budget is checked often (it is checked per epoch).
-    cfg = config_cls(**settings, tasks_per_epoch=20 * settings["meta_batch"], epochs=100_000,
+    cfg = config_cls(**settings, tasks_per_epoch=20 * settings["tasks_per_step"], epochs=100_000,
                      max_minutes=minutes, seed=seed)
     torch.manual_seed(seed)
     trainer = cls(conv4(in_channels=1), cfg)
     t0 = time.perf_counter()
     history = trainer.fit(train, progress=False)
     train_s = time.perf_counter() - t0
-    steps = sum(1 for _ in history) * (cfg.tasks_per_epoch // cfg.meta_batch)
+    steps = sum(1 for _ in history) * (cfg.tasks_per_epoch // cfg.tasks_per_step)
     t1 = time.perf_counter()
     own = trainer.evaluate(test, n_way=5, k_shot=1, n_query=15, episodes=episodes, seed=seed,
                            progress=False)

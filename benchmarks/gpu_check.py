@@ -337,11 +337,11 @@ def _step_settings(method, sizes):
         return dict(batch_size=images, max_minutes=None)
     if method in ("r2d2", "protonet"):
         per_class = images // 20
-        return dict(n_way=20, k_shot=1, n_query=per_class - 1, meta_batch=1, max_minutes=None)
+        return dict(n_way=20, k_shot=1, n_query=per_class - 1, tasks_per_step=1, max_minutes=None)
     tasks = max(1, images // 50) if images >= 50 else 2
     per_class = images // (5 * tasks)
     extra = dict(inner_steps=sizes["maml_inner_steps"]) if method in ("maml", "fomaml") else {}
-    return dict(n_way=5, k_shot=1, n_query=per_class - 1, meta_batch=tasks, max_minutes=None,
+    return dict(n_way=5, k_shot=1, n_query=per_class - 1, tasks_per_step=tasks, max_minutes=None,
                 chunk_size=None, **extra)
 
 

@@ -29,7 +29,7 @@ from fastmtl.models import conv4
 def _fastmtl(method, tasks, steps, vectorize):
     torch.manual_seed(0)
     cls, cfg_cls = (MAML, MAMLConfig) if method == "maml" else (ANIL, ANILConfig)
-    tr = cls(conv4(in_channels=1), cfg_cls(meta_batch=tasks, inner_steps=steps, inner_lr=0.4,
+    tr = cls(conv4(in_channels=1), cfg_cls(tasks_per_step=tasks, inner_steps=steps, inner_lr=0.4,
                                            vectorize=vectorize))
     tr.build((1, 28, 28))
     opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)

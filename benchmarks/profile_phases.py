@@ -31,11 +31,11 @@ RUNS = {
         "--method", "mtl", "--recipe", "paper", "--head", "cosine", "--scale", "10",
         "--augment", "--n-way", "20", "--tasks-per-step", "2", "--tasks-per-epoch", "24"],
     "maml (4 tasks x 5-way x (1 + 5), 1 inner step)": [
-        "--method", "maml", "--meta-batch", "4", "--n-query", "5", "--tasks-per-epoch", "80"],
+        "--method", "maml", "--tasks-per-step", "4", "--n-query", "5", "--tasks-per-epoch", "80"],
     "protonet (20-way x (1 + 5))": ["--method", "protonet", "--n-way", "20", "--n-query", "5",
-                                    "--meta-batch", "1", "--tasks-per-epoch", "40"],
+                                    "--tasks-per-step", "1", "--tasks-per-epoch", "40"],
     "r2d2 (20-way x (1 + 5))": ["--method", "r2d2", "--n-way", "20", "--n-query", "5",
-                                "--meta-batch", "1", "--tasks-per-epoch", "40"],
+                                "--tasks-per-step", "1", "--tasks-per-epoch", "40"],
 }
 
 

@@ -84,7 +84,7 @@ def test_meta_step(benchmark, batch, method, impl):
     threads = THREADS
     cls, config_cls = METHODS[method]
     torch.manual_seed(0)
-    cfg = config_cls(n_way=N_WAY, k_shot=K_SHOT, n_query=N_QUERY, meta_batch=META_BATCH,
+    cfg = config_cls(n_way=N_WAY, k_shot=K_SHOT, n_query=N_QUERY, tasks_per_step=META_BATCH,
                      inner_steps=INNER_STEPS, inner_lr=0.4, vectorize=impl == "vmap")
     trainer = cls(conv4(in_channels=1), cfg, device="cpu").build((1, 28, 28))
     benchmark.group = (f"{method} meta-step, Conv-4 28x28, {META_BATCH} tasks 5-way 1-shot "
@@ -150,7 +150,7 @@ def _report():
            "load_average_at_end": machine["load_average"], "malloc": MALLOC,
            "torch_threads": THREADS, "records": _RECORDS, **summary}
     payload = {"setting": {"backbone": "conv4(in_channels=1, hidden=64)", "image": [1, 28, 28],
-                           "meta_batch": META_BATCH, "n_way": N_WAY, "k_shot": K_SHOT,
+                           "tasks_per_step": META_BATCH, "n_way": N_WAY, "k_shot": K_SHOT,
                            "n_query": N_QUERY, "inner_steps": INNER_STEPS,
                            "second_order": True, "dtype": "float32",
                            "timed": "meta-loss forward + backward, no optimizer step"},

@@ -41,8 +41,8 @@ from _results import keep_freed_memory, machine_info, write_result  # benchmarks
 
 SAME_IMAGES = {
     "mtl": dict(batch_size=120),
-    "maml": dict(meta_batch=4), "fomaml": dict(meta_batch=4), "anil": dict(meta_batch=4),
-    "r2d2": dict(meta_batch=1), "protonet": dict(meta_batch=1),
+    "maml": dict(tasks_per_step=4), "fomaml": dict(tasks_per_step=4), "anil": dict(tasks_per_step=4),
+    "r2d2": dict(tasks_per_step=1), "protonet": dict(tasks_per_step=1),
 }
 ROUNDS = {"mtl": 20, "maml": 10, "fomaml": 10, "anil": 15, "r2d2": 20, "protonet": 20}
 _STEP: dict[str, dict] = {}
@@ -185,7 +185,7 @@ SHAPES = {"compare-4x5q-1step": (4, 5, 1), "issue-16x15q-1step": (16, 15, 1),
 def _fastmtl_step(vectorize, tasks, steps, method="maml"):
     torch.manual_seed(0)
     cls, cfg_cls = (MAML, MAMLConfig) if method == "maml" else (ANIL, ANILConfig)
-    tr = cls(conv4(in_channels=1), cfg_cls(meta_batch=tasks, inner_steps=steps,
+    tr = cls(conv4(in_channels=1), cfg_cls(tasks_per_step=tasks, inner_steps=steps,
                                            inner_lr=0.4, vectorize=vectorize))
     tr.build((1, 28, 28))
     opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)

@@ -152,6 +152,19 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults, fixed=()) -> No
         kind = base[0] if base else hint
         parser.add_argument(flag, type=_optional(kind) if base else kind, default=default,
                             metavar=kind.__name__.upper(), help=help_text)
+        for old in [o for o, n in getattr(cls, "_renamed", {}).items() if n == f.name]:
+            # The flag's old name, for one release: hidden, it says so, then does the same.
+            parser.add_argument("--" + old.replace("_", "-"), dest=f.name,
+                                type=_optional(kind) if base else kind, default=default,
+                                action=_DeprecatedFlag, help=argparse.SUPPRESS)
+
+
+class _DeprecatedFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"fastmtl: {option_string} is deprecated and goes in the next release; use "
+              f"{new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _optional(kind):

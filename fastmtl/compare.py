@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import checks
 from .checkpoint import atomic_savefig
+from .config import renamed_fields
 from .evaluate import embed, evaluate
 from .gbml import METHODS as GBML_METHODS
 from .mtl import RECIPES, MTLConfig, MTLTrainer
@@ -52,18 +53,18 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # a meta-step; the committed Omniglot comparison was run before, with the vmapped path).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
-    "maml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+    "maml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
                  chunk_size=10, vectorize=False,
                  test_inner_steps=3, tasks_per_epoch=80),
-    "fomaml": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+    "fomaml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
                    chunk_size=10, vectorize=False,
                    test_inner_steps=3, tasks_per_epoch=80),
-    "anil": dict(n_way=5, k_shot=1, n_query=5, meta_batch=4, inner_steps=1, inner_lr=0.4,
+    "anil": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
                  chunk_size=10,
                  test_inner_steps=3, tasks_per_epoch=80),
-    "r2d2": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, tasks_per_epoch=20,
+    "r2d2": dict(n_way=20, k_shot=1, n_query=5, tasks_per_step=1, tasks_per_epoch=20,
                  chunk_size=10),
-    "protonet": dict(n_way=20, k_shot=1, n_query=5, meta_batch=1, lr_decay_every=None,
+    "protonet": dict(n_way=20, k_shot=1, n_query=5, tasks_per_step=1, lr_decay_every=None,
                      tasks_per_epoch=20, chunk_size=10),
 }
 
@@ -86,7 +87,8 @@ def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int =
         cls, config_cls, fixed = MTLTrainer, MTLConfig, {}
     else:
         cls, config_cls, fixed = GBML_METHODS[method]
-    settings = dict(DEFAULT_SETTINGS[method], **(overrides or {}))
+    overrides = renamed_fields(config_cls, overrides or {}, f"settings for {method}")
+    settings = dict(DEFAULT_SETTINGS[method], **overrides)
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(settings) - names)
     if unknown:

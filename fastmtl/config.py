@@ -17,12 +17,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from . import checks
 
-__all__ = ["TrainerConfig", "setting", "field_help", "PRECISIONS"]
+__all__ = ["TrainerConfig", "setting", "field_help", "renamed_fields", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -46,10 +47,41 @@ def field_help(cls: type, name: str) -> str:
     raise ValueError(f"{cls.__name__}.{name} has no help text")
 
 
+def renamed_fields(cls: type, values: dict[str, Any], what: str = "") -> dict[str, Any]:
+    """``values`` with the deprecated field names of ``cls`` (its ``_renamed``, old -> new)
+    replaced by the new ones, each with a DeprecationWarning (one release of grace).
+
+    A value under the old name wins over one under the new name (``dataclasses.replace``
+    passes every field by its new name beside the caller's changes).
+    """
+    renamed = getattr(cls, "_renamed", {})
+    out = dict(values)
+    for old, new in renamed.items():
+        if old in out:
+            warnings.warn(f"{what or cls.__name__}: {old} is deprecated and goes in the next "
+                          f"release; use {new}", DeprecationWarning, stacklevel=4)
+            out[new] = out.pop(old)
+    return out
+
+
+class _Renaming(type):
+    """Lets a config class take its deprecated field names as keywords (``_renamed``)."""
+
+    def __call__(cls, *args, **kwargs):
+        return super().__call__(*args, **renamed_fields(cls, kwargs))
+
+
 @dataclass
-class TrainerConfig:
+class TrainerConfig(metaclass=_Renaming):
     """The fields every trainer has: the training length, regularization shared by all,
-    the validation protocol, the budget, precision, seed and checkpoints."""
+    the validation protocol, the budget, precision, seed and checkpoints.
+
+    A concept has one name in every config (``lr``, ``tasks_per_step``, ...); a subclass
+    lists names it used before in ``_renamed`` (old -> new): they still work as keywords,
+    attributes and CLI flags for one release, with a DeprecationWarning.
+    """
+
+    _renamed: ClassVar[dict[str, str]] = {}
 
     n_way: int = setting(5, "classes per training task")
     tasks_per_epoch: int = setting(1600, "tasks per epoch")
@@ -73,6 +105,14 @@ class TrainerConfig:
                            "seed, repeatable)")
     checkpoint_dir: str | None = setting(
         None, "where last.pt, best.pt and history.json go every epoch (None: none)")
+
+    def __getattr__(self, name: str) -> Any:
+        new = type(self)._renamed.get(name)
+        if new is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        warnings.warn(f"{type(self).__name__}.{name} is deprecated and goes in the next "
+                      f"release; use .{new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
 
     def validate(self) -> None:
         """Raise ValueError naming the first shared field out of range (before any work)."""

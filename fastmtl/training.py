@@ -179,6 +179,8 @@ def check_same_run(saved: dict[str, Any], config, path: str) -> None:
     """ValueError if ``config`` changes a setting of the checkpointed run that a resume
     cannot honour (anything but :data:`RESUMABLE_CHANGES`), naming each."""
     import dataclasses
+    renamed = getattr(type(config), "_renamed", {})
+    saved = {renamed.get(k, k): v for k, v in saved.items()}    # checkpoints of old names
     now = dataclasses.asdict(config)
     changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
                if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]

@@ -238,9 +238,9 @@ def test_multihead_ce_refuses_non_finite_inputs(what):
     (lambda: MTLConfig(tasks_per_epoch=1, tasks_per_step=2), "tasks_per_epoch"),
     (lambda: MTLConfig(lr=float("nan")), "lr"), (lambda: MTLConfig(epochs=1.5), "epochs"),
     (lambda: MTLConfig(val_ways=1), "val_ways"), (lambda: MTLConfig(batch_size=0), "batch_size"),
-    (lambda: MAMLConfig(n_way=1), "n_way"), (lambda: MAMLConfig(meta_lr=0), "meta_lr"),
+    (lambda: MAMLConfig(n_way=1), "n_way"), (lambda: MAMLConfig(lr=0), "lr"),
     (lambda: MAMLConfig(max_minutes=-1), "max_minutes"),
-    (lambda: ProtoNetConfig(tasks_per_epoch=1, meta_batch=2), "tasks_per_epoch"),
+    (lambda: ProtoNetConfig(tasks_per_epoch=1, tasks_per_step=2), "tasks_per_epoch"),
     (lambda: ProtoNetConfig(k_shot=True), "k_shot")])
 def test_config_fields(config, needle):
     with pytest.raises(ValueError, match=needle):
@@ -276,3 +276,31 @@ def test_resume_api_refuses_changed_settings_and_wrong_files(glyphs, tmp_path):
             glyphs, resume=str(tmp_path / "last.pt"), progress=False)
     with pytest.raises(ValueError, match="holds a 'mtl' run"):
         load_checkpoint(str(tmp_path / "last.pt"), method="maml")
+
+
+def test_renamed_fields_work_one_more_release_with_a_warning(tmp_path, capsys):
+    """GBML's meta_batch / meta_lr are now tasks_per_step / lr (MTL's names): the old
+    names still work as keywords, attributes, settings and CLI flags, with a warning."""
+    import dataclasses
+
+    from fastmtl.compare import config_for
+    from fastmtl.gbml import MAMLConfig
+    from fastmtl.training import check_same_run
+    with pytest.warns(DeprecationWarning, match="meta_batch is deprecated.*tasks_per_step"):
+        cfg = MAMLConfig(meta_batch=3, meta_lr=2e-3)
+    assert (cfg.tasks_per_step, cfg.lr) == (3, 2e-3)
+    with pytest.warns(DeprecationWarning, match="use .tasks_per_step"):
+        assert cfg.meta_batch == 3
+    with pytest.warns(DeprecationWarning):
+        assert dataclasses.replace(cfg, meta_batch=5).tasks_per_step == 5
+    with pytest.warns(DeprecationWarning):
+        assert config_for("maml", {"meta_batch": 2})[1].tasks_per_step == 2
+    # A checkpoint written under the old names still resumes only with the same settings.
+    old = {"meta_batch": 3, "meta_lr": 2e-3}
+    check_same_run(old, MAMLConfig(tasks_per_step=3, lr=2e-3), "last.pt")
+    with pytest.raises(ValueError, match="tasks_per_step: 3 -> 4"):
+        check_same_run(old, MAMLConfig(tasks_per_step=4, lr=2e-3), "last.pt")
+    from fastmtl.cli import build_parser
+    args = build_parser("maml").parse_args(["train", "--method", "maml", "--meta-batch", "2"])
+    assert args.tasks_per_step == 2
+    assert "--meta-batch is deprecated" in capsys.readouterr().err

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
 MTL_CFG = fastmtl.MTLConfig(n_way=3, images_per_class=4, tasks_per_step=4, tasks_per_epoch=8,
                             epochs=3, head="cosine", scale=10.0, augment=True, chunking="task",
                             val_ways=3, val_episodes=12, val_queries=3, seed=3)
-MAML_CFG = MAMLConfig(n_way=3, k_shot=1, n_query=2, meta_batch=4, chunk_size=1,
+MAML_CFG = MAMLConfig(n_way=3, k_shot=1, n_query=2, tasks_per_step=4, chunk_size=1,
                       tasks_per_epoch=8, epochs=2, inner_steps=1, inner_lr=0.4,
                       first_order=True, val_protocol="own", val_ways=3, val_episodes=10,
                       val_queries=2, seed=5)
@@ -228,7 +228,7 @@ def test_world_size_must_divide_the_tasks(monkeypatch):
     with pytest.raises(ValueError, match="tasks_per_step=4 must be divisible"):
         fdist.shard(4, "tasks_per_step")
     monkeypatch.setattr(fdist, "rank", lambda: 2)
-    assert fdist.shard(6, "meta_batch") == (4, 2)
+    assert fdist.shard(6, "tasks_per_step") == (4, 2)
 
 
 def test_chunks_cover_every_item_once(monkeypatch):

@@ -233,7 +233,7 @@ def test_every_method_fits_checkpoints_and_evaluates(method, tmp_path):
     cls, config_cls, fixed = METHODS[method]
     extra = {"inner_steps": 1, "inner_lr": 0.1, "test_inner_steps": 1} if cls in (MAML, ANIL) \
         else {}
-    cfg = config_cls(n_way=5, k_shot=1, n_query=3, meta_batch=4, tasks_per_epoch=8, epochs=2,
+    cfg = config_cls(n_way=5, k_shot=1, n_query=3, tasks_per_step=4, tasks_per_epoch=8, epochs=2,
                      val_episodes=5, val_queries=5, checkpoint_dir=str(tmp_path), **extra,
                      **fixed)
     tr = cls(conv4(hidden=8, out_channels=8), cfg)
@@ -253,7 +253,7 @@ def test_every_method_fits_checkpoints_and_evaluates(method, tmp_path):
 
 def test_resume_repeats_an_uninterrupted_run(tmp_path):
     train, _ = _glyphs()
-    cfg = ANILConfig(n_way=5, n_query=3, meta_batch=4, tasks_per_epoch=8, epochs=2,
+    cfg = ANILConfig(n_way=5, n_query=3, tasks_per_step=4, tasks_per_epoch=8, epochs=2,
                      inner_lr=0.1)
 
     def backbone():
@@ -274,8 +274,8 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
 def test_bad_settings_raise_value_errors():
     with pytest.raises(ValueError, match="inner_lr"):
         MAMLConfig(inner_lr=0).validate()
-    with pytest.raises(ValueError, match="meta_batch"):
-        MAML(conv4(), MAMLConfig(meta_batch=0))
+    with pytest.raises(ValueError, match="tasks_per_step"):
+        MAML(conv4(), MAMLConfig(tasks_per_step=0))
     with pytest.raises(ValueError, match="val_protocol"):
         R2D2(conv4(), R2D2Config(val_protocol="nope"))
     with pytest.raises(ValueError, match="R2D2Config"):
@@ -295,7 +295,7 @@ def test_protonet_learns_real_omniglot():
     root = omniglot_root()
     from fastmtl.data import Omniglot
     train, test = Omniglot(root, split="train"), Omniglot(root, split="test")
-    cfg = ProtoNetConfig(n_way=20, k_shot=1, n_query=5, meta_batch=2, tasks_per_epoch=80,
+    cfg = ProtoNetConfig(n_way=20, k_shot=1, n_query=5, tasks_per_step=2, tasks_per_epoch=80,
                          epochs=1, lr_decay_every=None)
     torch.manual_seed(0)
     tr = ProtoNet(conv4(hidden=32, out_channels=32), cfg).build(train.image_shape)

@@ -14,10 +14,10 @@ from fastmtl.compare import config_for
 from fastmtl.training import backbone_autocast
 
 SMALL = {"mtl": dict(batch_size=24),
-         "maml": dict(meta_batch=2, n_way=5, n_query=2, vectorize=False),
-         "anil": dict(meta_batch=2, n_way=5, n_query=2, vectorize=False),
-         "r2d2": dict(meta_batch=1, n_way=5, n_query=2, vectorize=False),
-         "protonet": dict(meta_batch=1, n_way=5, n_query=2, vectorize=False)}
+         "maml": dict(tasks_per_step=2, n_way=5, n_query=2, vectorize=False),
+         "anil": dict(tasks_per_step=2, n_way=5, n_query=2, vectorize=False),
+         "r2d2": dict(tasks_per_step=1, n_way=5, n_query=2, vectorize=False),
+         "protonet": dict(tasks_per_step=1, n_way=5, n_query=2, vectorize=False)}
 
 
 def _step(method, precision, glyphs):

@@ -22,7 +22,7 @@ def test_profile_trace_holds_the_named_phases(tmp_path, method):
         flags += ["--recipe", "paper", "--augment", "--tasks-per-epoch", "6",
                   "--tasks-per-step", "2", "--images-per-class", "4"]
     else:
-        flags += ["--tasks-per-epoch", "6", "--meta-batch", "2", "--n-way", "5"]
+        flags += ["--tasks-per-epoch", "6", "--tasks-per-step", "2", "--n-way", "5"]
     assert main(flags) == 0
     trace = json.loads((tmp_path / "prof" / "trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}

@@ -24,7 +24,7 @@ def _mtl(**kw):
 
 
 def _proto(**kw):
-    cfg = dict(n_way=3, k_shot=1, n_query=2, meta_batch=1, tasks_per_epoch=4, epochs=3)
+    cfg = dict(n_way=3, k_shot=1, n_query=2, tasks_per_step=1, tasks_per_epoch=4, epochs=3)
     cfg.update(kw)
     return ProtoNet(conv4(hidden=8), ProtoNetConfig(**cfg))
 

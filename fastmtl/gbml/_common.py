@@ -26,7 +26,7 @@ transforms (the per-task loop) the fused op is exact and faster, and is used.
 Distributed (``torchrun``; :mod:`fastmtl.distributed`): the meta-batch is split across
 ranks in contiguous blocks of episodes and the learner trains as one
 ``DistributedDataParallel`` module whose forward is the meta-loss, so W ranks make the
-meta-update of one process with the whole meta-batch (``meta_batch`` divisible by W;
+meta-update of one process with the whole meta-batch (``tasks_per_step`` divisible by W;
 chunks of ``chunk_size`` accumulate without communication until the last). Rank 0 alone
 shows progress and writes checkpoints; evaluation splits its episodes across ranks.
 """
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -58,14 +58,17 @@ _VAL_PROTOCOLS = ("logistic", "own")
 class _EpisodicConfig(TrainerConfig):
     """Fields of every episodic (GBML) trainer's config, beside TrainerConfig's."""
 
+    # The names these had before they took MTL's (deprecated; accepted one more release).
+    _renamed: ClassVar[dict[str, str]] = {"meta_batch": "tasks_per_step", "meta_lr": "lr"}
+
     k_shot: int = setting(1, "support images per class in training tasks")
     n_query: int = setting(15, "query images per class in training tasks")
-    meta_batch: int = setting(32, "tasks per meta-step, vectorized into one computation")
+    tasks_per_step: int = setting(32, "tasks per meta-step, vectorized into one computation")
     tasks_per_epoch: int = setting(3200, "tasks per epoch (meta-steps per epoch: "
-                                         "tasks_per_epoch // meta_batch)")
+                                         "tasks_per_epoch // tasks_per_step)")
     epochs: int = setting(600, None)
-    meta_lr: float = setting(1e-3, "Adam learning rate of the meta-update")
-    lr_decay_every: int | None = setting(None, "multiply meta_lr by lr_decay every this many "
+    lr: float = setting(1e-3, "Adam learning rate of the meta-update")
+    lr_decay_every: int | None = setting(None, "multiply lr by lr_decay every this many "
                                                "meta-steps (None: never)")
     lr_decay: float = setting(0.5, "factor of the step decay")
     vectorize: bool = setting(
@@ -82,17 +85,17 @@ class _EpisodicConfig(TrainerConfig):
     def validate(self) -> None:
         """Raise ValueError naming the first field out of range (before any work)."""
         super().validate()
-        for name in ("k_shot", "n_query", "meta_batch"):
+        for name in ("k_shot", "n_query", "tasks_per_step"):
             checks.integer(name, getattr(self, name), 1)
         for name in ("lr_decay_every", "chunk_size"):
             checks.integer(name, getattr(self, name), 1, optional=True)
-        checks.number("meta_lr", self.meta_lr)
+        checks.number("lr", self.lr)
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         checks.one_of("val_protocol", self.val_protocol, _VAL_PROTOCOLS)
-        if self.tasks_per_epoch < self.meta_batch:
+        if self.tasks_per_epoch < self.tasks_per_step:
             raise ValueError(f"tasks_per_epoch ({self.tasks_per_epoch}) is smaller than "
-                             f"meta_batch ({self.meta_batch}): an epoch needs a step")
+                             f"tasks_per_step ({self.tasks_per_step}): an epoch needs a step")
 
 
 # -- BatchNorm ------------------------------------------------------------------------------
@@ -328,9 +331,9 @@ class _EpisodicTrainer(Trainer):
 
     def _setup(self, train) -> None:
         cfg = self.config
-        self._offset, self._T_local = _dist.shard(cfg.meta_batch, "meta_batch")
+        self._offset, self._T_local = _dist.shard(cfg.tasks_per_step, "tasks_per_step")
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=cfg.meta_lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = (torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_decay_every,
                                                           cfg.lr_decay)
                           if cfg.lr_decay_every else None)
@@ -339,10 +342,10 @@ class _EpisodicTrainer(Trainer):
         self._dtype = params[0].dtype
 
     def _steps_per_epoch(self) -> int:
-        return max(1, self.config.tasks_per_epoch // self.config.meta_batch)
+        return max(1, self.config.tasks_per_epoch // self.config.tasks_per_step)
 
     def _epoch_batches(self, train, epoch, steps):
-        T = self.config.meta_batch
+        T = self.config.tasks_per_step
         for step in range(steps):
             first = (epoch * steps + step) * T + self._offset
             with phase("data"):

@@ -65,16 +65,16 @@ class MAMLConfig(_EpisodicConfig):
         base = cls(n_way=n_way, k_shot=k_shot)
         if n_way >= 20:
             base = dataclasses.replace(base, inner_steps=5, inner_lr=0.1, test_inner_steps=5,
-                                       meta_batch=16, tasks_per_epoch=1600)
+                                       tasks_per_step=16, tasks_per_epoch=1600)
         return dataclasses.replace(base, **overrides)
 
     @classmethod
     def mini_imagenet(cls, k_shot: int = 1, **overrides) -> "MAMLConfig":
         """The paper's mini-ImageNet settings (use Conv-4 with 32 filters:
         ``conv4(in_channels=3, hidden=32, out_channels=32)``)."""
-        meta_batch = 4 if k_shot == 1 else 2
+        tasks_per_step = 4 if k_shot == 1 else 2
         base = cls(n_way=5, k_shot=k_shot, n_query=15, inner_steps=5, inner_lr=0.01,
-                   test_inner_steps=10, meta_batch=meta_batch, tasks_per_epoch=100 * meta_batch)
+                   test_inner_steps=10, tasks_per_step=tasks_per_step, tasks_per_epoch=100 * tasks_per_step)
         return dataclasses.replace(base, **overrides)
 
 

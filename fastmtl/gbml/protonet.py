@@ -53,7 +53,7 @@ class ProtoNetConfig(_EpisodicConfig):
 
     n_way: int = setting(60, None)
     n_query: int = setting(5, None)
-    meta_batch: int = setting(1, None)
+    tasks_per_step: int = setting(1, None)
     tasks_per_epoch: int = setting(1000, None)
     epochs: int = setting(100, None)
     lr_decay_every: int | None = setting(2000, None)

@@ -65,7 +65,7 @@ class R2D2Config(_EpisodicConfig):
         1.0
     """
 
-    meta_batch: int = setting(8, None)
+    tasks_per_step: int = setting(8, None)
     tasks_per_epoch: int = setting(800, None)
     lam_init: float = setting(1.0, "initial ridge strength lambda (meta-learned in log space)")
     scale_init: float = setting(10.0, "initial logit scale alpha (meta-learned in log space; "

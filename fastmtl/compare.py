@@ -48,9 +48,9 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # often; ProtoNet/R2D2: higher-way training episodes, as their papers train. chunk_size 10:
 # test episodes vmapped 10 at a time in the method's own evaluation (measured 1.8-2x
 # faster than 50 on a 2-core CPU; with meta-batches of 1-4 it does not change training).
-# MAML/FO-MAML: the per-task loop, chosen by measurement at this shape on the CPU
-# (benchmarks/test_bench_steps.py: loop 123 ms, vmapped 136 ms, learn2learn-style 119 ms
-# a meta-step; the committed Omniglot comparison was run before, with the vmapped path).
+# MAML/FO-MAML/ANIL: the per-task loop, chosen by measurement at this shape on the CPU
+# (benchmarks/maml_vs_l2l.py, round-robin: MAML loop 110 ms vs vmapped 116 ms, ANIL loop
+# 72 ms vs vmapped 78 ms a meta-step; learn2learn-style 106 and 69 ms).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
@@ -60,7 +60,7 @@ DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
                    chunk_size=10, vectorize=False,
                    test_inner_steps=3, tasks_per_epoch=80),
     "anil": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
-                 chunk_size=10,
+                 chunk_size=10, vectorize=False,
                  test_inner_steps=3, tasks_per_epoch=80),
     "r2d2": dict(n_way=20, k_shot=1, n_query=5, tasks_per_step=1, tasks_per_epoch=20,
                  chunk_size=10),

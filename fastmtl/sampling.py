@@ -102,8 +102,13 @@ def check_fits(labels, n_way: int, need: int, ways_name: str = "n_way",
     Example:
         >>> check_fits([0, 0, 1, 1, 2, 2], n_way=3, need=2)
     """
-    labels = np.asarray(labels)
-    classes, counts = np.unique(labels, return_counts=True)
+    classes, counts = np.unique(np.asarray(labels), return_counts=True)
+    _check_counts(classes, counts, n_way, need, ways_name, need_name, where, class_names)
+
+
+def _check_counts(classes, counts, n_way, need, ways_name="n_way",
+                  need_name="k_shot + n_query", where="", class_names=None) -> None:
+    """:func:`check_fits` on the classes and their counts (``np.unique``'s output)."""
     if n_way > classes.size:
         raise ValueError(f"{ways_name}={n_way} is larger than the number of {where}classes "
                          f"({classes.size})")
@@ -133,6 +138,7 @@ class EpisodeSampler:
         backend: ``"cpp"``, ``"numpy"`` (the reference) or None for :func:`backend`.
         num_threads: threads of the C++ sampler; None follows ``torch.get_num_threads()``.
             The episodes never depend on it.
+        class_names: names of the labels (``class_names[label]``), for error messages.
 
     ``sampler.episodes(start, count)`` returns ``(classes, index)``: the label values of
     each episode's classes, shape (count, n_way), and dataset indices of their images,
@@ -141,7 +147,8 @@ class EpisodeSampler:
     """
 
     def __init__(self, labels, n_way: int, k_shot: int, n_query: int, seed: int = 0,
-                 backend: str | None = None, num_threads: int | None = None):
+                 backend: str | None = None, num_threads: int | None = None,
+                 class_names: Sequence[str] | None = None):
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         if labels.ndim != 1:
             raise ValueError(f"labels must be a 1-D array, got shape {labels.shape}")
@@ -157,8 +164,9 @@ class EpisodeSampler:
             raise ValueError(f"seed must be < 2**64, got {seed}")
         self.backend = _resolve_backend(backend)
         self.num_threads = None if num_threads is None else _resolve_threads(num_threads)
-        check_fits(labels, self.n_way, self.k_shot + self.n_query)   # the C++ side asserts
+        need = self.k_shot + self.n_query
         if self.backend == "cpp":
+            check_fits(labels, self.n_way, need, class_names=class_names)  # C++ asserts too
             self._core = _cpp.Sampler(np.ascontiguousarray(labels, dtype=np.int64), self.n_way,
                                       self.k_shot, self.n_query, self.seed)
             self.classes, self.counts = self._core.classes, self._core.counts
@@ -166,6 +174,7 @@ class EpisodeSampler:
             return
         self._core = None
         self.classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        _check_counts(self.classes, counts, self.n_way, need, class_names=class_names)
         self.order = np.argsort(inverse, kind="stable").astype(np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.counts = counts.astype(np.int64)
@@ -398,12 +407,9 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         self.start = _check_int("start", start, 0)
         self.batches = None if batches is None else _check_int("batches", batches, 0)
         self.stride = self.tasks_per_batch if stride is None else _check_int("stride", stride, 1)
-        need = _check_int("k_shot", k_shot, 1) + _check_int("n_query", n_query, 0)
-        if np.asarray(dataset.labels).size:        # here the message can name the class
-            check_fits(dataset.labels, 1, need, class_names=getattr(dataset, "class_names",
-                                                                     None))
         self.sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed,
-                                      backend=backend, num_threads=num_threads)
+                                      backend=backend, num_threads=num_threads,
+                                      class_names=getattr(dataset, "class_names", None))
         self.device = torch.device(device) if device is not None else None
         self.prefetch = bool(prefetch)
         self._pin = self.device is not None and self.device.type == "cuda"

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .. import checks
 from .. import distributed as _dist
 from ..config import TrainerConfig, setting
+from ..ops._functorch import is_wrapped
 from ..data.base import FewShotDataset
 from ..evaluate import evaluate as _logistic_evaluate
 from ..evaluate import check_episodes, summary
@@ -99,9 +100,9 @@ class _EpisodicConfig(TrainerConfig):
 
 
 # -- BatchNorm ------------------------------------------------------------------------------
-# Private functorch API (checked against torch 2.13): is a tensor wrapped by a torch.func
-# transform (vmap, grad)? tests/test_gbml.py fails loudly if it moves.
-_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# Is a tensor wrapped by a torch.func transform (vmap, grad)? The private functorch call
+# lives in fastmtl/ops/_functorch.py with the others; tests/test_gbml.py checks it here.
+_functorch_wrapped = is_wrapped
 
 
 class _BatchStatNorm(nn.Module):
@@ -166,6 +167,8 @@ class LinearHead(nn.Linear):
     autocast (``precision="bf16"``): the features are cast to it, autocast is off."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(z.device.type):     # fp32: nothing to leave
+            return F.linear(z, self.weight, self.bias)
         with full_precision(z.device.type):
             return F.linear(z.to(self.weight.dtype), self.weight, self.bias)
 

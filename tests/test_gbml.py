@@ -128,6 +128,12 @@ def test_vmapped_meta_gradient_equals_per_task_loop(method, steps):
     trainer.config.vectorize = False
     loop_loss, _ = trainer.meta_loss(xs, ys, xq, yq)
     _assert_rel(torch.autograd.grad(loop_loss, params), ref_grads, 1e-6)
+    # And the trainer's meta-gradient, which the loop accumulates one task at a time.
+    for p in params:
+        p.grad = None
+    step_loss, _ = trainer._step(xs, ys, xq, yq)
+    assert step_loss == pytest.approx(ref_loss.item(), rel=1e-10)
+    _assert_rel([p.grad for p in params], ref_grads, 1e-6)
 
 
 def test_second_order_terms_are_present_and_meta_sgd_lrs_get_gradients():

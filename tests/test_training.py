@@ -125,3 +125,26 @@ def test_at_training_seconds_fires_once_per_passed_time_and_checks_times():
     for bad in ([], [2.0, 1.0], [0.0], [float("nan")]):
         with pytest.raises(ValueError, match="times"):
             AtTrainingSeconds(bad, print)
+
+
+def test_cosine_schedule_follows_the_run_with_warmup():
+    """lr_schedule="cosine": each step's learning rate is lr * (1 + cos(pi f)) / 2 with f
+    the steps taken over the run's steps (no time budget here), after a linear warm-up."""
+    import math
+
+    class Rates(Callback):
+        def __init__(self):
+            self.rates = []
+
+        def on_step_end(self, trainer, state):
+            self.rates.append(trainer.optimizer.param_groups[0]["lr"])
+
+    data = SyntheticGlyphs(12, 8, seed=0)
+    cfg = MTLConfig(tasks_per_step=2, tasks_per_epoch=8, epochs=2, images_per_class=4,
+                    lr=1e-3, lr_schedule="cosine", warmup_steps=2)
+    rates = Rates()
+    MTLTrainer(conv4(hidden=8), cfg).fit(data, progress=False, callbacks=[rates])
+    total = 8                        # 2 epochs of 4 steps
+    want = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / total)) * min(1.0, (s + 1) / 2)
+            for s in range(total)]
+    assert rates.rates == pytest.approx(want, rel=1e-12)

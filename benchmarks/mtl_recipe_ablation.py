@@ -63,6 +63,19 @@ VARIANTS = {
     "fast_s20": {"recipe": "fast", "lr_schedule": "plateau", "scale": 20.0},
     "fast_cosine_sgd": {"recipe": "fast", "lr_schedule": "cosine", "optimizer": "sgd",
                         "lr": 0.05, "weight_decay": 5e-4},
+    # Round 4 (the recipe now: fast with cosine), 150 s, 1,000 validation episodes: the
+    # regularizers that the literature credits with better-transferring features of
+    # supervised pre-training. "mixup" and "ema" are handled by this script, not MTLConfig.
+    "fast_r4": {"recipe": "fast"},
+    "fast_mixup1": {"recipe": "fast", "mixup": 1.0},       # input mixup, Beta(1, 1)
+    "fast_s5": {"recipe": "fast", "scale": 5.0},           # softer softmax (temperature)
+    "fast_ema": {"recipe": "fast", "ema": [0.998, 0.9995]},  # EMA weights, evaluated beside
+    # RFS's born-again distillation: a teacher (the fast recipe, --seconds), then a fresh
+    # student for --seconds on 0.5 CE + 0.5 KL(T=4) to the teacher's logits over all classes
+    "fast_born_again": {"recipe": "fast", "born_again": 4.0},
+    # not MTL: R2D2 with the comparison's settings (fastmtl.compare), as a yardstick on
+    # the validation alphabet (its own BatchNorm convention: batch statistics)
+    "r2d2_compare": {"method": "r2d2"},
 }
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                       "mtl_recipe_ablation.jsonl")
@@ -84,8 +97,84 @@ def _recalibrate(net, train, images: int) -> None:
     net.eval()
 
 
+def _use_mixup(alpha: float) -> None:
+    """Input mixup for every MTLLearner of this process (Beta(alpha, alpha) weights, a
+    random pairing within the batch, the loss mixed the same way)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from fastmtl import mtl
+    from fastmtl.ops import multihead_ce
+    gen = torch.Generator().manual_seed(1)
+
+    def forward(self, x, task_classes, sample_task, labels, n_tasks):
+        seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+        lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+        perm = torch.randperm(x.shape[0], generator=gen)
+        z = F.normalize(self.backbone(lam * x + (1 - lam) * x[perm]), dim=1)
+        zs, w = self.head_inputs(z)
+        loss = lam * multihead_ce(zs, w, task_classes, sample_task, labels) + \
+            (1 - lam) * multihead_ce(zs, w, task_classes, sample_task, labels[perm])
+        return loss, zs, w
+    mtl.MTLLearner.forward = forward
+
+
+def _use_distillation(teacher, temperature: float) -> None:
+    """Every MTLLearner of this process trains on 0.5 CE + 0.5 KL to ``teacher``'s logits
+    (the whole head table, temperature ``temperature``, as RFS's born-again step)."""
+    import torch
+    import torch.nn.functional as F
+
+    from fastmtl import mtl
+    from fastmtl.ops import multihead_ce
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    rows = F.normalize(teacher.head, dim=1)
+    t = temperature
+
+    def forward(self, x, task_classes, sample_task, labels, n_tasks):
+        zs, w = self.head_inputs(F.normalize(self.backbone(x), dim=1))
+        ce = multihead_ce(zs, w, task_classes, sample_task, labels)
+        with torch.no_grad():
+            target = teacher.config.scale * F.normalize(teacher.backbone(x), dim=1) @ rows.T
+        kd = F.kl_div(F.log_softmax(zs @ w.T / t, 1), F.softmax(target / t, 1),
+                      reduction="batchmean") * t * t
+        return 0.5 * ce + 0.5 * kd, zs, w
+    mtl.MTLLearner.forward = forward
+
+
+def _ema_callback(decays):
+    """A callback keeping exponential moving averages of the backbone's weights (its
+    BatchNorm buffers copied); the update runs off the training clock, which is fine for an
+    accuracy probe and would have to be paid for in a recipe."""
+    import copy
+
+    import torch
+
+    from fastmtl.training import Callback
+
+    class EMA(Callback):
+        def __init__(self):
+            self.models = {}
+
+        def on_step_end(self, trainer, state):
+            with torch.no_grad():
+                for d in decays:
+                    if d not in self.models:
+                        self.models[d] = copy.deepcopy(trainer.backbone)
+                        continue
+                    m = self.models[d]
+                    for pe, p in zip(m.parameters(), trainer.backbone.parameters()):
+                        pe.lerp_(p, 1 - d)
+                    for be, b in zip(m.buffers(), trainer.backbone.buffers()):
+                        be.copy_(b)
+    return EMA()
+
+
 def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
-            eval_at: list[float], bn_probe: bool = False) -> dict:
+            eval_at: list[float], bn_probe: bool = False, episodes: int = 300) -> dict:
     import torch
 
     from fastmtl import MTLConfig, MTLTrainer
@@ -101,40 +190,63 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
                      max_minutes=seconds / 60, seed=0)
     changes = dict(changes)
     recipe = changes.pop("recipe", None)
+    mixup, decays = changes.pop("mixup", None), changes.pop("ema", [])
+    born_again = changes.pop("born_again", None)
+    if mixup:
+        _use_mixup(mixup)
+    ema = _ema_callback(decays) if decays else None
     if recipe is not None:      # the recipe's config, 10**6 epochs, the time budget
         base = MTLConfig.from_recipe(recipe, epochs=10**6, max_minutes=seconds / 60, seed=0)
+    method = changes.pop("method", None)
     cfg = dataclasses.replace(base, **changes)
     torch.manual_seed(0)
-    trainer = MTLTrainer(build_backbone("conv4", 1), cfg)
+    if born_again:              # the teacher first, the same budget; the student is fresh
+        teacher = MTLTrainer(build_backbone("conv4", 1), cfg)
+        teacher.fit(train, None, progress=False)
+        _use_distillation(teacher.learner, born_again)
+        cfg = dataclasses.replace(cfg, seed=1)
+        torch.manual_seed(1)
+    cls = MTLTrainer
+    if method is not None:      # another method with its comparison settings
+        from fastmtl.compare import config_for
+        cls, cfg = config_for(method, seed=0, budget_minutes=seconds / 60)
+    trainer = cls(build_backbone("conv4", 1), cfg)
     curve = []
 
     def point(tr, state):       # the validation curve, off the training clock
         was = tr.backbone.training
-        r = _evaluate_all(tr.backbone, val, (1, 5), 5, 15, 300, 0, progress=False)
+        r = _evaluate_all(tr.backbone, val, (1, 5), 5, 15, episodes, 0, progress=False)
         curve.append({"train_s": round(state.train_seconds, 1), "steps": state.step,
                       "val_1shot": r[0]["mean"], "val_5shot": r[1]["mean"]})
+        for d, m in (ema.models.items() if ema else ()):
+            m.eval()
+            r = _evaluate_all(m, val, (1, 5), 5, 15, episodes, 0, progress=False)
+            curve[-1][f"ema{d}"] = [r[0]["mean"], r[1]["mean"]]
         if bn_probe:            # the same model with BatchNorm statistics of clean images
             import copy
             net = copy.deepcopy(tr.backbone)
             _recalibrate(net, train, 2048)
-            r = _evaluate_all(net, val, (1, 5), 5, 15, 300, 0, progress=False)
+            r = _evaluate_all(net, val, (1, 5), 5, 15, episodes, 0, progress=False)
             curve[-1].update(recal_1shot=r[0]["mean"], recal_5shot=r[1]["mean"])
         tr.backbone.train(was)
         print(json.dumps(curve[-1]), flush=True)
 
-    callbacks = [AtTrainingSeconds(eval_at, point)] if eval_at else []
+    callbacks = ([ema] if ema else []) + ([AtTrainingSeconds(eval_at, point)] if eval_at else [])
     t0 = time.perf_counter()
     history = trainer.fit(train, None, progress=False, callbacks=callbacks)
     train_s = time.perf_counter() - t0
-    rows = _evaluate_all(trainer.backbone, val, (1, 5), 5, 15, 300, 0, progress=False)
+    rows = _evaluate_all(trainer.backbone, val, (1, 5), 5, 15, episodes, 0, progress=False)
     if recipe is not None:
         changes["recipe"] = recipe
+    changes.update({k: v for k, v in (("mixup", mixup), ("ema", decays),
+                                      ("born_again", born_again), ("method", method)) if v})
     result = {"name": name, "changes": changes, "seconds": train_s, "curve": curve,
               "steps": sum(h["steps"] for h in history),
               "images": sum(h["images"] for h in history),
               "loss": history[-1]["train_loss"], "val_1shot": rows[0]["mean"],
               "val_1shot_ci95": rows[0]["ci95"], "val_5shot": rows[1]["mean"],
-              "val_5shot_ci95": rows[1]["ci95"], "machine": machine_info()}
+              "val_5shot_ci95": rows[1]["ci95"], "episodes": episodes,
+              "machine": machine_info()}
     with open(out, "a") as f:
         f.write(json.dumps(result) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}), flush=True)
@@ -153,15 +265,17 @@ def main() -> None:
     p.add_argument("--bn-probe", action="store_true",
                    help="at each --eval-at point also evaluate with BatchNorm statistics "
                         "recomputed on un-augmented training images")
+    p.add_argument("--episodes", type=int, default=300, help="validation episodes a point")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         run_one(args.root, args.one, args.seconds, VARIANTS[args.one], args.out, args.eval_at,
-                args.bn_probe)
+                args.bn_probe, args.episodes)
         return
     for name in args.variants:      # one process each
         subprocess.run([sys.executable, __file__, "--root", args.root, "--one", name,
                         "--seconds", str(args.seconds), "--out", args.out,
+                        "--episodes", str(args.episodes),
                         *(["--bn-probe"] if args.bn_probe else []), "--eval-at",
                         *map(str, args.eval_at)], check=True)
 

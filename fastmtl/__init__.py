@@ -2,6 +2,28 @@
 
 ``import fastmtl`` gives the MTL trainer, test-time adaptation and the evaluation
 protocol; see README.md for the tour.
+
+Where each concern lives, in the order the imports run (a module imports only from
+modules above it; ``tests/test_architecture.py`` checks it):
+
+- ``checks``, ``distributed``, ``checkpoint``, then ``config``: argument checks,
+  torchrun/DDP, the one checkpoint format; the settings every trainer shares.
+- ``data`` -> ``sampling``: images and labels (``FewShotDataset``), then episodes and
+  batches of them (``EpisodeSampler``, ``EpisodeLoader``).
+- ``models``, ``ops``: backbones; the fused multi-head cross-entropy and its backends.
+- ``adapt`` -> ``evaluate``: a fresh logistic head per test episode; the protocol.
+- ``training`` -> ``mtl``, ``gbml``: the one training loop; the methods on it.
+- ``compare``, ``classifier``, ``cli``: methods side by side; a user's few-shot
+  classifier; the command line.
+
+Data flows the same way: a dataset gives images, the sampler gives tasks, a trainer
+turns tasks into a backbone, and ``evaluate`` / ``adapt`` fit heads on its features.
+
+Example:
+    >>> import fastmtl
+    >>> cfg = fastmtl.MTLConfig.from_recipe("fast", epochs=1)
+    >>> cfg.task_sampling
+    'all_classes'
 """
 from . import adapt, data, distributed, gbml, models, ops, sampling
 from .classifier import FewShotClassifier

@@ -134,6 +134,18 @@ def fit_logistic(z_support: torch.Tensor, y_support: torch.Tensor, C: float = 3.
     Returns:
         :class:`LogisticHeads` with ``weight`` (E, n_classes, d) and ``bias``
         (E, n_classes); see the module docstring for absent classes and two-class episodes.
+
+    Raises:
+        ValueError: bad shapes, labels outside ``[0, n_classes)``, non-finite features, or
+            a non-positive ``C``, ``tol`` or ``max_iter``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.randn(3, 10, 64)                  # 3 episodes, 5-way 2-shot
+        >>> y = torch.arange(5).repeat_interleave(2).expand(3, -1)
+        >>> heads = fit_logistic(z, y, C=3.0, n_classes=5)
+        >>> heads.predict(z).shape, bool(heads.converged.all())
+        (torch.Size([3, 10]), True)
     """
     checks.number("C", C)
     checks.number("tol", tol)

@@ -80,6 +80,18 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
     Returns:
         dict with ``mean`` and ``ci95`` (percent), ``std``, ``episodes``, the settings,
         and ``accuracies`` (per-episode, percent) for plots and tests.
+
+    Raises:
+        ValueError: a dataset that is not a :class:`FewShotDataset`, an episode shape its
+            classes cannot hold, or features of the wrong size.
+
+    Example:
+        >>> import fastmtl
+        >>> test = fastmtl.data.SyntheticGlyphs(6, 20, seed=1)
+        >>> r = fastmtl.evaluate(fastmtl.models.conv4(hidden=8), test, k_shot=1,
+        ...                      episodes=20, progress=False)
+        >>> sorted(k for k in r if k in ("mean", "ci95"))
+        ['ci95', 'mean']
     """
     if not isinstance(dataset, FewShotDataset):
         raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")
@@ -92,6 +104,19 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
     elif features.shape[0] != len(dataset):
         raise ValueError(f"features must have one row per image ({len(dataset)}), got "
                          f"{tuple(features.shape)}")
+    acc, unconverged = _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C,
+                                   chunk, progress)
+    if unconverged:
+        warnings.warn(f"evaluate: the logistic head did not converge on {unconverged} of "
+                      f"{episodes} episodes (C={C}); their accuracies are of an unfinished "
+                      f"fit", RuntimeWarning, stacklevel=2)
+    return summary(acc, dict(episodes=int(episodes), n_way=n_way, k_shot=k_shot,
+                             n_query=n_query, seed=seed, C=C))
+
+
+def _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C, chunk, progress):
+    """Per-episode accuracies (percent, numpy) of this rank's episode chunks, gathered, and
+    the number of episodes whose head did not converge."""
     ys = torch.arange(n_way, device=features.device).repeat_interleave(k_shot)
     yq = torch.arange(n_way, device=features.device).repeat_interleave(n_query)
     accs = [torch.zeros(0, dtype=torch.float64)]
@@ -104,15 +129,9 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         zq = features[index[:, :, k_shot:].reshape(count, -1)]
         heads = fit_logistic(zs, ys.expand(count, -1), C=C, n_classes=n_way)
         unconverged += int((~heads.converged).sum())
-        pred = heads.predict(zq)
-        accs.append((pred == yq).double().mean(1).cpu())
+        accs.append((heads.predict(zq) == yq).double().mean(1).cpu())
     acc = _dist.gather_rows(torch.cat(accs).to(features.device)).cpu().numpy() * 100.0
-    if unconverged:
-        warnings.warn(f"evaluate: the logistic head did not converge on {unconverged} of "
-                      f"{episodes} episodes (C={C}); their accuracies are of an unfinished "
-                      f"fit", RuntimeWarning, stacklevel=2)
-    return summary(acc, dict(episodes=int(episodes), n_way=n_way, k_shot=k_shot,
-                             n_query=n_query, seed=seed, C=C))
+    return acc, unconverged
 
 
 def check_episodes(n_way, k_shot, n_query, episodes) -> None:

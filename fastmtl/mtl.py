@@ -64,6 +64,14 @@ class MTLConfig(TrainerConfig):
     of :class:`fastmtl.config.TrainerConfig`; each field's help is its metadata
     (``fastmtl.config.field_help``), which ``fastmtl train --help`` prints.
 
+    Args:
+        every field below, by keyword; each one's help is its metadata
+        (``fastmtl.config.field_help(MTLConfig)``), and ``fastmtl train --help`` lists
+        them all with their defaults.
+
+    Raises:
+        ValueError: from :meth:`validate` (the trainer calls it), naming the field.
+
     Example:
         >>> MTLConfig(n_way=20, tasks_per_step=2).images_per_class
         10
@@ -249,6 +257,15 @@ class MTLTrainer(Trainer):
     joins the process group itself and trains data-parallel: ``tasks_per_step`` must be
     divisible by the world size; rank 0 alone shows progress and writes checkpoints.
     The backbone's dtype is used for images and head (float64 works, for exact tests).
+
+    Args:
+        backbone: the feature extractor to train, (B, C, H, W) images to (B, d) features.
+        config: the settings (default ``MTLConfig()``, the paper's; see
+            :meth:`MTLConfig.from_recipe` for the fast recipe).
+        device: where to train (None: this rank's CUDA device if there is one, else CPU).
+
+    Raises:
+        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
 
     Example:
         >>> import fastmtl

@@ -86,8 +86,21 @@ def multihead_ce(z, weight, task_classes, sample_task, labels, scale=1.0, reduct
     Returns:
         A scalar (``"mean"``) or the (T,) per-task losses, in the dtype of ``z``.
 
+    Raises:
+        ValueError: bad shapes, dtypes, index ranges, reduction or backend;
+            :class:`NonFiniteError` (a ValueError) for a NaN or inf input.
+
     The fused backends are differentiable once (also under ``torch.func`` transforms and
     ``vmap``), not twice: use ``backend="reference"`` for higher-order gradients.
+
+    Example:
+        >>> import torch
+        >>> z, w = torch.randn(6, 4), torch.randn(10, 4)      # 6 images, 10 class rows
+        >>> tasks = torch.tensor([[0, 1, 2], [7, 8, 9]])      # two 3-way tasks
+        >>> loss = multihead_ce(z, w, tasks, torch.tensor([0, 0, 0, 1, 1, 1]),
+        ...                     torch.tensor([0, 1, 2, 2, 1, 0]), backend="reference")
+        >>> loss.shape
+        torch.Size([])
     """
     tensors = (z, weight, task_classes, sample_task, labels)
     if check:

@@ -73,6 +73,7 @@ VARIANTS = {
     # RFS's born-again distillation: a teacher (the fast recipe, --seconds), then a fresh
     # student for --seconds on 0.5 CE + 0.5 KL(T=4) to the teacher's logits over all classes
     "fast_born_again": {"recipe": "fast", "born_again": 4.0},
+    "fast_cutout0.4": {"recipe": "fast", "cutout": 0.4},   # a square of 0.4 H set to the mean
     # not MTL: R2D2 with the comparison's settings (fastmtl.compare), as a yardstick on
     # the validation alphabet (its own BatchNorm convention: batch statistics)
     "r2d2_compare": {"method": "r2d2"},
@@ -118,6 +119,26 @@ def _use_mixup(alpha: float) -> None:
             (1 - lam) * multihead_ce(zs, w, task_classes, sample_task, labels[perm])
         return loss, zs, w
     mtl.MTLLearner.forward = forward
+
+
+def _use_cutout(size: float) -> None:
+    """Cutout for every MTLLearner of this process: in each (augmented) training image a
+    square of side ``size * H`` at a random centre is set to 0 (the normalized mean)."""
+    import torch
+
+    from fastmtl import mtl
+    gen = torch.Generator().manual_seed(1)
+    forward = mtl.MTLLearner.forward
+
+    def with_cutout(self, x, task_classes, sample_task, labels, n_tasks):
+        B, _, H, W = x.shape
+        half = max(1, int(round(size * H))) // 2
+        cy, cx = torch.randint(0, H, (B, 1, 1), generator=gen), torch.randint(0, W, (B, 1, 1), generator=gen)
+        hole = ((torch.arange(H).view(1, H, 1) - cy).abs() <= half) & \
+            ((torch.arange(W).view(1, 1, W) - cx).abs() <= half)
+        return forward(self, x.masked_fill(hole.unsqueeze(1), 0.0), task_classes, sample_task,
+                       labels, n_tasks)
+    mtl.MTLLearner.forward = with_cutout
 
 
 def _use_distillation(teacher, temperature: float) -> None:
@@ -191,7 +212,9 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     changes = dict(changes)
     recipe = changes.pop("recipe", None)
     mixup, decays = changes.pop("mixup", None), changes.pop("ema", [])
-    born_again = changes.pop("born_again", None)
+    born_again, cutout = changes.pop("born_again", None), changes.pop("cutout", None)
+    if cutout:
+        _use_cutout(cutout)
     if mixup:
         _use_mixup(mixup)
     ema = _ema_callback(decays) if decays else None
@@ -239,7 +262,8 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     if recipe is not None:
         changes["recipe"] = recipe
     changes.update({k: v for k, v in (("mixup", mixup), ("ema", decays),
-                                      ("born_again", born_again), ("method", method)) if v})
+                                      ("born_again", born_again), ("cutout", cutout),
+                                      ("method", method)) if v})
     result = {"name": name, "changes": changes, "seconds": train_s, "curve": curve,
               "steps": sum(h["steps"] for h in history),
               "images": sum(h["images"] for h in history),

@@ -48,7 +48,12 @@ def number(name: str, value: Any, low: float = 0.0, inclusive: bool = False,
 
 
 def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """``value`` if it is one of ``choices``."""
+    """``value`` if it is one of ``choices``; else a ValueError naming ``name``.
+
+    Example:
+        >>> one_of("head", "cosine", ("linear", "cosine"))
+        'cosine'
+    """
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

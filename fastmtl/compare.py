@@ -78,8 +78,23 @@ def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int =
                budget_minutes: float | None = None):
     """(trainer class, config) of ``method`` with its documented settings and ``overrides``.
 
+    Args:
+        method: one of :data:`METHODS`.
+        overrides: fields of the method's config to change (old field names work, with a
+            DeprecationWarning).
+        seed: the run's seed.
+        budget_minutes: the training-time budget (None: none).
+
+    Returns:
+        the trainer class and its validated config (epochs unbounded, no checkpoints).
+
     Raises:
         ValueError: an unknown method, or an override that is not a field of its config.
+
+    Example:
+        >>> cls, cfg = config_for("protonet", {"n_way": 30}, budget_minutes=5)
+        >>> cls.__name__, cfg.n_way, cfg.max_minutes
+        ('ProtoNet', 30, 5)
     """
     if method not in METHODS:
         raise ValueError(f"methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -414,6 +429,14 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
     of the first evaluation at or above the target (conservative: the crossing lies
     between it and the one before); ``*_interpolated`` place the crossing linearly
     between those two evaluations.
+
+    Args:
+        results: ``compare.json``'s ``results`` (method -> its evaluation points).
+        reference: the method the others are measured against.
+
+    Returns:
+        ``{shot: {"mtl_vs_baselines": rows, "baselines_vs_mtl": rows}}``, a row per
+        baseline (and per protocol).
     """
     if reference not in results or not results[reference]["points"]:
         return {}
@@ -435,7 +458,14 @@ def _fmt(x, spec=".1f", none="-", suffix=""):
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    """The comparison as Markdown: per-method figures, then the speed-up tables."""
+    """The comparison as Markdown: per-method figures, then the speed-up tables.
+
+    Args:
+        payload: the contents of ``compare.json``.
+
+    Returns:
+        the text of ``compare.md``.
+    """
     results, tables = payload["results"], payload["tables"]
     lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
              f"{payload['budget_minutes']:g} min of training each", "",
@@ -495,7 +525,12 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
-    """Accuracy against training seconds (top) and FLOPs (bottom), a column per shot."""
+    """Accuracy against training seconds (top) and FLOPs (bottom), a column per shot.
+
+    Args:
+        payload: the contents of ``compare.json``.
+        path: the image file to write (atomically; any format matplotlib writes).
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

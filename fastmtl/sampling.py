@@ -144,6 +144,17 @@ class EpisodeSampler:
     each episode's classes, shape (count, n_way), and dataset indices of their images,
     shape (count, n_way, k_shot + n_query), supports first. Within an episode, slot ``w``
     is episode label ``w``.
+
+    Raises:
+        ValueError: bad labels, episode shape, seed or backend, or classes too small for
+            ``k_shot + n_query`` (naming them).
+
+    Example:
+        >>> import numpy as np
+        >>> sampler = EpisodeSampler(np.repeat(np.arange(10), 6), n_way=5, k_shot=1, n_query=2)
+        >>> classes, index = sampler.episodes(0, 3)
+        >>> classes.shape, index.shape
+        ((3, 5), (3, 5, 3))
     """
 
     def __init__(self, labels, n_way: int, k_shot: int, n_query: int, seed: int = 0,
@@ -295,6 +306,18 @@ def assemble(images, index, out: torch.Tensor | None = None, dtype: torch.dtype 
             that ``.to("cuda", non_blocking=True)`` overlaps with compute.
         num_threads: C++ threads; None follows ``torch.get_num_threads()``.
         backend: ``"cpp"``, ``"numpy"`` or None for :func:`backend`.
+
+    Returns:
+        a tensor of shape ``index.shape + (C, H, W)``, float32 by default.
+
+    Raises:
+        ValueError: bad images, an index out of range, or an ``out`` of the wrong shape.
+
+    Example:
+        >>> import numpy as np
+        >>> images = np.zeros((4, 28, 28), dtype=np.uint8)
+        >>> assemble(images, np.array([[0, 1], [2, 3]])).shape
+        torch.Size([2, 2, 1, 28, 28])
     """
     images = _as_images(images)
     index = _as_index(index, images.shape[0])

@@ -15,6 +15,7 @@ import pkgutil
 import pytest
 
 import fastmtl
+import fastmtl.compare
 
 MODULES = ["fastmtl"] + sorted(
     m.name for m in pkgutil.walk_packages(fastmtl.__path__, prefix="fastmtl.")
@@ -50,6 +51,12 @@ def test_examples_run(name):
 CORE_API = [
     fastmtl.MTLTrainer, fastmtl.MTLConfig, fastmtl.FewShotClassifier, fastmtl.evaluate,
     fastmtl.adapt.fit_logistic, fastmtl.ops.multihead_ce,
+    fastmtl.gbml.MAML, fastmtl.gbml.ANIL, fastmtl.gbml.R2D2, fastmtl.gbml.ProtoNet,
+    fastmtl.models.Conv4, fastmtl.models.ResNet12, fastmtl.models.conv4,
+    fastmtl.models.resnet12, fastmtl.models.feature_dim,
+    fastmtl.data.SyntheticGlyphs, fastmtl.data.Omniglot, fastmtl.data.with_rotations,
+    fastmtl.sampling.EpisodeSampler, fastmtl.sampling.assemble,
+    fastmtl.compare.config_for,
 ]
 
 

@@ -59,6 +59,16 @@ class Omniglot(FewShotDataset):
     Images are uint8 (N, image_size, image_size), strokes bright (255) on a dark (0)
     background; ``mean``/``std`` are :data:`OMNIGLOT_MEAN`/:data:`OMNIGLOT_STD`.
     Decoding every image takes under a second, so nothing is cached on disk.
+
+    Raises:
+        ValueError: no archives or alphabet folders under ``root``, unknown alphabets or
+            split, both ``alphabets`` and ``split``, or a bad ``image_size``.
+
+    Example:
+        >>> import os
+        >>> root = os.environ.get("FASTMTL_OMNIGLOT", "../shared/data/omniglot")
+        >>> if os.path.isdir(root):            # the data is read where it lies
+        ...     assert len(Omniglot(root, split="val").class_names) == 22
     """
 
     def __init__(self, root: str | os.PathLike, alphabets: Sequence[str] | None = None,

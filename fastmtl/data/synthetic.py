@@ -57,6 +57,14 @@ class SyntheticGlyphs(FewShotDataset):
 
     Images are uint8 (C * per_class, image_size, image_size), class-major; ``mean``/``std``
     are the fixed :data:`SYNTHETIC_MEAN`/:data:`SYNTHETIC_STD`.
+
+    Raises:
+        ValueError: a non-positive class count, images per class or image size.
+
+    Example:
+        >>> data = SyntheticGlyphs(5, 4, seed=0)
+        >>> data.images.shape, len(data.class_names)
+        ((20, 28, 28), 5)
     """
 
     def __init__(self, n_classes: int, per_class: int, seed: int = 0, image_size: int = 28):

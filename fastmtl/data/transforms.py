@@ -25,6 +25,14 @@ def with_rotations(dataset: FewShotDataset,
         A :class:`FewShotDataset` with ``C * len(angles)`` classes; class ``c * len(angles) + j``
         is class ``c`` rotated by ``angles[j]`` and is named ``f"{name}@{angles[j]}"``.
         Mean and std are kept (a rotation does not change pixel statistics).
+
+    Raises:
+        ValueError: non-square images, or angles empty, repeated or not multiples of 90.
+
+    Example:
+        >>> from fastmtl.data import SyntheticGlyphs
+        >>> len(with_rotations(SyntheticGlyphs(3, 2, seed=0)).class_names)
+        12
     """
     angles = [int(a) for a in angles]
     if not angles:

@@ -37,7 +37,25 @@ class ANILConfig(MAMLConfig):
 
 
 class ANIL(MAML):
-    """ANIL: ``ANIL(backbone, ANILConfig()).fit(train, val)``; same API as :class:`MAML`."""
+    """ANIL: MAML with only the head adapted in the inner loop; same API as :class:`MAML`.
+
+    ``ANIL(backbone, ANILConfig()).fit(train, val)`` returns the history.
+
+    Args:
+        backbone: the feature extractor to meta-train; its BatchNorms are switched to
+            batch statistics (:func:`use_batch_stats`), the GBML convention.
+        config: the settings (default ``ANILConfig()``).
+        device: where to train (None: this rank's CUDA device if there is one, else CPU).
+
+    Raises:
+        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
+
+    Example:
+        >>> import fastmtl
+        >>> data = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
+        >>> cfg = ANILConfig(tasks_per_step=2, tasks_per_epoch=2, epochs=1, n_query=3)
+        >>> history = ANIL(fastmtl.models.conv4(hidden=8), cfg).fit(data, progress=False)
+    """
 
     method = "anil"
     _config_class = ANILConfig

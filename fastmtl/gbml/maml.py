@@ -86,6 +86,23 @@ class MAML(_EpisodicTrainer):
     and ``fastmtl.evaluate(trainer.backbone, test)`` runs the logistic protocol.
     ``trainer.model`` is the learner (``.backbone``, ``.head``) and, with
     ``learn_inner_lr``, holds the step sizes in ``.inner_lr``.
+
+    Args:
+        backbone: the feature extractor to meta-train; its BatchNorms are switched to
+            batch statistics (:func:`use_batch_stats`), the GBML convention.
+        config: the settings (default ``MAMLConfig()``).
+        device: where to train (None: this rank's CUDA device if there is one, else CPU).
+
+    Raises:
+        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
+
+    Example:
+        >>> import fastmtl
+        >>> data = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
+        >>> cfg = MAMLConfig(tasks_per_step=2, tasks_per_epoch=2, epochs=1, n_query=3)
+        >>> history = MAML(fastmtl.models.conv4(hidden=8), cfg).fit(data, progress=False)
+        >>> len(history)
+        1
     """
 
     method = "maml"

@@ -60,8 +60,27 @@ class ProtoNetConfig(_EpisodicConfig):
 
 
 class ProtoNet(_FeatureHeadTrainer):
-    """Prototypical Networks: ``ProtoNet(backbone, ProtoNetConfig()).fit(train, val)``;
-    ``evaluate`` classifies each test episode's queries by the nearest prototype."""
+    """Prototypical Networks: a backbone meta-trained for nearest-prototype classification.
+
+    ``ProtoNet(backbone, ProtoNetConfig()).fit(train, val)`` returns the history;
+    ``evaluate`` classifies each test episode's queries by the nearest prototype.
+
+    Args:
+        backbone: the feature extractor to meta-train; its BatchNorms are switched to
+            batch statistics (:func:`use_batch_stats`), the GBML convention.
+        config: the settings (default ``ProtoNetConfig()``).
+        device: where to train (None: this rank's CUDA device if there is one, else CPU).
+
+    Raises:
+        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
+
+    Example:
+        >>> import fastmtl
+        >>> data = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
+        >>> cfg = ProtoNetConfig(n_way=5, tasks_per_step=1, tasks_per_epoch=2, epochs=1,
+        ...                      n_query=3)
+        >>> history = ProtoNet(fastmtl.models.conv4(hidden=8), cfg).fit(data, progress=False)
+    """
 
     method = "protonet"
     _config_class = ProtoNetConfig

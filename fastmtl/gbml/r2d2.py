@@ -95,9 +95,27 @@ class _RidgeHead(nn.Module):
 
 
 class R2D2(_FeatureHeadTrainer):
-    """R2-D2: ``R2D2(backbone, R2D2Config()).fit(train, val)``; ``evaluate`` uses the ridge
-    head on each test episode (any ``n_way``); ``trainer.model.head`` holds lambda, scale
-    and bias."""
+    """R2-D2: meta-learns a backbone through a closed-form ridge-regression head.
+
+    ``R2D2(backbone, R2D2Config()).fit(train, val)`` returns the history; ``evaluate``
+    uses the ridge head on each test episode (any ``n_way``); ``trainer.model.head``
+    holds lambda, scale and bias.
+
+    Args:
+        backbone: the feature extractor to meta-train; its BatchNorms are switched to
+            batch statistics (:func:`use_batch_stats`), the GBML convention.
+        config: the settings (default ``R2D2Config()``).
+        device: where to train (None: this rank's CUDA device if there is one, else CPU).
+
+    Raises:
+        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
+
+    Example:
+        >>> import fastmtl
+        >>> data = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
+        >>> cfg = R2D2Config(n_way=5, tasks_per_step=1, tasks_per_epoch=2, epochs=1, n_query=3)
+        >>> history = R2D2(fastmtl.models.conv4(hidden=8), cfg).fit(data, progress=False)
+    """
 
     method = "r2d2"
     _config_class = R2D2Config

@@ -16,6 +16,20 @@ def feature_dim(backbone: nn.Module, image_shape) -> int:
     The forward runs in eval mode without gradients (running statistics and the DropBlock
     ramp are untouched) on the device and dtype of the backbone's parameters; the
     training mode of every submodule is restored afterwards.
+
+    Args:
+        backbone: any module mapping (B, C, H, W) images to (B, d) features.
+        image_shape: (C, H, W) of one image.
+
+    Returns:
+        d, an int.
+
+    Raises:
+        ValueError: an ``image_shape`` that is not three positive sizes.
+
+    Example:
+        >>> feature_dim(conv4(in_channels=1), (1, 28, 28))
+        64
     """
     shape = tuple(int(s) for s in image_shape)
     if len(shape) != 3 or min(shape) < 1:

@@ -15,6 +15,19 @@ class Conv4(nn.Module):
 
     Input (B, C, H, W) float; output (B, out_channels * (H // 16) * (W // 16)):
     64 for 28x28, 256 for 32x32, 1600 for 84x84 with the default widths.
+
+    Args:
+        in_channels: image channels (1 for Omniglot, 3 for colour).
+        hidden: width of the first three blocks.
+        out_channels: width of the last block.
+
+    Raises:
+        ValueError: a channel count below 1; in forward, an input of the wrong shape.
+
+    Example:
+        >>> import torch
+        >>> Conv4(in_channels=1)(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 64])
     """
 
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64):
@@ -33,7 +46,18 @@ class Conv4(nn.Module):
 
 
 def conv4(in_channels: int = 1, hidden: int = 64, out_channels: int = 64) -> Conv4:
-    """The MAML/ProtoNet Conv-4 backbone (see :class:`Conv4`)."""
+    """The MAML/ProtoNet Conv-4 backbone (see :class:`Conv4`).
+
+    Args:
+        in_channels, hidden, out_channels: as :class:`Conv4`.
+
+    Returns:
+        a fresh :class:`Conv4`.
+
+    Example:
+        >>> conv4(in_channels=3, hidden=32, out_channels=32).in_channels
+        3
+    """
     return Conv4(in_channels, hidden, out_channels)
 
 

@@ -32,6 +32,22 @@ class ResNet12(nn.Module):
     Output: (B, channels[-1]) after adaptive average pooling (640 with the default widths,
     for any input of at least 16x16), or with ``avg_pool=False`` the flattened last map:
     640 * 5 * 5 for 84x84, 640 * 2 * 2 for 32x32, 640 for 28x28.
+
+    Args:
+        in_channels: image channels.
+        channels: widths of the four blocks.
+        drop_rate: DropBlock rate (reached after ``dropblock_ramp`` training forwards).
+        dropblock_size: DropBlock's block size in the last two blocks.
+        avg_pool: pool the last map to one vector (else flatten it).
+        dropblock_ramp: training forwards over which the drop rate ramps up.
+
+    Raises:
+        ValueError: bad widths, rates or sizes; in forward, an input of the wrong shape.
+
+    Example:
+        >>> import torch
+        >>> ResNet12(channels=(8, 8, 8, 16))(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 16])
     """
 
     def __init__(self, in_channels: int = 3, channels=(64, 160, 320, 640),
@@ -78,7 +94,18 @@ class ResNet12(nn.Module):
 def resnet12(in_channels: int = 3, channels=(64, 160, 320, 640), drop_rate: float = 0.1,
              dropblock_size: int = 5, avg_pool: bool = True, *,
              dropblock_ramp: int = 40_000) -> ResNet12:
-    """The RFS/MetaOptNet ResNet-12 backbone (see :class:`ResNet12` and the module notes)."""
+    """The RFS/MetaOptNet ResNet-12 backbone (see :class:`ResNet12` and the module notes).
+
+    Args:
+        as :class:`ResNet12`.
+
+    Returns:
+        a fresh :class:`ResNet12`.
+
+    Example:
+        >>> resnet12(in_channels=1, channels=(8, 8, 8, 16)).in_channels
+        1
+    """
     return ResNet12(in_channels, channels, drop_rate, dropblock_size, avg_pool,
                     dropblock_ramp=dropblock_ramp)
 

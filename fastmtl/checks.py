@@ -61,7 +61,14 @@ def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
 
 
 def writable_dir(name: str, path: str) -> str:
-    """Create ``path`` as a directory if needed; ValueError unless it is a writable one."""
+    """Create ``path`` as a directory if needed; ValueError unless it is a writable one.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = writable_dir("--out", os.path.join(tempfile.mkdtemp(), "runs"))
+        >>> os.path.isdir(d)
+        True
+    """
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name} {path!r} exists and is not a directory")
     try:
@@ -75,7 +82,15 @@ def writable_dir(name: str, path: str) -> str:
 
 def writable_file(name: str, path: str) -> str:
     """ValueError unless ``path`` can be written as a file (not a directory; its folder
-    exists or can be created, and is writable)."""
+    exists or can be created, and is writable); returns ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> writable_file("--out", tempfile.gettempdir())
+        Traceback (most recent call last):
+        ...
+        ValueError: --out '...' is a directory; give a file path
+    """
     if os.path.isdir(path):
         raise ValueError(f"{name} {path!r} is a directory; give a file path")
     folder = os.path.dirname(os.path.abspath(path))

@@ -29,7 +29,23 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def setting(default: Any, help: str | None) -> Any:
-    """A dataclass field with ``default`` and its help text (None: the base class's)."""
+    """A dataclass field with ``default`` and its help text (None: the base class's).
+
+    Args:
+        default: the field's default (immutable values only, as dataclasses require).
+        help: one sentence for ``--help`` and :func:`field_help`.
+
+    Returns:
+        a ``dataclasses.field`` carrying the help as metadata.
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass
+        ... class Demo:
+        ...     steps: int = setting(10, "optimizer steps")
+        >>> field_help(Demo, "steps")
+        'optimizer steps'
+    """
     return dataclasses.field(default=default, metadata={} if help is None else {"help": help})
 
 
@@ -39,6 +55,11 @@ def field_help(cls: type, name: str) -> str:
 
     Raises:
         ValueError: ``name`` has no help text anywhere (every field must have one).
+
+    Example:
+        >>> from fastmtl import MTLConfig
+        >>> field_help(MTLConfig, "lr")[:13]
+        'learning rate'
     """
     for klass in cls.__mro__:
         field = getattr(klass, "__dataclass_fields__", {}).get(name)
@@ -53,6 +74,22 @@ def renamed_fields(cls: type, values: dict[str, Any], what: str = "") -> dict[st
 
     A value under the old name wins over one under the new name (``dataclasses.replace``
     passes every field by its new name beside the caller's changes).
+
+    Args:
+        cls: the config class.
+        values: field values by name, old or new.
+        what: where they come from, for the warning (e.g. "settings for maml").
+
+    Returns:
+        a new dict with new names only.
+
+    Example:
+        >>> import warnings
+        >>> from fastmtl.gbml import MAMLConfig
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     renamed_fields(MAMLConfig, {"meta_batch": 8})
+        {'tasks_per_step': 8}
     """
     renamed = getattr(cls, "_renamed", {})
     out = dict(values)

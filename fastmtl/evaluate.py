@@ -36,7 +36,25 @@ __all__ = ["evaluate", "embed", "summary", "check_episodes"]
 def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
           device: torch.device | str | None = None, normalize: bool = True,
           progress: bool = False) -> torch.Tensor:
-    """Features (N, d) of every image of ``dataset``, the backbone in eval mode."""
+    """Features (N, d) of every image of ``dataset``, the backbone in eval mode.
+
+    Args:
+        backbone: the feature extractor (its training mode is restored afterwards).
+        dataset: the images, embedded in order.
+        batch_size: images per backbone call.
+        device: where the backbone runs (None: where its parameters are).
+        normalize: L2-normalize each feature (the protocol's features).
+        progress: show a tqdm bar.
+
+    Returns:
+        (N, d) float features on ``device``.
+
+    Example:
+        >>> import fastmtl
+        >>> z = embed(fastmtl.models.conv4(hidden=8), fastmtl.data.SyntheticGlyphs(3, 4))
+        >>> z.shape
+        torch.Size([12, 64])
+    """
     if device is None:
         device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in backbone.parameters()), torch.float32)
@@ -135,7 +153,11 @@ def _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C, chunk, p
 
 
 def check_episodes(n_way, k_shot, n_query, episodes) -> None:
-    """ValueError naming the first of the test-episode arguments out of range."""
+    """ValueError naming the first of the test-episode arguments out of range.
+
+    Example:
+        >>> check_episodes(5, 1, 15, 600)         # in range: returns None
+    """
     checks.integer("episodes", episodes, 1)
     # One class needs no classifier: every query would be right, 100% that says nothing.
     checks.integer("n_way", n_way, 2)
@@ -145,7 +167,20 @@ def check_episodes(n_way, k_shot, n_query, episodes) -> None:
 
 def summary(acc: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
     """Mean, 95% CI (NaN for a single episode: one sample has no interval) and std of
-    per-episode accuracies (percent), with ``settings`` and the accuracies."""
+    per-episode accuracies (percent), with ``settings`` and the accuracies.
+
+    Args:
+        acc: per-episode accuracies in percent.
+        settings: entries copied into the result (episode shape, seed, ...).
+
+    Returns:
+        dict with ``mean``, ``ci95``, ``std``, ``accuracies`` and ``settings``' entries.
+
+    Example:
+        >>> import numpy as np
+        >>> round(summary(np.array([80.0, 100.0]), {})["mean"], 1)
+        90.0
+    """
     std = float(acc.std())
     ci = 1.96 * std / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
     return {"mean": float(acc.mean()), "ci95": ci, "std": std, **settings,

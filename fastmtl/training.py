@@ -192,7 +192,18 @@ def check_same_run(saved: dict[str, Any], config, path: str) -> None:
 
 # -- the training clock and callbacks --------------------------------------------------------
 class TrainingClock:
-    """Seconds of training: wall time since ``start`` minus the time spent in ``paused()``."""
+    """Seconds of training: wall time since ``start`` minus the time spent in ``paused()``.
+
+    Args:
+        already: seconds counted before (a resumed run's).
+
+    Example:
+        >>> clock = TrainingClock()
+        >>> with clock.paused():          # evaluation: off the clock
+        ...     pass
+        >>> clock.seconds() >= 0
+        True
+    """
 
     def __init__(self, already: float = 0.0):
         self._t0 = time.perf_counter() - already

@@ -30,6 +30,12 @@ def prototype_logits(z_support: torch.Tensor, y_support: torch.Tensor, z_query: 
 
     Returns:
         logits (T, Q, n_way): ``-||z_query - prototype_c||^2``.
+
+    Example:
+        >>> import torch
+        >>> zs = torch.tensor([[[0.0, 0.0], [4.0, 0.0]]])        # one task, 2-way 1-shot
+        >>> prototype_logits(zs, torch.tensor([[0, 1]]), torch.tensor([[[1.0, 0.0]]]), 2)
+        tensor([[[-1., -9.]]])
     """
     if z_support.dim() != 3 or z_query.dim() != 3 or y_support.shape != z_support.shape[:2]:
         raise ValueError(f"expected z_support (T, S, d), y_support (T, S), z_query (T, Q, d), "

@@ -40,6 +40,13 @@ def ridge_regression(z_support: torch.Tensor, y_support: torch.Tensor, n_way: in
     Returns:
         W (T, d, n_way), the minimizer of ``||z W - onehot(y)||^2 + lam ||W||^2`` per task,
         computed as ``z^T (z z^T + lam I)^{-1} onehot(y)``.
+
+    Example:
+        >>> import torch
+        >>> w = ridge_regression(torch.randn(2, 10, 64), torch.arange(5).repeat(2).expand(2, -1),
+        ...                      5, lam=1.0)
+        >>> w.shape
+        torch.Size([2, 64, 5])
     """
     if z_support.dim() != 3 or y_support.shape != z_support.shape[:2]:
         raise ValueError(f"z_support must be (T, S, d) and y_support (T, S), got "

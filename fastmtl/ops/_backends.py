@@ -57,7 +57,15 @@ def _triton_interpret() -> bool:
 
 
 def available_backends() -> tuple[str, ...]:
-    """The backends usable in this process (``"triton"`` needs CUDA or TRITON_INTERPRET=1)."""
+    """The backends usable in this process (``"triton"`` needs CUDA or TRITON_INTERPRET=1).
+
+    Returns:
+        a tuple of backend names, always including ``"reference"``.
+
+    Example:
+        >>> "reference" in available_backends()
+        True
+    """
     found = ["reference"]
     if _cpu_ext is not None:
         found.append("cpu")

@@ -55,7 +55,18 @@ def _constant_scale(scale):
 
 def multihead_ce_reference(z, weight, task_classes, sample_task, labels, scale=1.0,
                            reduction="mean"):
-    """Plain PyTorch: one ``z @ weight.T``, a gather of each sample's head, log-softmax."""
+    """Plain PyTorch: one ``z @ weight.T``, a gather of each sample's head, log-softmax.
+
+    The float64-checkable reference every fused backend is tested against; differentiable
+    to any order. Arguments and result as :func:`multihead_ce` (no checks here).
+
+    Example:
+        >>> import torch
+        >>> z, w = torch.randn(4, 3), torch.randn(5, 3)
+        >>> multihead_ce_reference(z, w, torch.tensor([[0, 4]]), torch.zeros(4, dtype=torch.long),
+        ...                        torch.tensor([0, 1, 1, 0]), reduction="none").shape
+        torch.Size([1])
+    """
     T = task_classes.shape[0]
     cols = task_classes.long()[sample_task.long()]                       # (N, n)
     logits = torch.gather(z @ weight.t(), 1, cols) * scale

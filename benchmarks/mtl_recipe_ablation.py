@@ -74,9 +74,16 @@ VARIANTS = {
     # student for --seconds on 0.5 CE + 0.5 KL(T=4) to the teacher's logits over all classes
     "fast_born_again": {"recipe": "fast", "born_again": 4.0},
     "fast_cutout0.4": {"recipe": "fast", "cutout": 0.4},   # a square of 0.4 H set to the mean
+    # the loss rises from 7.3 to 12.3 in the recipe's first ~20 steps: a linear warm-up
+    "fast_warmup100": {"recipe": "fast", "warmup_steps": 100},
     # not MTL: R2D2 with the comparison's settings (fastmtl.compare), as a yardstick on
     # the validation alphabet (its own BatchNorm convention: batch statistics)
     "r2d2_compare": {"method": "r2d2"},
+    # backbone capacity (A Closer Look at Few-shot Classification, Chen et al. 2019: with
+    # shallow backbones meta-learners lead supervised pre-training, a lead that shrinks
+    # with depth): a Conv-4 of width 128 for both
+    "fast_w128": {"recipe": "fast", "width": 128},
+    "r2d2_compare_w128": {"method": "r2d2", "width": 128},
 }
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                       "mtl_recipe_ablation.jsonl")
@@ -201,7 +208,7 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     from fastmtl import MTLConfig, MTLTrainer
     from fastmtl.training import AtTrainingSeconds
     from fastmtl._env import keep_freed_memory, machine_info
-    from fastmtl.cli import _evaluate_all, build_backbone, load_dataset
+    from fastmtl.cli import _evaluate_all, load_dataset
 
     keep_freed_memory(mmap_threshold=1 << 30)
     train = load_dataset("omniglot", root, "train", rotations=True)
@@ -213,6 +220,11 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     recipe = changes.pop("recipe", None)
     mixup, decays = changes.pop("mixup", None), changes.pop("ema", [])
     born_again, cutout = changes.pop("born_again", None), changes.pop("cutout", None)
+    width = changes.pop("width", 64)
+
+    def build_backbone(name, channels):     # the Conv-4 of the variant's width
+        from fastmtl.models import conv4
+        return conv4(in_channels=channels, hidden=width, out_channels=width)
     if cutout:
         _use_cutout(cutout)
     if mixup:
@@ -264,6 +276,8 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     changes.update({k: v for k, v in (("mixup", mixup), ("ema", decays),
                                       ("born_again", born_again), ("cutout", cutout),
                                       ("method", method)) if v})
+    if width != 64:
+        changes["width"] = width
     result = {"name": name, "changes": changes, "seconds": train_s, "curve": curve,
               "steps": sum(h["steps"] for h in history),
               "images": sum(h["images"] for h in history),

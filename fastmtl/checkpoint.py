@@ -41,14 +41,36 @@ MODEL_KEYS = ("format", "method", "config", "backbone_spec", "model", "backbone"
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place.
+
+    A reader never sees a half-written file, and a crash leaves the old one.
+
+    Args:
+        obj: what ``torch.save`` takes.
+        path: the file to (re)place.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.pt")
+        >>> atomic_save({"w": torch.ones(2)}, path)
+        >>> torch.load(path)["w"].tolist()
+        [1.0, 1.0]
+    """
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def atomic_write_json(path: str, payload: Any) -> None:
-    """Write ``payload`` as JSON to a temporary file beside ``path``, then rename it."""
+    """Write ``payload`` as JSON to a temporary file beside ``path``, then rename it.
+
+    Example:
+        >>> import os, tempfile, json
+        >>> path = os.path.join(tempfile.mkdtemp(), "r.json")
+        >>> atomic_write_json(path, {"acc": 90.5})
+        >>> json.load(open(path))
+        {'acc': 90.5}
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -58,7 +80,15 @@ def atomic_write_json(path: str, payload: Any) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "compare.md")
+        >>> atomic_write_text(path, "# table")
+        >>> open(path).read()
+        '# table'
+    """
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -73,7 +103,14 @@ def atomic_savefig(fig, path: str, dpi: int = 110) -> None:
 
 
 def check_readable(path: str, what: str = "checkpoint") -> None:
-    """Raise ValueError naming ``what`` unless ``path`` is a readable regular file."""
+    """Raise ValueError naming ``what`` unless ``path`` is a readable regular file.
+
+    Example:
+        >>> check_readable("/no/such/file.pt")
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint '/no/such/file.pt' does not exist
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"{what} must be a file path, got {type(path).__name__}")
     if not os.path.exists(path):

@@ -68,6 +68,21 @@ def init_from_env(backend: str | None = None, timeout_s: float | None = None) ->
     defaults to NCCL when CUDA is available and gloo otherwise; each rank then uses the GPU
     ``LOCAL_RANK``. The trainers call this themselves, so ``torchrun ... -m fastmtl train``
     and a user script under torchrun need no set-up code.
+
+    Args:
+        backend: the process-group backend (None: NCCL with CUDA, else gloo).
+        timeout_s: seconds a collective may wait (None: ``$FASTMTL_DIST_TIMEOUT`` or the
+            default).
+
+    Returns:
+        True if this call joined a process group.
+
+    Raises:
+        ValueError: a multi-process environment that is incomplete or unusable.
+
+    Example:
+        >>> init_from_env()           # a plain process (no WORLD_SIZE): nothing to join
+        False
     """
     if dist.is_available() and dist.is_initialized():
         return False
@@ -95,6 +110,12 @@ def shutdown(sync: bool = True) -> None:
     With ``sync`` the ranks first meet at a barrier, so none tears its connections down
     while another still uses them (gloo can abort a process whose peer vanished at exit).
     Errors are swallowed: after a failed run the group may already be broken.
+
+    Args:
+        sync: meet the other ranks at a barrier first.
+
+    Example:
+        >>> shutdown()                # outside a process group: a no-op
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -110,25 +131,52 @@ def shutdown(sync: bool = True) -> None:
 
 
 def is_distributed() -> bool:
-    """True inside an initialized process group of more than one rank."""
+    """True inside an initialized process group of more than one rank.
+
+    Example:
+        >>> is_distributed()
+        False
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank (0 outside a process group).
+
+    Example:
+        >>> rank()
+        0
+    """
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 outside a process group).
+
+    Example:
+        >>> world_size()
+        1
+    """
     return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
-    """Rank 0 (or a plain process): the one that logs, shows progress and writes files."""
+    """Rank 0 (or a plain process): the one that logs, shows progress and writes files.
+
+    Example:
+        >>> is_main()
+        True
+    """
     return rank() == 0
 
 
 def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` under a launcher with CUDA, else ``cuda`` or ``cpu``."""
+    """``cuda:LOCAL_RANK`` under a launcher with CUDA, else ``cuda`` or ``cpu``.
+
+    Example:
+        >>> default_device().type in ("cuda", "cpu")
+        True
+    """
     if torch.cuda.is_available():
         if is_distributed() or _env_world() > 1:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

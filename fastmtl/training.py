@@ -402,6 +402,20 @@ class Trainer:
     ``_setup`` (optimizer and scheduler, with ``self.learner`` the module whose state is
     the model), ``_epoch_batches``, ``_train_step`` and ``_validate``; optionally
     ``_end_epoch`` (per-epoch scheduling) and ``_record_extra``.
+
+    Args (of the subclasses): ``backbone``, ``config`` and ``device``; see
+    :class:`fastmtl.MTLTrainer` and the trainers of :mod:`fastmtl.gbml`.
+
+    Example:
+        >>> import fastmtl
+        >>> seen = []
+        >>> cfg = fastmtl.MTLConfig(tasks_per_step=2, tasks_per_epoch=4, epochs=1,
+        ...                         images_per_class=4)
+        >>> trainer = fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), cfg)
+        >>> _ = trainer.fit(fastmtl.data.SyntheticGlyphs(12, 8), progress=False,
+        ...                 callbacks=[AtTrainingSeconds([1e-6], lambda tr, st: seen.append(st.step))])
+        >>> seen[0] >= 1
+        True
     """
 
     method = "trainer"

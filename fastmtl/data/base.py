@@ -15,14 +15,27 @@ __all__ = ["FewShotDataset"]
 
 
 class FewShotDataset:
-    """Images as a uint8 array and integer labels 0..C-1.
+    """Images as a uint8 array and integer labels 0..C-1: what every loader returns and
+    every trainer, sampler and evaluation takes.
 
-    Attributes:
+    Args:
         images: uint8 array (N, H, W) for grey images or (N, H, W, 3) for colour.
-        labels: int64 array (N,), values 0..C-1, every class non-empty.
+        labels: integer array (N,), values 0..C-1, every class non-empty (kept as int64).
         class_names: C names, ``class_names[c]`` is the name of label c.
         mean, std: per-channel statistics used by :meth:`tensor` to normalize pixels
-            after scaling them to [0, 1].
+            after scaling them to [0, 1] (default 0 and 1).
+        name: shown in messages and ``repr``.
+
+    Raises:
+        ValueError: images that are not uint8 (N, H, W[, 1|3]), labels of the wrong shape
+            or type or out of range, or a class without images.
+
+    Example:
+        >>> import numpy as np
+        >>> data = FewShotDataset(np.zeros((4, 8, 8), np.uint8), np.array([0, 0, 1, 1]),
+        ...                       ["a", "b"])
+        >>> data.n_classes, data.tensor().shape
+        (2, torch.Size([4, 1, 8, 8]))
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],

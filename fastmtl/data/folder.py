@@ -44,11 +44,21 @@ _SPLITS = ("train", "val", "test", "trainval", "all")
 def read_image(path_or_image, image_size: int, channels: int) -> np.ndarray:
     """One image (a path, a PIL image or a uint8 array) converted as the module says.
 
+    Args:
+        path_or_image: a file path, a ``PIL.Image`` or a uint8 array (H, W[, C]).
+        image_size: side of the square result.
+        channels: 1 (grey) or 3 (RGB).
+
     Returns:
         uint8 array (H, W) for ``channels=1`` or (H, W, 3).
 
     Raises:
         ValueError: the file cannot be read or decoded.
+
+    Example:
+        >>> import numpy as np
+        >>> read_image(np.zeros((50, 40, 3), np.uint8), image_size=28, channels=1).shape
+        (28, 28)
     """
     from PIL import Image
     mode = "L" if channels == 1 else "RGB"
@@ -81,13 +91,37 @@ def _visible(p: Path) -> bool:
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly in ``folder`` (by extension), sorted."""
+    """The image files directly in ``folder`` (by extension), sorted.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> for n in ("b.png", "a.JPG", "notes.txt"):
+        ...     _ = (d / n).write_bytes(b"")
+        >>> [p.name for p in image_files(d)]
+        ['a.JPG', 'b.png']
+    """
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and _visible(p)
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def class_folders(root: str | os.PathLike, nested: bool = False) -> list[tuple[str, list[Path]]]:
-    """(class name, image files) of every class folder under ``root``, sorted by name."""
+    """(class name, image files) of every class folder under ``root``, sorted by name.
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        nested: classes are two levels deep, named ``group/class``.
+
+    Returns:
+        a list of (name, sorted image paths).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "zebra").mkdir(); _ = (d / "zebra" / "1.png").write_bytes(b"")
+        >>> [(name, len(files)) for name, files in class_folders(d)]
+        [('zebra', 1)]
+    """
     return _list_classes(Path(root), nested)
 
 
@@ -136,7 +170,16 @@ class ImageFolder(FewShotDataset):
             with the count), a class with too few images, bad arguments.
 
     Example:
-        >>> # train = ImageFolder("my_images", image_size=84, channels=3, split="train")
+        >>> import os, tempfile
+        >>> from PIL import Image
+        >>> root = tempfile.mkdtemp()
+        >>> for name in ("cat", "dog"):
+        ...     os.makedirs(os.path.join(root, name))
+        ...     for i in range(3):
+        ...         Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(os.path.join(root, name, f"{i}.png"))
+        >>> data = ImageFolder(root, image_size=32, channels=3, cache_dir=False, progress=False)
+        >>> data.class_names, data.images.shape
+        (['cat', 'dog'], (6, 32, 32, 3))
     """
 
     def __init__(self, root: str | os.PathLike, image_size: int = 84, channels: int = 3,

@@ -81,6 +81,12 @@ class LogisticHeads:
             ``-inf`` for classes absent from its support.
         n_iter: (E,) Newton iterations each episode took.
         converged: (E,) whether each episode reached the gradient tolerance.
+
+    Example:
+        >>> import torch
+        >>> heads = fit_logistic(torch.randn(2, 4, 8), torch.tensor([[0, 0, 1, 1]] * 2))
+        >>> heads.weight.shape, heads.logits(torch.randn(2, 3, 8)).shape
+        (torch.Size([2, 2, 8]), torch.Size([2, 3, 2]))
     """
 
     weight: torch.Tensor

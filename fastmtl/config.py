@@ -116,6 +116,18 @@ class TrainerConfig(metaclass=_Renaming):
     A concept has one name in every config (``lr``, ``tasks_per_step``, ...); a subclass
     lists names it used before in ``_renamed`` (old -> new): they still work as keywords,
     attributes and CLI flags for one release, with a DeprecationWarning.
+
+    Args:
+        every field below, by keyword; ``field_help(cls, name)`` gives each one's help.
+
+    Raises:
+        ValueError: from :meth:`validate`, naming the first field out of range.
+
+    Example:
+        >>> from fastmtl.gbml import MAMLConfig
+        >>> sorted(set(f.name for f in dataclasses.fields(TrainerConfig))
+        ...        & set(f.name for f in dataclasses.fields(MAMLConfig)))[:3]
+        ['checkpoint_dir', 'early_stop_patience', 'epochs']
     """
 
     _renamed: ClassVar[dict[str, str]] = {}

@@ -70,7 +70,11 @@ def _word(keys: np.ndarray, j) -> np.ndarray:
 
 def backend() -> str:
     """The implementation :class:`EpisodeSampler` and :func:`assemble` use by default:
-    ``"cpp"`` when the extension ``fastmtl._episodes`` is built, else ``"numpy"``."""
+    ``"cpp"`` when the extension ``fastmtl._episodes`` is built, else ``"numpy"``.
+
+    Example:
+        >>> backend() in ("cpp", "numpy")
+        True"""
     return "cpp" if _cpp is not None else "numpy"
 
 
@@ -415,6 +419,13 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         stride: episode numbers between the starts of consecutive batches (None:
             ``tasks_per_batch``, i.e. consecutive episodes).
         backend, num_threads: as for :class:`EpisodeSampler` and :func:`assemble`.
+
+    Example:
+        >>> from fastmtl.data import SyntheticGlyphs
+        >>> loader = EpisodeLoader(SyntheticGlyphs(10, 6), n_way=5, k_shot=1, n_query=2,
+        ...                        tasks_per_batch=4, seed=0, batches=2)
+        >>> [tuple(b.images.shape) for b in loader]
+        [(4, 5, 3, 1, 28, 28), (4, 5, 3, 1, 28, 28)]
     """
 
     def __init__(self, dataset, n_way: int, k_shot: int, n_query: int, tasks_per_batch: int,

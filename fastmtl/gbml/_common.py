@@ -141,6 +141,12 @@ def use_batch_stats(module: nn.Module) -> nn.Module:
     then normalizes every batch with its own statistics, in training and in eval mode,
     and its ``state_dict`` has no running statistics. Call it on a fresh backbone before
     loading the ``backbone`` state of a GBML checkpoint. Returns ``module``.
+
+    Example:
+        >>> from fastmtl.models import conv4
+        >>> net = use_batch_stats(conv4())
+        >>> any("running_mean" in k for k in net.state_dict())
+        False
     """
     for name, child in list(module.named_children()):
         if isinstance(child, nn.modules.batchnorm._BatchNorm):

@@ -55,6 +55,14 @@ class ProtoNetConfig(_EpisodicConfig):
     The paper trains Omniglot with 60-way episodes of 5 queries per class, one episode per
     step, Adam 1e-3 halved every 2,000 episodes (mini-ImageNet: 30-way 1-shot or 20-way
     5-shot, 15 queries); the test episodes are 5- or 20-way. Training shot = test shot.
+
+    Args:
+        every field below, by keyword (``fastmtl train --method protonet --help`` lists
+        them with their help and defaults).
+
+    Example:
+        >>> ProtoNetConfig().n_way, ProtoNetConfig(n_way=20, k_shot=5).k_shot
+        (60, 5)
     """
 
     n_way: int = setting(60, None)

@@ -72,7 +72,19 @@ def check_values(z, weight, task_classes, sample_task, labels):
 
 
 class NonFiniteError(ValueError):
-    """An input of :func:`multihead_ce` holds NaN or infinite values."""
+    """An input of :func:`multihead_ce` holds NaN or infinite values.
+
+    Example:
+        >>> import torch
+        >>> from fastmtl.ops import multihead_ce
+        >>> z = torch.full((2, 3), float("nan"))
+        >>> try:
+        ...     multihead_ce(z, torch.ones(4, 3), torch.tensor([[0, 1]]),
+        ...                  torch.zeros(2, dtype=torch.long), torch.tensor([0, 1]))
+        ... except NonFiniteError as e:
+        ...     print(type(e).__mro__[1].__name__)
+        ValueError
+    """
 
 
 def check_scale(scale):

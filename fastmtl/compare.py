@@ -458,14 +458,8 @@ def _fmt(x, spec=".1f", none="-", suffix=""):
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    """The comparison as Markdown: per-method figures, then the speed-up tables.
-
-    Args:
-        payload: the contents of ``compare.json``.
-
-    Returns:
-        the text of ``compare.md``.
-    """
+    """The comparison as Markdown (the text of ``compare.md``) from ``payload``, the
+    contents of ``compare.json``: per-method figures, then the speed-up tables."""
     results, tables = payload["results"], payload["tables"]
     lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
              f"{payload['budget_minutes']:g} min of training each", "",

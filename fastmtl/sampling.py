@@ -292,6 +292,27 @@ def _lut(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return ((x - mean.view(-1, 1)) / std.view(-1, 1)).contiguous()
 
 
+def _output(out, dtype, shape, normalizing: bool, pin_memory: bool) -> torch.Tensor:
+    """:func:`assemble`'s result tensor: ``out`` checked, or a new one of ``dtype``."""
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if dtype is None:
+        dtype = out.dtype if out is not None else torch.float32
+    if dtype not in (torch.float32, torch.uint8):
+        raise ValueError(f"dtype must be torch.float32 or torch.uint8, got {dtype}")
+    if dtype == torch.uint8 and normalizing:
+        raise ValueError("mean/std normalize float32 output; a uint8 result holds raw bytes")
+    if out is None:
+        return torch.empty(shape, dtype=dtype,
+                           pin_memory=bool(pin_memory) and torch.cuda.is_available())
+    if out.device.type != "cpu" or out.dtype != dtype or tuple(out.shape) != shape \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape {shape}, got "
+                         f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    return out
+
+
 def assemble(images, index, out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
              pin_memory: bool = False, num_threads: int | None = None,
@@ -328,22 +349,8 @@ def assemble(images, index, out: torch.Tensor | None = None, dtype: torch.dtype 
     which = _resolve_backend(backend)
     channels = 1 if images.ndim == 3 else images.shape[3]
     shape = index.shape + (channels, images.shape[1], images.shape[2])
-    if out is not None and not isinstance(out, torch.Tensor):
-        raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if dtype is None:
-        dtype = out.dtype if out is not None else torch.float32
-    if dtype not in (torch.float32, torch.uint8):
-        raise ValueError(f"dtype must be torch.float32 or torch.uint8, got {dtype}")
-    if dtype == torch.uint8 and (mean is not None or std is not None):
-        raise ValueError("mean/std normalize float32 output; a uint8 result holds raw bytes")
-    if out is None:
-        out = torch.empty(shape, dtype=dtype,
-                          pin_memory=bool(pin_memory) and torch.cuda.is_available())
-    elif out.device.type != "cpu" or out.dtype != dtype or tuple(out.shape) != shape \
-            or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous CPU {dtype} tensor of shape {shape}, got "
-                         f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")
+    out = _output(out, dtype, shape, mean is not None or std is not None, pin_memory)
+    dtype = out.dtype
     if dtype == torch.float32:
         mean_t = _channel_stats(0.0 if mean is None else mean, channels, "mean")
         std_t = _channel_stats(1.0 if std is None else std, channels, "std")

@@ -41,20 +41,16 @@ class ANIL(MAML):
 
     ``ANIL(backbone, ANILConfig()).fit(train, val)`` returns the history.
 
-    Args:
-        backbone: the feature extractor to meta-train; its BatchNorms are switched to
-            batch statistics (:func:`use_batch_stats`), the GBML convention.
-        config: the settings (default ``ANILConfig()``).
-        device: where to train (None: this rank's CUDA device if there is one, else CPU).
-
-    Raises:
-        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
+    Args: ``backbone``, ``config`` (default ``ANILConfig()``) and ``device``, as for
+    :class:`MAML`, which also lists the errors.
 
     Example:
         >>> import fastmtl
-        >>> data = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
-        >>> cfg = ANILConfig(tasks_per_step=2, tasks_per_epoch=2, epochs=1, n_query=3)
-        >>> history = ANIL(fastmtl.models.conv4(hidden=8), cfg).fit(data, progress=False)
+        >>> trainer = ANIL(fastmtl.models.conv4(hidden=8),
+        ...                ANILConfig(tasks_per_step=2, tasks_per_epoch=2, epochs=1, n_query=3))
+        >>> _ = trainer.fit(fastmtl.data.SyntheticGlyphs(10, 8, seed=0), progress=False)
+        >>> sorted(trainer.model.head.state_dict())      # the weights the inner loop adapts
+        ['bias', 'weight']
     """
 
     method = "anil"

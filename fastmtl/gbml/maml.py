@@ -88,10 +88,9 @@ class MAML(_EpisodicTrainer):
     ``learn_inner_lr``, holds the step sizes in ``.inner_lr``.
 
     Args:
-        backbone: the feature extractor to meta-train; its BatchNorms are switched to
-            batch statistics (:func:`use_batch_stats`), the GBML convention.
-        config: the settings (default ``MAMLConfig()``).
-        device: where to train (None: this rank's CUDA device if there is one, else CPU).
+        backbone: the network to meta-train (its BatchNorms become batch-statistics
+            norms, :func:`use_batch_stats`: the GBML convention); config: default
+            ``MAMLConfig()``; device: None picks this rank's CUDA device, else the CPU.
 
     Raises:
         ValueError: a backbone that is not an ``nn.Module``, or invalid settings.

@@ -79,21 +79,18 @@ class ProtoNet(_FeatureHeadTrainer):
     ``ProtoNet(backbone, ProtoNetConfig()).fit(train, val)`` returns the history;
     ``evaluate`` classifies each test episode's queries by the nearest prototype.
 
-    Args:
-        backbone: the feature extractor to meta-train; its BatchNorms are switched to
-            batch statistics (:func:`use_batch_stats`), the GBML convention.
-        config: the settings (default ``ProtoNetConfig()``).
-        device: where to train (None: this rank's CUDA device if there is one, else CPU).
-
-    Raises:
-        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
+    Args: ``backbone``, ``config`` (default ``ProtoNetConfig()``) and ``device``, as for
+    :class:`MAML`, which also lists the errors.
 
     Example:
         >>> import fastmtl
-        >>> data = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
-        >>> cfg = ProtoNetConfig(n_way=5, tasks_per_step=1, tasks_per_epoch=2, epochs=1,
-        ...                      n_query=3)
-        >>> history = ProtoNet(fastmtl.models.conv4(hidden=8), cfg).fit(data, progress=False)
+        >>> glyphs = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
+        >>> net = ProtoNet(fastmtl.models.conv4(hidden=8), ProtoNetConfig(
+        ...     n_way=5, tasks_per_step=1, tasks_per_epoch=2, epochs=1, n_query=3))
+        >>> _ = net.fit(glyphs, progress=False)
+        >>> own = net.evaluate(glyphs, n_query=3, episodes=4, progress=False)   # prototypes
+        >>> own["episodes"], 0 <= own["mean"] <= 100
+        (4, True)
     """
 
     method = "protonet"

@@ -108,20 +108,18 @@ class R2D2(_FeatureHeadTrainer):
     uses the ridge head on each test episode (any ``n_way``); ``trainer.model.head``
     holds lambda, scale and bias.
 
-    Args:
-        backbone: the feature extractor to meta-train; its BatchNorms are switched to
-            batch statistics (:func:`use_batch_stats`), the GBML convention.
-        config: the settings (default ``R2D2Config()``).
-        device: where to train (None: this rank's CUDA device if there is one, else CPU).
-
-    Raises:
-        ValueError: a backbone that is not an ``nn.Module``, or invalid settings.
+    Args: ``backbone``, ``config`` (default ``R2D2Config()``) and ``device``, as for
+    :class:`MAML`, which also lists the errors.
 
     Example:
-        >>> import fastmtl
-        >>> data = fastmtl.data.SyntheticGlyphs(10, 8, seed=0)
-        >>> cfg = R2D2Config(n_way=5, tasks_per_step=1, tasks_per_epoch=2, epochs=1, n_query=3)
-        >>> history = R2D2(fastmtl.models.conv4(hidden=8), cfg).fit(data, progress=False)
+        >>> from fastmtl.data import SyntheticGlyphs
+        >>> from fastmtl.models import conv4
+        >>> r2d2 = R2D2(conv4(hidden=8), R2D2Config(n_way=5, tasks_per_step=1,
+        ...                                          tasks_per_epoch=2, epochs=1, n_query=3))
+        >>> len(r2d2.fit(SyntheticGlyphs(10, 8, seed=0), progress=False))
+        1
+        >>> float(r2d2.model.head.log_lam.detach().exp()) > 0     # the meta-learned ridge lambda
+        True
     """
 
     method = "r2d2"

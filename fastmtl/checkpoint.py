@@ -96,7 +96,19 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_savefig(fig, path: str, dpi: int = 110) -> None:
-    """Save a matplotlib figure to a temporary file beside ``path``, then rename it."""
+    """Save a matplotlib figure to a temporary file beside ``path``, then rename it.
+
+    Example:
+        >>> import os, tempfile
+        >>> import matplotlib
+        >>> matplotlib.use("Agg")
+        >>> import matplotlib.pyplot as plt
+        >>> fig = plt.figure()
+        >>> path = os.path.join(tempfile.mkdtemp(), "curve.png")
+        >>> atomic_savefig(fig, path); plt.close(fig)
+        >>> os.path.getsize(path) > 0
+        True
+    """
     tmp = f"{path}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
@@ -122,7 +134,16 @@ def check_readable(path: str, what: str = "checkpoint") -> None:
 
 
 def model_state(trainer) -> dict[str, Any]:
-    """The model part of a checkpoint of ``trainer`` (any fastmtl trainer)."""
+    """The model part of a checkpoint of ``trainer`` (any fastmtl trainer).
+
+    Example:
+        >>> import fastmtl
+        >>> from fastmtl.gbml import R2D2, R2D2Config
+        >>> r2d2 = R2D2(fastmtl.models.conv4(hidden=8), R2D2Config(n_way=5)).build((1, 28, 28))
+        >>> state = model_state(r2d2)
+        >>> state["method"], state["batchnorm"]
+        ('r2d2', 'batch-statistics')
+    """
     return {"format": FORMAT, "method": trainer.method,
             "config": dataclasses.asdict(trainer.config),
             "backbone_spec": getattr(trainer.backbone, "spec", None),
@@ -132,7 +153,20 @@ def model_state(trainer) -> dict[str, Any]:
 
 
 def save_training(directory: str, trainer, epoch: int, best: dict[str, Any]) -> None:
-    """Write ``last.pt`` (and ``best.pt`` at the best epoch) and ``history.json``."""
+    """Write ``last.pt`` (and ``best.pt`` at the best epoch) and ``history.json``.
+
+    The trainers call it after every epoch when ``config.checkpoint_dir`` is set.
+
+    Example:
+        >>> import os, tempfile, fastmtl
+        >>> run = tempfile.mkdtemp()
+        >>> cfg = fastmtl.MTLConfig(tasks_per_step=2, tasks_per_epoch=2, epochs=1,
+        ...                         images_per_class=4, checkpoint_dir=run)
+        >>> trainer = fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), cfg)
+        >>> _ = trainer.fit(fastmtl.data.SyntheticGlyphs(12, 8), progress=False)
+        >>> sorted(f for f in os.listdir(run) if not f.startswith("."))
+        ['best.pt', 'history.json', 'last.pt']
+    """
     os.makedirs(directory, exist_ok=True)
     sched = trainer.scheduler
     state = dict(model_state(trainer), epoch=epoch, optimizer=trainer.optimizer.state_dict(),
@@ -163,6 +197,16 @@ def load(path: str, method: str | None = None, device: torch.device | str = "cpu
     Raises:
         ValueError: the file is missing, unreadable, not a fastmtl checkpoint, of another
             method, or (``training``) lacks the resume state.
+
+    Example:
+        >>> import os, tempfile, fastmtl
+        >>> run = tempfile.mkdtemp()
+        >>> fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), fastmtl.MTLConfig(
+        ...     tasks_per_step=2, tasks_per_epoch=2, epochs=1, images_per_class=4,
+        ...     checkpoint_dir=run)).fit(fastmtl.data.SyntheticGlyphs(12, 8), progress=False)[0]["epoch"]
+        1
+        >>> load(os.path.join(run, "last.pt"), method="mtl", training=True)["method"]
+        'mtl'
     """
     check_readable(path, what)
     with open(path, "rb") as f:
@@ -190,7 +234,20 @@ def load(path: str, method: str | None = None, device: torch.device | str = "cpu
 
 
 def load_learner(learner: torch.nn.Module, state: dict[str, Any], path: str) -> None:
-    """Load a checkpoint's model state into ``learner``, or say in one line why not."""
+    """Load a checkpoint's model state into ``learner``, or say in one line why not.
+
+    Raises:
+        ValueError: the state does not fit ``learner`` (another backbone or head size),
+            naming ``path``.
+
+    Example:
+        >>> import torch
+        >>> load_learner(torch.nn.Linear(2, 2), {"model": torch.nn.Linear(3, 2).state_dict()},
+        ...              "old.pt")
+        Traceback (most recent call last):
+        ...
+        ValueError: ...old.pt...
+    """
     try:
         learner.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as exc:

@@ -30,7 +30,22 @@ _FORMAT = "fastmtl-classifier/1"
 
 
 def backbone_from_checkpoint(state: dict[str, Any], path: str = "checkpoint") -> nn.Module:
-    """The trained backbone of a fastmtl checkpoint dict (as :mod:`fastmtl.checkpoint`)."""
+    """The trained backbone of a fastmtl checkpoint dict (as :mod:`fastmtl.checkpoint`).
+
+    The checkpoint must say which backbone it holds (``backbone_spec``, which the CLI's
+    checkpoints carry: a backbone built by ``fastmtl train``); a GBML checkpoint's
+    backbone comes back with its batch-statistics norms.
+
+    Raises:
+        ValueError: no usable ``backbone_spec``, or a state that does not fit it.
+
+    Example:
+        >>> from fastmtl.models import conv4
+        >>> state = {"backbone_spec": {"name": "conv4", "in_channels": 1},
+        ...          "backbone": conv4(in_channels=1).state_dict()}
+        >>> type(backbone_from_checkpoint(state)).__name__
+        'Conv4'
+    """
     from . import models
     spec = state.get("backbone_spec") or {}
     if spec.get("name") not in ("conv4", "resnet12"):

@@ -437,6 +437,17 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
     Returns:
         ``{shot: {"mtl_vs_baselines": rows, "baselines_vs_mtl": rows}}``, a row per
         baseline (and per protocol).
+
+    Example:
+        >>> def curve(*points):               # (training seconds, 1-shot accuracy)
+        ...     return {"points": [{"train_seconds": t, "flops": t * 1e9, "accuracy":
+        ...                         {"1": {"logistic": {"mean": a, "ci95": 1.0}}}}
+        ...                        for t, a in points]}
+        >>> tables = speedup_tables({"mtl": curve((10, 80.0), (20, 86.0)),
+        ...                          "protonet": curve((10, 70.0), (20, 80.0), (40, 85.0))})
+        >>> row = tables["1"]["mtl_vs_baselines"][0]
+        >>> row["target"], row["baseline_seconds"], row["mtl_seconds"], row["speedup_time"]
+        (84.0, 40, 20, 2.0)
     """
     if reference not in results or not results[reference]["points"]:
         return {}

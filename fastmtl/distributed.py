@@ -40,6 +40,11 @@ class DistributedError(RuntimeError):
 
     ``what`` names the collective (and the phase of training), ``detail`` the backend's
     own error, ``checkpoint`` the folder to resume from (None: no checkpoints).
+
+    Example:
+        >>> exc = DistributedError("all-reduce of gradients", "Connection reset by peer", "runs")
+        >>> "runs/last.pt" in str(exc)
+        True
     """
 
     def __init__(self, what: str, detail: str, checkpoint: str | None = None):

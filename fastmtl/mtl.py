@@ -195,6 +195,15 @@ class MTLLearner(nn.Module):
         config: the :class:`MTLConfig` (head kind, scale, normalization, chunking, backend).
         chunking: "task" or "batch" (resolved from ``config.chunking`` by the trainer).
         generator: seeds the head table's initialization.
+
+    Example:
+        >>> import torch
+        >>> from fastmtl.models import conv4
+        >>> learner = MTLLearner(conv4(hidden=8), n_classes=10, dim=64,
+        ...                      config=MTLConfig(head="cosine", scale=10.0), chunking="batch",
+        ...                      generator=torch.Generator().manual_seed(0))
+        >>> tuple(learner.head.shape), sorted(learner.state_dict())[-2:]
+        ((10, 64), ['head', 'log_scale'])
     """
 
     def __init__(self, backbone: nn.Module, n_classes: int, dim: int, config: "MTLConfig",

@@ -385,6 +385,13 @@ class EpisodeBatch:
         classes: int64 (T, n_way), the data set label of each slot (head rows in MTL).
         episodes: int64 (T,), the episode numbers (``EpisodeSampler.episode(e)`` repeats one).
         k_shot: supports per class.
+
+    Example:
+        >>> from fastmtl.data import SyntheticGlyphs
+        >>> batch = EpisodeLoader(SyntheticGlyphs(8, 5), n_way=3, k_shot=2, n_query=1,
+        ...                       tasks_per_batch=2, seed=0).batch(0)
+        >>> batch.labels[0].tolist(), batch.episodes.tolist()
+        ([[0, 0, 0], [1, 1, 1], [2, 2, 2]], [0, 1])
     """
 
     images: torch.Tensor

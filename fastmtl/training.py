@@ -75,6 +75,14 @@ def check_val(val, cfg) -> None:
 
     Raises:
         ValueError: ``val`` is not a data set, or has too few classes or images a class.
+
+    Example:
+        >>> from fastmtl import MTLConfig
+        >>> from fastmtl.data import SyntheticGlyphs
+        >>> check_val(SyntheticGlyphs(3, 20), MTLConfig(val_ways=5))
+        Traceback (most recent call last):
+        ...
+        ValueError: ...
     """
     if val is None:
         return
@@ -138,6 +146,13 @@ class TrainingDiverged(RuntimeError):
     The message names the epoch and step and the last good checkpoint (``last.pt`` of the
     last complete epoch), from which a run with other settings (a lower learning rate,
     ``grad_clip``) can be resumed.
+
+    Example:
+        >>> try:                       # what a script around fit() can catch
+        ...     raise TrainingDiverged("epoch 3, step 17: loss nan; resume from runs/last.pt")
+        ... except RuntimeError as exc:
+        ...     print(exc)
+        epoch 3, step 17: loss nan; resume from runs/last.pt
     """
 
 
@@ -155,6 +170,12 @@ class TrainingInterrupted(Exception):
         ``checkpoint_dir``, nothing saved); saved_epoch: that epoch (0: none yet).
     Resuming from ``checkpoint`` repeats the interrupted epoch from its start, so the
     resumed run ends exactly where an uninterrupted one ends.
+
+    Example:
+        >>> import signal
+        >>> exc = TrainingInterrupted(signal.SIGINT, 4, "runs/last.pt", 3)
+        >>> print(exc, exc.exit_code)
+        interrupted by SIGINT in epoch 4; runs/last.pt holds epoch 3 130
     """
 
     def __init__(self, signum: int, epoch: int, checkpoint: str | None, saved_epoch: int):
@@ -196,7 +217,18 @@ class _SignalStop:
 
 def check_same_run(saved: dict[str, Any], config, path: str) -> None:
     """ValueError if ``config`` changes a setting of the checkpointed run that a resume
-    cannot honour (anything but :data:`RESUMABLE_CHANGES`), naming each."""
+    cannot honour (anything but :data:`RESUMABLE_CHANGES`), naming each.
+
+    Example:
+        >>> import dataclasses
+        >>> from fastmtl import MTLConfig
+        >>> saved = dataclasses.asdict(MTLConfig())
+        >>> check_same_run(saved, MTLConfig(epochs=200), "last.pt")   # more epochs: fine
+        >>> check_same_run(saved, MTLConfig(lr=0.1), "last.pt")
+        Traceback (most recent call last):
+        ...
+        ValueError: ...lr: 0.001 -> 0.1...
+    """
     import dataclasses
     renamed = getattr(type(config), "_renamed", {})
     saved = {renamed.get(k, k): v for k, v in saved.items()}    # checkpoints of old names
@@ -254,6 +286,18 @@ class TrainState:
         train_seconds: the training clock (validation included, callbacks excluded).
         loss, acc: the last step's training loss and accuracy (0-1).
         record: the epoch's record, at ``on_epoch_end``; else None.
+
+    Example:
+        >>> class PrintEpochs(Callback):
+        ...     def on_epoch_end(self, trainer, state):
+        ...         print(state.epoch, state.step, state.record["epoch"])
+        >>> import fastmtl
+        >>> cfg = fastmtl.MTLConfig(tasks_per_step=2, tasks_per_epoch=4, epochs=2,
+        ...                         images_per_class=4)
+        >>> _ = fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), cfg).fit(
+        ...     fastmtl.data.SyntheticGlyphs(12, 8), progress=False, callbacks=[PrintEpochs()])
+        1 2 1
+        2 4 2
     """
 
     epoch: int = 0

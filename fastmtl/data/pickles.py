@@ -111,6 +111,13 @@ class MiniImageNet(_DictPickleBenchmark):
         root: the folder holding the ``miniImageNet_category_split_*.pickle`` files.
         split: ``"train"`` (the ``train_phase_train`` file), ``"val"``, ``"test"`` or
             ``"trainval"``.
+
+    Raises:
+        ValueError: a missing or unreadable file, or a bad split (as every loader here).
+
+    Example:
+        >>> MiniImageNet._files["val"]          # the file each split reads in ``root``
+        'miniImageNet_category_split_val.pickle'
     """
 
     _title = "mini-ImageNet"
@@ -127,6 +134,17 @@ class CIFARFS(_DictPickleBenchmark):
     Args:
         root: the folder holding the pickles.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"trainval"``.
+
+    Example:
+        >>> import os, pickle, tempfile
+        >>> import numpy as np
+        >>> root = tempfile.mkdtemp()                 # a two-class file in the format
+        >>> with open(os.path.join(root, "CIFAR_FS_test.pickle"), "wb") as f:
+        ...     pickle.dump({"data": np.zeros((4, 32, 32, 3), np.uint8),
+        ...                  "labels": [7, 7, 9, 9]}, f)
+        >>> test = CIFARFS(root, "test")
+        >>> test.n_classes, test.images.shape
+        (2, (4, 32, 32, 3))
     """
 
     _title = "CIFAR-FS"
@@ -139,8 +157,12 @@ class FC100(_DictPickleBenchmark):
     32x32 colour, from MetaOptNet's or RFS's ``FC100_{split}.pickle`` files in ``root``.
 
     Args:
-        root: the folder holding the pickles.
+        root: the folder holding the pickles (the format of :class:`CIFARFS`'s example).
         split: ``"train"``, ``"val"``, ``"test"`` or ``"trainval"``.
+
+    Example:
+        >>> sorted(FC100._files.values())
+        ['FC100_test.pickle', 'FC100_train.pickle', 'FC100_val.pickle']
     """
 
     _title = "FC100"
@@ -156,8 +178,16 @@ class TieredImageNet(_PickleBenchmark):
     ``label_specific``, else ``labels``), or the original ``{split}_images_png.pkl``.
 
     Args:
-        root: the folder holding the files.
-        split: ``"train"``, ``"val"``, ``"test"`` or ``"trainval"``.
+        root, split: as for :class:`CIFARFS`, ``root`` holding the files above.
+
+    Example:
+        >>> import pathlib, pickle, tempfile
+        >>> import numpy as np
+        >>> root = pathlib.Path(tempfile.mkdtemp())
+        >>> np.savez(root / "val_images.npz", images=np.zeros((2, 84, 84, 3), np.uint8))
+        >>> _ = (root / "val_labels.pkl").write_bytes(pickle.dumps({"label_specific": [3, 5]}))
+        >>> TieredImageNet(root, "val").class_sizes().tolist()
+        [1, 1]
     """
 
     _title = "tiered-ImageNet"

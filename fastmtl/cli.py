@@ -875,31 +875,46 @@ def _method_arg(argv: list[str]) -> tuple[str, str]:
     return known.method, known.recipe
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(*_method_arg(argv)).parse_args(argv)
-    ok = False
+def _dispatch(args, argv: list[str]) -> tuple[int, bool]:
+    """(exit code, whether the command returned normally) of ``args``' command."""
     try:
-        code = args.func(args)
-        ok = True
-        return code
+        return args.func(args), True
     except ValueError as exc:
         print(f"fastmtl {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 2, False
     except _dist.DistributedError as exc:
         print(f"fastmtl {args.command}: error: {exc}", file=sys.stderr)
-        return 3
+        return 3, False
     except TrainingDiverged as exc:
         print(f"fastmtl {args.command}: error: {exc}", file=sys.stderr)
-        return 4
+        return 4, False
     except TrainingInterrupted as exc:
         if _dist.is_main():
             print(f"fastmtl {args.command}: {exc}; " + _resume_hint(args, argv, exc),
                   file=sys.stderr)
-        return exc.exit_code
+        return exc.exit_code, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(*_method_arg(argv)).parse_args(argv)
+    ok, distributed = False, False
+    try:
+        code, ok = _dispatch(args, argv)
     finally:
+        distributed = _dist.is_distributed()
         # After a failure the other ranks may be gone: no barrier then.
         _dist.shutdown(sync=ok)
+    if distributed:
+        # A rank of a torchrun launch leaves without the interpreter's teardown: with the
+        # process group already destroyed, what is left of gloo and its TCP store can still
+        # abort the process at exit ("terminate called without an active exception", seen
+        # once in 21 two-rank runs of tests/test_distributed.py), after every result was
+        # written. Every output file is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

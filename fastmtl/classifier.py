@@ -48,9 +48,11 @@ def backbone_from_checkpoint(state: dict[str, Any], path: str = "checkpoint") ->
     """
     from . import models
     spec = state.get("backbone_spec") or {}
-    if spec.get("name") not in ("conv4", "resnet12"):
+    if spec.get("name") not in ("conv4", "resnet12") or "in_channels" not in spec:
         raise ValueError(f"{path!r} does not say which backbone it holds (backbone_spec "
                          f"{spec or None}); build it yourself and use FewShotClassifier(...)")
+    if "backbone" not in state:
+        raise ValueError(f"{path!r} holds no backbone state; is it a fastmtl checkpoint?")
     net = getattr(models, spec["name"])(in_channels=spec["in_channels"])
     net.spec = dict(spec)
     if state.get("batchnorm") == "batch-statistics":

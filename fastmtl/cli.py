@@ -898,11 +898,17 @@ def _dispatch(args, argv: list[str]) -> tuple[int, bool]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(*_method_arg(argv)).parse_args(argv)
+    # The process leaves with os._exit below only if the command itself joined the group
+    # (a torchrun launch of the CLI), never inside a caller that made its own group.
+    ours = not _dist.is_distributed()
     ok, distributed = False, False
     try:
         code, ok = _dispatch(args, argv)
     finally:
-        distributed = _dist.is_distributed()
+        try:
+            distributed = ours and _dist.is_distributed()
+        except Exception:       # a broken group: still leave it below
+            distributed = ours
         # After a failure the other ranks may be gone: no barrier then.
         _dist.shutdown(sync=ok)
     if distributed:

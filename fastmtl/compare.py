@@ -49,8 +49,9 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # test episodes vmapped 10 at a time in the method's own evaluation (measured 1.8-2x
 # faster than 50 on a 2-core CPU; with meta-batches of 1-4 it does not change training).
 # MAML/FO-MAML/ANIL: the per-task loop, chosen by measurement at this shape on the CPU
-# (benchmarks/maml_vs_l2l.py, round-robin: MAML loop 110 ms vs vmapped 116 ms, ANIL loop
-# 72 ms vs vmapped 78 ms a meta-step; learn2learn-style 106 and 69 ms).
+# (benchmarks/maml_vs_l2l.py, round-robin, 2026-12-02: MAML loop 101 ms vs vmapped 102 ms,
+# ANIL loop 81 ms vs vmapped 84 ms a meta-step, learn2learn-style 99 and 77 ms; at 16
+# tasks of 15 queries the loop is 1.2-3.9x faster than vmap).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
@@ -89,7 +90,8 @@ def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int =
         the trainer class and its validated config (epochs unbounded, no checkpoints).
 
     Raises:
-        ValueError: an unknown method, or an override that is not a field of its config.
+        ValueError: an unknown method, an override that is not a field of its config, or
+            an override value out of range.
 
     Example:
         >>> cls, cfg = config_for("protonet", {"n_way": 30}, budget_minutes=5)

@@ -121,7 +121,8 @@ class TrainerConfig(metaclass=_Renaming):
         every field below, by keyword; ``field_help(cls, name)`` gives each one's help.
 
     Raises:
-        ValueError: from :meth:`validate`, naming the first field out of range.
+        ValueError: from :meth:`validate` (which every trainer calls before any work),
+            naming the first field out of range; an unknown field is a TypeError.
 
     Example:
         >>> from fastmtl.gbml import MAMLConfig

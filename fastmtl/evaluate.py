@@ -101,15 +101,16 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
 
     Raises:
         ValueError: a dataset that is not a :class:`FewShotDataset`, an episode shape its
-            classes cannot hold, or features of the wrong size.
+            classes cannot hold, ``features`` without one row per image, or a bad
+            ``chunk`` or ``C``.
 
     Example:
         >>> import fastmtl
         >>> test = fastmtl.data.SyntheticGlyphs(6, 20, seed=1)
         >>> r = fastmtl.evaluate(fastmtl.models.conv4(hidden=8), test, k_shot=1,
         ...                      episodes=20, progress=False)
-        >>> sorted(k for k in r if k in ("mean", "ci95"))
-        ['ci95', 'mean']
+        >>> r["episodes"], r["k_shot"], len(r["accuracies"])
+        (20, 1, 20)
     """
     if not isinstance(dataset, FewShotDataset):
         raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")

@@ -66,7 +66,7 @@ class MTLConfig(TrainerConfig):
 
     Args:
         every field below, by keyword; each one's help is its metadata
-        (``fastmtl.config.field_help(MTLConfig)``), and ``fastmtl train --help`` lists
+        (``fastmtl.config.field_help(MTLConfig, name)``), and ``fastmtl train --help`` lists
         them all with their defaults.
 
     Raises:

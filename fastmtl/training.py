@@ -250,7 +250,7 @@ class TrainingClock:
 
     Example:
         >>> clock = TrainingClock()
-        >>> with clock.paused():          # evaluation: off the clock
+        >>> with clock.paused():          # a callback's work: off the clock
         ...     pass
         >>> clock.seconds() >= 0
         True

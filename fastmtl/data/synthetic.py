@@ -59,7 +59,8 @@ class SyntheticGlyphs(FewShotDataset):
     are the fixed :data:`SYNTHETIC_MEAN`/:data:`SYNTHETIC_STD`.
 
     Raises:
-        ValueError: a non-positive class count, images per class or image size.
+        ValueError: a non-positive class count or images per class, an image size below
+            8, or a negative seed.
 
     Example:
         >>> data = SyntheticGlyphs(5, 4, seed=0)

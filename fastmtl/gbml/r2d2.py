@@ -118,7 +118,7 @@ class R2D2(_FeatureHeadTrainer):
         ...                                          tasks_per_epoch=2, epochs=1, n_query=3))
         >>> len(r2d2.fit(SyntheticGlyphs(10, 8, seed=0), progress=False))
         1
-        >>> float(r2d2.model.head.log_lam.detach().exp()) > 0     # the meta-learned ridge lambda
+        >>> r2d2.model.head.log_lam.requires_grad      # lambda is meta-learned (learn_lam)
         True
     """
 

@@ -25,7 +25,8 @@ def feature_dim(backbone: nn.Module, image_shape) -> int:
         d, an int.
 
     Raises:
-        ValueError: an ``image_shape`` that is not three positive sizes.
+        ValueError: an ``image_shape`` that is not three positive sizes, or a backbone
+            whose output is not (B, d).
 
     Example:
         >>> feature_dim(conv4(in_channels=1), (1, 28, 28))

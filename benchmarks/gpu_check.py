@@ -55,11 +55,9 @@ if __name__ == "__main__" and not _want_cuda(sys.argv):
     os.environ["TRITON_INTERPRET"] = "1"
 # An installed fastmtl (CI) is used as installed; without one (a GPU machine with nothing
 # installed) the source tree is imported, its Triton sources mounted as fastmtl.kernels.
-try:
-    import importlib.util as _util
-    _installed = _util.find_spec("fastmtl") is not None
-except ImportError:
-    _installed = False
+import importlib.util
+
+_installed = importlib.util.find_spec("fastmtl") is not None
 if not _installed:
     sys.path.insert(0, str(ROOT))
 

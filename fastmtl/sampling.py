@@ -181,9 +181,13 @@ class EpisodeSampler:
         self.num_threads = None if num_threads is None else _resolve_threads(num_threads)
         need = self.k_shot + self.n_query
         if self.backend == "cpp":
-            check_fits(labels, self.n_way, need, class_names=class_names)  # C++ asserts too
-            self._core = _cpp.Sampler(np.ascontiguousarray(labels, dtype=np.int64), self.n_way,
-                                      self.k_shot, self.n_query, self.seed)
+            try:        # the C++ core counts the classes itself and refuses small ones
+                self._core = _cpp.Sampler(np.ascontiguousarray(labels, dtype=np.int64),
+                                          self.n_way, self.k_shot, self.n_query, self.seed)
+            except ValueError:
+                # The same check again, only on failure, for a message naming the class.
+                check_fits(labels, self.n_way, need, class_names=class_names)
+                raise
             self.classes, self.counts = self._core.classes, self._core.counts
             self.order, self.offsets = self._core.order, self._core.offsets
             return

@@ -9,7 +9,8 @@ MAML paper's Omniglot meta-batch (32 tasks of 5-way 1-shot with one query per cl
 its reference code) with five inner steps; float32. A meta-step is the meta-loss and its
 backward (the Adam update is the same for both and left out):
 - ``vmap``: the trainer's vectorized path (``config.vectorize=True``), one
-  ``torch.func.vmap`` over the tasks with ``torch.func.grad`` inner steps;
+  ``torch.func.vmap`` over the tasks with ``torch.func.grad`` inner steps (ANIL: its
+  backbone one stacked call for all tasks, its head's inner steps vmapped);
 - ``loop``: the same math one task at a time with ``torch.autograd.grad(create_graph=True)``
   (``config.vectorize=False``), the way MAML is usually written.
 MAML is second order through all five steps; ANIL adapts the head only, with the
@@ -81,7 +82,6 @@ def _settings():
 @pytest.mark.parametrize("impl", ["vmap", "loop"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_meta_step(benchmark, batch, method, impl):
-    threads = THREADS
     cls, config_cls = METHODS[method]
     torch.manual_seed(0)
     cfg = config_cls(n_way=N_WAY, k_shot=K_SHOT, n_query=N_QUERY, tasks_per_step=META_BATCH,

@@ -144,7 +144,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults, fixed=()) -> No
         default = getattr(defaults, f.name)
         hint = hints[f.name]
         help_text = field_help(cls, f.name).replace("%", "%%") + " (default: %(default)s)"
-        if hint is bool:
+        if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
+            # --flag / --no-flag; an optional bool left out keeps its None (automatic)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
             continue

@@ -48,20 +48,19 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # often; ProtoNet/R2D2: higher-way training episodes, as their papers train. chunk_size 10:
 # test episodes vmapped 10 at a time in the method's own evaluation (measured 1.8-2x
 # faster than 50 on a 2-core CPU; with meta-batches of 1-4 it does not change training).
-# MAML/FO-MAML/ANIL: the per-task loop, chosen by measurement at this shape on the CPU
-# (benchmarks/maml_vs_l2l.py, round-robin, 2026-12-02: MAML loop 101 ms vs vmapped 102 ms,
-# ANIL loop 81 ms vs vmapped 84 ms a meta-step, learn2learn-style 99 and 77 ms; at 16
-# tasks of 15 queries the loop is 1.2-3.9x faster than vmap).
+# vectorize None: each method's form as measured fastest on the device (on a 2-core CPU:
+# MAML/FO-MAML the per-task loop, ANIL one stacked backbone call for all tasks, R2D2 and
+# ProtoNet one task a step either way; benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
-                 chunk_size=10, vectorize=False,
+                 chunk_size=10, vectorize=None,
                  test_inner_steps=3, tasks_per_epoch=80),
     "fomaml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
-                   chunk_size=10, vectorize=False,
+                   chunk_size=10, vectorize=None,
                    test_inner_steps=3, tasks_per_epoch=80),
     "anil": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
-                 chunk_size=10, vectorize=False,
+                 chunk_size=10, vectorize=None,
                  test_inner_steps=3, tasks_per_epoch=80),
     "r2d2": dict(n_way=20, k_shot=1, n_query=5, tasks_per_step=1, tasks_per_epoch=20,
                  chunk_size=10),

@@ -114,7 +114,7 @@ def test_vmapped_meta_gradient_equals_per_task_loop(method, steps):
     net = _net()
     ref_net = _reference_bn(net)          # fused BatchNorm, not the trainer's composite
     cls, config_cls, fixed = METHODS[method]
-    cfg = config_cls(n_way=3, inner_steps=steps, inner_lr=0.3, **fixed)
+    cfg = config_cls(n_way=3, inner_steps=steps, inner_lr=0.3, vectorize=True, **fixed)
     trainer = cls(net, cfg, device="cpu").build((1, 8, 8))
     ref_head = copy.deepcopy(trainer.model.head)
     loss, _ = trainer.meta_loss(xs, ys, xq, yq)
@@ -203,9 +203,38 @@ def test_r2d2_and_protonet_vmapped_equal_loop():
                     [b for b in loop_grads if b is not None], 1e-8)
 
 
+@pytest.mark.parametrize("tasks,n,hw", [(3, 4, 16), (5, 3, 20), (1, 7, 16), (2, 25, 28)])
+def test_stacked_features_equal_one_call_per_task(tasks, n, hw):
+    """One backbone call over stacked tasks (ANIL, ProtoNet and R2D2 vectorized) gives each
+    task's features, and their gradients, as a separate call per task does (float64)."""
+    from fastmtl.gbml._common import stacked_features
+    torch.manual_seed(tasks * 100 + n)
+    net = use_batch_stats(conv4(hidden=6, out_channels=5).double())
+    for m in net.modules():         # non-trivial affine parameters
+        if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 1:
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(tasks, n, 1, hw, hw, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(tasks, n, 5, dtype=torch.float64)
+    z = stacked_features(net, x)
+    ref = torch.stack([net(x[t]) for t in range(tasks)])
+    torch.testing.assert_close(z, ref, rtol=1e-12, atol=1e-12)
+    params = [x] + list(net.parameters())
+    got = torch.autograd.grad((z * probe).sum(), params)
+    want = torch.autograd.grad((ref * probe).sum(), params)
+    _assert_rel(got, want, 1e-10)
+    if tasks > 1:                   # other tasks' images do not reach task 0's features
+        x2 = x.detach().clone()
+        x2[1:] = 3 * x2[1:] + 1
+        torch.testing.assert_close(stacked_features(net, x2)[0], z[0].detach(), rtol=1e-12, atol=1e-12)
+    # and the norms are back to one batch afterwards
+    torch.testing.assert_close(net(x[0].detach()), ref[0].detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_batchnorm_keeps_tasks_apart():
     net = _net()
-    tr = MAML(net, MAMLConfig(n_way=3, inner_lr=0.3, inner_steps=2)).build((1, 8, 8))
+    tr = MAML(net, MAMLConfig(n_way=3, inner_lr=0.3, inner_steps=2, vectorize=True)).build((1, 8, 8))
     # No BatchNorm (hence no running statistics) is left in the trainer's backbone.
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
     assert not any("running" in k for k in net.state_dict())
@@ -275,6 +304,24 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2]
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_vectorize_none_picks_the_measured_form_and_flags_force_one():
+    """vectorize=None: on a CPU the loop for MAML/FO-MAML, ProtoNet and R2D2, the stacked
+    path for ANIL (benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py); True/False force one,
+    as --vectorize / --no-vectorize do on the command line."""
+    from fastmtl.cli import _config_from, build_parser
+    picks = {m: cls(conv4(hidden=8), cfg_cls(**fixed), device="cpu").vectorized()
+             for m, (cls, cfg_cls, fixed) in METHODS.items()}
+    assert picks == {"maml": False, "fomaml": False, "anil": True, "r2d2": False,
+                     "protonet": False}
+    assert MAML(conv4(hidden=8), MAMLConfig(vectorize=True), device="cpu").vectorized()
+    assert not ANIL(conv4(hidden=8), ANILConfig(vectorize=False), device="cpu").vectorized()
+    for argv, want in (([], None), (["--vectorize"], True), (["--no-vectorize"], False)):
+        args = build_parser("maml").parse_args(["train", "--method", "maml", *argv])
+        assert _config_from(args, MAMLConfig()).vectorize is want
+    with pytest.raises(ValueError, match="vectorize"):
+        MAMLConfig(vectorize="auto").validate()
 
 
 def test_bad_settings_raise_value_errors():

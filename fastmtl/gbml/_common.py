@@ -13,7 +13,11 @@ and keeps no running statistics. Under ``vmap`` over tasks the batch is one task
 images, so statistics are per task and nothing leaks from one task to another (no
 buffer is written, so there is nothing to leak through). MAML and ANIL forward the
 support and the query set separately, as the MAML reference code does; ProtoNet and
-R2D2 forward a task's support and queries as one batch, as their papers do. Evaluation
+R2D2 forward a task's support and queries as one batch, as their papers do. Where the
+tasks share the backbone (ANIL, ProtoNet, R2D2), the vectorized form calls it once on all
+tasks stacked along the batch, and each norm normalizes every task with its own
+statistics (:func:`stacked_features`; exact for backbones whose images meet only in
+their BatchNorms, as all of fastmtl.models; use ``vectorize=False`` for others). Evaluation
 uses batch statistics too: the method's own ``evaluate`` per episode (transductive BN,
 as in the MAML reference code), and :func:`fastmtl.evaluate` per embedding batch.
 Under ``torch.func`` transforms the normalization is written with plain tensor ops
@@ -72,10 +76,12 @@ class _EpisodicConfig(TrainerConfig):
     lr_decay_every: int | None = setting(None, "multiply lr by lr_decay every this many "
                                                "meta-steps (None: never)")
     lr_decay: float = setting(0.5, "factor of the step decay")
-    vectorize: bool = setting(
-        True, "vmap over the tasks of a meta-batch (no: a Python loop over tasks, one "
-              "backward per task as learn2learn does; both compute the same, the loop is "
-              "for comparison, for models vmap cannot run, and faster on some CPUs)")
+    vectorize: bool | None = setting(
+        None, "all tasks of a meta-batch as one computation (True: vmap, or one stacked "
+              "backbone call where the backbone is shared), a Python loop over tasks (False: "
+              "one backward per task, as learn2learn does; the same math), or None: the "
+              "faster of the two as measured for the method and device (MAML, FO-MAML: the "
+              "loop on a CPU, vmap on CUDA; ANIL, ProtoNet, R2D2: vectorized)")
     chunk_size: int | None = setting(
         None, "tasks vmapped at once in training (None: the whole meta-batch), to bound "
               "memory (the meta-gradient is accumulated chunk by chunk); also the episodes "
@@ -94,6 +100,9 @@ class _EpisodicConfig(TrainerConfig):
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         checks.one_of("val_protocol", self.val_protocol, _VAL_PROTOCOLS)
+        if self.vectorize not in (True, False, None):
+            raise ValueError(f"vectorize must be True, False or None (the faster as "
+                             f"measured), got {self.vectorize!r}")
         if self.tasks_per_epoch < self.tasks_per_step:
             raise ValueError(f"tasks_per_epoch ({self.tasks_per_epoch}) is smaller than "
                              f"tasks_per_step ({self.tasks_per_step}): an epoch needs a step")
@@ -118,6 +127,8 @@ class _BatchStatNorm(nn.Module):
         if not _functorch_wrapped(x):
             # Outside torch.func transforms (the per-task loop, plain autograd) the fused op
             # is exact to any order and faster; only under vmap is it wrong (see above).
+            if _stacked[0] > 1:
+                return self._per_task(x, _stacked[0])
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True,
                                 momentum=0.0, eps=self.eps)
         dims = [0] + list(range(2, x.dim()))
@@ -130,8 +141,40 @@ class _BatchStatNorm(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return centred * (inv_std * self.weight.view(shape)) + self.bias.view(shape)
 
+    def _per_task(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
+        """``tasks`` equal tasks stacked along the batch, each with its own statistics: the
+        tasks' channels side by side as channels of one fused batch_norm call."""
+        n, c = x.shape[0] // tasks, x.shape[1]
+        y = x.reshape(tasks, n, c, -1).transpose(0, 1).reshape(n, tasks * c, -1)
+        w = None if self.weight is None else self.weight.repeat(tasks)
+        b = None if self.bias is None else self.bias.repeat(tasks)
+        y = F.batch_norm(y, None, None, w, b, training=True, momentum=0.0, eps=self.eps)
+        return y.reshape(n, tasks, c, -1).transpose(0, 1).reshape(x.shape)
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, batch statistics only"
+
+
+# How many tasks the backbone call in progress stacks along its batch (stacked_features).
+_stacked = [1]
+
+
+def stacked_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(T, N, ...) images -> (T, N, d) features in ONE call of a backbone shared by the
+    tasks, each task normalized with its own batch statistics, as T separate calls would.
+
+    Exact when images meet only in the backbone's BatchNorms (replaced by
+    :func:`use_batch_stats`), as in every backbone of fastmtl.models; it replaces a
+    per-task loop or ``vmap`` over a shared backbone with one large call (ANIL, ProtoNet
+    and R2D2 vectorized), with the fused BatchNorm kernel, which is exact to any order.
+    """
+    tasks, n = x.shape[:2]
+    before, _stacked[0] = _stacked[0], tasks
+    try:
+        z = backbone(x.flatten(0, 1))
+    finally:
+        _stacked[0] = before
+    return z.reshape(tasks, n, *z.shape[1:])
 
 
 def use_batch_stats(module: nn.Module) -> nn.Module:
@@ -198,14 +241,6 @@ def _vmap(fn, in_dims, chunk_size=None):
     return torch.func.vmap(fn, in_dims=in_dims, chunk_size=chunk_size, randomness="different")
 
 
-def _task_features(backbone: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
-                   chunk_size: int | None = None) -> torch.Tensor:
-    """(T, N, ...) images -> (T, N, d) features, each task one batch (its own BN stats)."""
-    def one(p, xt):
-        return torch.func.functional_call(backbone, p, (xt,))
-    return _vmap(one, (None, 0), chunk_size)(params, x)
-
-
 def _params(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters())
 
@@ -239,6 +274,9 @@ class _EpisodicTrainer(Trainer):
     _config_class = _EpisodicConfig
     # Test episodes vmapped at once by `evaluate` when the config sets no chunk_size.
     _eval_chunk = 50
+    # vectorize=None on a CPU: the faster form as measured there (benchmarks/
+    # maml_vs_l2l.py, stacked_vs_vmap.py); on CUDA the vectorized form.
+    _vectorize_on_cpu = True
 
     def __init__(self, backbone: nn.Module, config: _EpisodicConfig | None = None,
                  device: torch.device | str | None = None):
@@ -271,6 +309,20 @@ class _EpisodicTrainer(Trainer):
                 self.model = self._make_model(dim).to(self.device)
         return self
 
+    def vectorized(self) -> bool:
+        """Whether a meta-batch runs as one computation (else a loop over tasks): the
+        config's ``vectorize``, or where it is None the faster for this method and device.
+
+        Example:
+            >>> import fastmtl
+            >>> MAML = fastmtl.gbml.MAML
+            >>> MAML(fastmtl.models.conv4(hidden=8), device="cpu").vectorized()
+            False
+        """
+        if self.config.vectorize is not None:
+            return self.config.vectorize
+        return self.device.type != "cpu" or self._vectorize_on_cpu
+
     def meta_loss(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
                   yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean query loss over a meta-batch (differentiable in the meta-parameters).
@@ -281,12 +333,12 @@ class _EpisodicTrainer(Trainer):
 
         Returns:
             the loss averaged over tasks, and the query logits (T, Q, n_way). Runs the
-            vmapped computation, or the per-task loop when ``config.vectorize`` is False.
+            vectorized computation, or the per-task loop (see :meth:`vectorized`).
         """
         self._check_batch(xs, ys, xq, yq)
         if self.model is None:
             self.build(xs.shape[2:])
-        fn = self._vmapped if self.config.vectorize else self._looped
+        fn = self._vmapped if self.vectorized() else self._looped
         losses, logits = fn(xs, ys, xq, yq)
         return losses.mean(), logits
 
@@ -422,7 +474,7 @@ class _EpisodicTrainer(Trainer):
         T = xs.shape[0]
         # The per-task loop backpropagates each task as it goes (learn2learn's pattern: one
         # task's graph alive at a time; measured 3-10% faster than one backward a batch).
-        chunk = (self.config.chunk_size or T) if self.config.vectorize else 1
+        chunk = (self.config.chunk_size or T) if self.vectorized() else 1
         total, correct = 0.0, 0.0
         for lo in range(0, T, chunk):
             sl = slice(lo, lo + chunk)
@@ -466,7 +518,7 @@ class _FeatureHeadTrainer(_EpisodicTrainer):
         x = torch.cat([xs, xq], 1)
         with phase("backbone"):
             if vectorize:
-                z = _task_features(self.model.backbone, _params(self.model.backbone), x)
+                z = stacked_features(self.model.backbone, x)
             else:
                 z = torch.stack([self.model.backbone(xt) for xt in x])
         return z[:, :S], z[:, S:]
@@ -489,7 +541,7 @@ class _FeatureHeadTrainer(_EpisodicTrainer):
         return self._losses(xs, ys, xq, yq, False)
 
     def _predict(self, xs, ys, xq, n_way):
-        zs, zq = self._split_features(xs, xq, self.config.vectorize)
+        zs, zq = self._split_features(xs, xq, self.vectorized())
         return self._full_precision_head(zs, ys, zq, n_way)
 
 

@@ -3,18 +3,21 @@
 The backbone's features of a task's support and query sets are computed once (two
 batches, per-task BatchNorm statistics, as in MAML); the inner loop adapts only the
 linear head on the support features; the meta-gradient reaches the backbone through the
-features, and, second order, through the inner steps' dependence on them. Everything is
-one function of a task, ``vmap``-ed over the meta-batch like :class:`fastmtl.gbml.MAML`.
+features, and, second order, through the inner steps' dependence on them. Vectorized, the
+backbone (shared by the tasks) runs once for all tasks' supports and once for all their
+queries (:func:`fastmtl.gbml._common.stacked_features`), and the head's inner loop is
+``vmap``-ed over the meta-batch like :class:`fastmtl.gbml.MAML`'s.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ..config import setting
 from ..training import phase
-from ._common import _params, _task_features
+from ._common import _params, stacked_features
 from .maml import MAML, MAMLConfig
 
 __all__ = ["ANILConfig", "ANIL"]
@@ -55,6 +58,7 @@ class ANIL(MAML):
 
     method = "anil"
     _config_class = ANILConfig
+    _vectorize_on_cpu = True        # the stacked backbone (benchmarks/stacked_vs_vmap.py)
 
     def _protocol(self) -> str:
         return f"{self.method}: {self.config.test_inner_steps} head steps per test episode"
@@ -69,12 +73,9 @@ class ANIL(MAML):
         """Each task's support and query features (two batches, per-task statistics)."""
         backbone = self.model.backbone
         with phase("backbone"):
-            if vectorized:
-                bparams = _params(backbone)
-                if detach:
-                    bparams = {k: v.detach() for k, v in bparams.items()}
-                zs, zq = _task_features(backbone, bparams, xs), _task_features(backbone,
-                                                                               bparams, xq)
+            if vectorized:      # one call for all supports, one for all queries
+                with torch.no_grad() if detach else contextlib.nullcontext():
+                    zs, zq = stacked_features(backbone, xs), stacked_features(backbone, xq)
             else:
                 zs = torch.stack([backbone(x) for x in xs])
                 zq = torch.stack([backbone(x) for x in xq])

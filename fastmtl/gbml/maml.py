@@ -106,6 +106,9 @@ class MAML(_EpisodicTrainer):
 
     method = "maml"
     _config_class = MAMLConfig
+    # The per-task loop measured 1.0-3.9x faster than vmap on a 2-core CPU
+    # (benchmarks/results/maml_vs_l2l_cpu.json); ANIL overrides this.
+    _vectorize_on_cpu = False
 
     def __init__(self, backbone: nn.Module, config: MAMLConfig | None = None,
                  device: torch.device | str | None = None):
@@ -215,12 +218,13 @@ class MAML(_EpisodicTrainer):
         lrs = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
                for k, v in self._step_sizes(params).items()}
         steps = self.config.test_inner_steps
-        s, q = self._task_inputs(xs, xq, self.config.vectorize, detach=True)
+        vectorized = self.vectorized()
+        s, q = self._task_inputs(xs, xq, vectorized, detach=True)
 
         def one(s, ys, q):
             fast = self._inner_loop(params, lrs, s, ys, steps, True)
             return self._logits(fast, q)
 
-        if not self.config.vectorize:
+        if not vectorized:
             return torch.stack([one(s[e], ys[e], q[e]) for e in range(s.shape[0])])
         return _vmap(one, (0, 0, 0))(s, ys, q)

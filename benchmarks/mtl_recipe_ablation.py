@@ -100,6 +100,12 @@ VARIANTS = {
     # features to tell a symmetric character ("O", "X") from itself turned; without them
     # among each image's negatives (their rows still learn from their own images)
     "fast_nosiblings": {"recipe": "fast", "mask_rotations": 4},
+    # the spread between runs: the recipe and the best margin with other seeds
+    "fast_seed1": {"recipe": "fast", "seed": 1},
+    "fast_seed2": {"recipe": "fast", "seed": 2},
+    "fast_margin-0.3_seed1": {"recipe": "fast", "margin": -0.3, "seed": 1},
+    "fast_warmup100_seed1": {"recipe": "fast", "warmup_steps": 100, "seed": 1},
+    "fast_warmup100_seed2": {"recipe": "fast", "warmup_steps": 100, "seed": 2},
 }
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                       "mtl_recipe_ablation.jsonl")
@@ -280,7 +286,7 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
         base = MTLConfig.from_recipe(recipe, epochs=10**6, max_minutes=seconds / 60, seed=0)
     method = changes.pop("method", None)
     cfg = dataclasses.replace(base, **changes)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)     # the initial weights too come from the variant's seed
     if born_again:              # the teacher first, the same budget; the student is fresh
         teacher = MTLTrainer(build_backbone("conv4", 1), cfg)
         teacher.fit(train, None, progress=False)

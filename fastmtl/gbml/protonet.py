@@ -95,9 +95,6 @@ class ProtoNet(_FeatureHeadTrainer):
 
     method = "protonet"
     _config_class = ProtoNetConfig
-    # one task a step (the comparison's) runs the same either way; at 4 tasks the stacked
-    # call measured 0.94-1.01x of the loop in two runs on a 2-core CPU (stacked_vs_vmap.py)
-    _vectorize_on_cpu = False
 
     def _protocol(self) -> str:
         return f"{self.method}: nearest prototype (squared Euclidean)"

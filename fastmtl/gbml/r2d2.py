@@ -124,9 +124,6 @@ class R2D2(_FeatureHeadTrainer):
 
     method = "r2d2"
     _config_class = R2D2Config
-    # one task a step (the comparison's) runs the same either way; at 4 tasks the stacked
-    # call measured 0.94-1.01x of the loop in two runs on a 2-core CPU (stacked_vs_vmap.py)
-    _vectorize_on_cpu = False
 
     def _protocol(self) -> str:
         return f"{self.method}: closed-form ridge head per test episode"

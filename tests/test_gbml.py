@@ -191,8 +191,10 @@ def test_protonet_logits_equal_loop():
 
 def test_r2d2_and_protonet_vmapped_equal_loop():
     xs, ys, xq, yq = _batch(n=3)
-    for cls, cfg in ((R2D2, R2D2Config(n_way=3)), (ProtoNet, ProtoNetConfig(n_way=3))):
+    for cls, cfg in ((R2D2, R2D2Config(n_way=3, vectorize=True)),
+                     (ProtoNet, ProtoNetConfig(n_way=3, vectorize=True))):
         tr = cls(_net(), cfg).build((1, 8, 8))
+        assert tr.vectorized()          # the stacked backbone call, against the loop below
         loss, _ = tr.meta_loss(xs, ys, xq, yq)
         grads = torch.autograd.grad(loss, list(tr.model.parameters()), allow_unused=True)
         tr.config.vectorize = False
@@ -322,6 +324,16 @@ def test_vectorize_none_picks_the_measured_form_and_flags_force_one():
         assert _config_from(args, MAMLConfig()).vectorize is want
     with pytest.raises(ValueError, match="vectorize"):
         MAMLConfig(vectorize="auto").validate()
+    # the methods' own test-time adaptation: the same predictions either way
+    _, test = _glyphs()
+    for cls, cfg_cls in ((MAML, MAMLConfig), (ANIL, ANILConfig)):
+        torch.manual_seed(0)
+        tr = cls(conv4(hidden=8).double(), cfg_cls(vectorize=True), device="cpu")
+        tr.build(test.image_shape)
+        kwargs = dict(n_way=5, k_shot=1, n_query=3, episodes=4, progress=False)
+        vectorized = tr.evaluate(test, **kwargs)["accuracies"]
+        tr.config.vectorize = False
+        np.testing.assert_array_equal(tr.evaluate(test, **kwargs)["accuracies"], vectorized)
 
 
 def test_bad_settings_raise_value_errors():

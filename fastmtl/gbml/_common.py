@@ -80,8 +80,9 @@ class _EpisodicConfig(TrainerConfig):
         None, "all tasks of a meta-batch as one computation (True: vmap, or one stacked "
               "backbone call where the backbone is shared), a Python loop over tasks (False: "
               "one backward per task, as learn2learn does; the same math), or None: the "
-              "faster of the two as measured for the method and device (MAML, FO-MAML: the "
-              "loop on a CPU, vmap on CUDA; ANIL, ProtoNet, R2D2: vectorized)")
+              "faster of the two as measured for the method and device (on a CPU the loop "
+              "for MAML, FO-MAML, ProtoNet and R2D2, the stacked call for ANIL; on CUDA "
+              "vectorized)")
     chunk_size: int | None = setting(
         None, "tasks vmapped at once in training (None: the whole meta-batch), to bound "
               "memory (the meta-gradient is accumulated chunk by chunk); also the episodes "

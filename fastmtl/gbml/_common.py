@@ -275,9 +275,12 @@ class _EpisodicTrainer(Trainer):
     _config_class = _EpisodicConfig
     # Test episodes vmapped at once by `evaluate` when the config sets no chunk_size.
     _eval_chunk = 50
-    # vectorize=None on a CPU: the faster form as measured there (benchmarks/
-    # maml_vs_l2l.py, stacked_vs_vmap.py); on CUDA the vectorized form.
-    _vectorize_on_cpu = True
+    # vectorize=None on a CPU: the faster form as measured on a 2-core CPU. The per-task
+    # loop for MAML/FO-MAML (1.0-3.9x faster than vmap, results/maml_vs_l2l_cpu.json) and
+    # ProtoNet/R2D2 (one task a step: the same computation; at 4 tasks the stacked call
+    # measured 0.94-1.01x of the loop, stacked_vs_vmap_cpu.json); ANIL overrides it.
+    # On CUDA the vectorized form.
+    _vectorize_on_cpu = False
 
     def __init__(self, backbone: nn.Module, config: _EpisodicConfig | None = None,
                  device: torch.device | str | None = None):
@@ -510,10 +513,6 @@ class _FeatureHeadTrainer(_EpisodicTrainer):
     BatchNorm statistics); subclasses give ``_head_logits(zs, ys, zq, n_way)``, batched
     over tasks.
     """
-
-    # One task a step (the comparison's) runs the same either way; at 4 tasks the stacked
-    # call measured 0.94-1.01x of the loop in two runs on a 2-core CPU (stacked_vs_vmap.py).
-    _vectorize_on_cpu = False
 
     def _head_logits(self, zs, ys, zq, n_way: int) -> torch.Tensor:
         raise NotImplementedError

@@ -70,13 +70,11 @@ class ANIL(MAML):
         return torch.func.functional_call(self.model.head, fast, (inputs,))
 
     def _task_inputs(self, xs, xq, vectorized: bool, detach: bool = False):
-        """Each task's support and query features (two batches, per-task statistics)."""
+        """Each task's support and query features (two batches, per-task statistics);
+        ``detach``: computed without a graph (test-time adaptation)."""
         backbone = self.model.backbone
-        with phase("backbone"):
+        with phase("backbone"), torch.no_grad() if detach else contextlib.nullcontext():
             if vectorized:      # one call for all supports, one for all queries
-                with torch.no_grad() if detach else contextlib.nullcontext():
-                    zs, zq = stacked_features(backbone, xs), stacked_features(backbone, xq)
-            else:
-                zs = torch.stack([backbone(x) for x in xs])
-                zq = torch.stack([backbone(x) for x in xq])
-        return (zs.detach(), zq.detach()) if detach else (zs, zq)
+                return stacked_features(backbone, xs), stacked_features(backbone, xq)
+            return (torch.stack([backbone(x) for x in xs]),
+                    torch.stack([backbone(x) for x in xq]))

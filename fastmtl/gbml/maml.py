@@ -106,9 +106,6 @@ class MAML(_EpisodicTrainer):
 
     method = "maml"
     _config_class = MAMLConfig
-    # The per-task loop measured 1.0-3.9x faster than vmap on a 2-core CPU
-    # (benchmarks/results/maml_vs_l2l_cpu.json); ANIL overrides this.
-    _vectorize_on_cpu = False
 
     def __init__(self, backbone: nn.Module, config: MAMLConfig | None = None,
                  device: torch.device | str | None = None):

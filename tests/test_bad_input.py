@@ -238,6 +238,8 @@ def test_multihead_ce_refuses_non_finite_inputs(what):
     (lambda: MTLConfig(tasks_per_epoch=1, tasks_per_step=2), "tasks_per_epoch"),
     (lambda: MTLConfig(lr=float("nan")), "lr"), (lambda: MTLConfig(epochs=1.5), "epochs"),
     (lambda: MTLConfig(val_ways=1), "val_ways"), (lambda: MTLConfig(batch_size=0), "batch_size"),
+    (lambda: MTLConfig(projector=-1), "projector"),
+    (lambda: MTLConfig(projector=8, projector_dim=0), "projector_dim"),
     (lambda: MAMLConfig(n_way=1), "n_way"), (lambda: MAMLConfig(lr=0), "lr"),
     (lambda: MAMLConfig(max_minutes=-1), "max_minutes"),
     (lambda: ProtoNetConfig(tasks_per_epoch=1, tasks_per_step=2), "tasks_per_epoch"),

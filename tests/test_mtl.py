@@ -155,3 +155,57 @@ def test_float64_backbone_trains_in_float64():
     trainer = MTLTrainer(_Tiny().double(), cfg)
     hist = trainer.fit(data, progress=False)
     assert trainer.head.dtype == torch.float64 and np.isfinite(hist[0]["train_loss"])
+
+
+def test_projector_trains_behind_the_backbone_and_stays_out_of_its_features(tmp_path):
+    """projector > 0: the head rows live in the projector's output space, the projector's
+    weights learn with the backbone's, and the trained backbone alone (its own feature
+    size) is what evaluation sees; a resumed run repeats the uninterrupted one."""
+    data = _glyphs(12, 8)
+    # (the plateau schedule: the cosine one spans the run's epochs, which differ below)
+    cfg = MTLConfig.from_recipe("fast", projector=24, projector_dim=10, batch_size=16,
+                                epochs=2, lr_schedule="plateau",
+                                checkpoint_dir=str(tmp_path / "a"))
+    torch.manual_seed(0)
+    net = _Tiny(d=16)
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    a = MTLTrainer(net, cfg)
+    a.fit(data, progress=False)
+    proj = a.learner.projector
+    assert tuple(a.head.shape) == (12, 10) and proj[0].in_features == 16
+    assert a.backbone(torch.zeros(3, 1, 28, 28)).shape == (3, 16)
+    assert any(k.startswith("projector.") for k in a.learner.state_dict())
+    fresh = MTLTrainer(_Tiny(d=16), dataclasses.replace(cfg, epochs=1, checkpoint_dir=None))
+    fresh._prepare_fit(data, None)
+    fresh._setup(data)      # the projector as initialized, from the same seed
+    assert not torch.equal(fresh.learner.projector[0].weight, proj[0].weight)   # it learned
+    params = {id(p) for g in a.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in params for p in proj.parameters())
+
+    net_b = _Tiny(d=16)
+    net_b.load_state_dict(init)
+    b = MTLTrainer(net_b, dataclasses.replace(cfg, epochs=1, checkpoint_dir=str(tmp_path / "b")))
+    b.fit(data, progress=False)
+    net_c = _Tiny(d=16)
+    net_c.load_state_dict(init)
+    c = MTLTrainer(net_c, dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "c")))
+    c.fit(data, resume=str(tmp_path / "b" / "last.pt"), progress=False)
+    for (name, pa), pc in zip(a.learner.state_dict().items(), c.learner.state_dict().values()):
+        torch.testing.assert_close(pa, pc, rtol=0, atol=0, msg=name)
+
+
+def test_projector_runs_per_task_chunk_as_the_backbone_does():
+    """With task chunking each task's images meet only within their chunk, projector
+    BatchNorm included: the step's features are the chunks' features side by side."""
+    cfg = MTLConfig(projector=12, projector_dim=6, chunking="task", images_per_class=4)
+    torch.manual_seed(0)
+    learner_task = MTLTrainer(_Tiny(d=8).double(), cfg)
+    learner_task._prepare_fit(_glyphs(12, 8), None)
+    learner_task._setup(_glyphs(12, 8))
+    lt = learner_task.learner
+    x = torch.randn(3 * 10, 1, 28, 28, dtype=torch.float64)
+    together = lt.features(x, n_tasks=3)
+    apart = torch.cat([lt.projector(lt.backbone(c)) for c in x.chunk(3)])
+    torch.testing.assert_close(together, apart, rtol=0, atol=0)
+    lt.chunking = "batch"
+    assert not torch.allclose(lt.features(x, n_tasks=3), apart)

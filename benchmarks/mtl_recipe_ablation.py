@@ -302,9 +302,8 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
         base = MTLConfig.from_recipe(recipe, epochs=10**6, max_minutes=seconds / 60, seed=0,
                                      projector=0)
     method = changes.pop("method", None)
-    if projector:
-        changes.update(projector=projector[0], projector_dim=projector[1])
-    cfg = dataclasses.replace(base, **changes)
+    cfg = dataclasses.replace(base, **changes, **(
+        dict(projector=projector[0], projector_dim=projector[1]) if projector else {}))
     torch.manual_seed(cfg.seed)     # the initial weights too come from the variant's seed
     if born_again:              # the teacher first, the same budget; the student is fresh
         teacher = MTLTrainer(build_backbone("conv4", 1), cfg)
@@ -321,8 +320,7 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
 
     def point(tr, state):       # the validation curve, off the training clock
         was = tr.backbone.training
-        r = _evaluate_all(tr.backbone, val, (1, 5), 5, 15, episodes, 0,
-                          progress=False)
+        r = _evaluate_all(tr.backbone, val, (1, 5), 5, 15, episodes, 0, progress=False)
         curve.append({"train_s": round(state.train_seconds, 1), "steps": state.step,
                       "val_1shot": r[0]["mean"], "val_5shot": r[1]["mean"]})
         for d, m in (ema.models.items() if ema else ()):
@@ -342,11 +340,9 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     t0 = time.perf_counter()
     history = trainer.fit(train, None, progress=False, callbacks=callbacks)
     train_s = time.perf_counter() - t0
-    rows = _evaluate_all(trainer.backbone, val, (1, 5), 5, 15, episodes, 0,
-                         progress=False)
+    rows = _evaluate_all(trainer.backbone, val, (1, 5), 5, 15, episodes, 0, progress=False)
     if recipe is not None:
         changes["recipe"] = recipe
-    changes.pop("projector_dim", None)
     changes.update({k: v for k, v in (("mixup", mixup), ("ema", decays),
                                       ("born_again", born_again), ("cutout", cutout),
                                       ("margin", margin), ("label_smoothing", smoothing),

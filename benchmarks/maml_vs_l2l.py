@@ -22,7 +22,7 @@ import time
 import torch
 
 from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
-from test_bench_steps import SHAPES, _episodes, _L2LStyle, _L2LStyleANIL
+from test_bench_steps import SHAPES, _episodes, _L2LStyle, _L2LStyleANIL, textbook_conv4
 
 from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
 from fastmtl.models import conv4
@@ -54,7 +54,7 @@ def run(method: str, shape: str, rounds: int) -> dict:
     batch = _episodes(tasks, queries)
     torch.manual_seed(0)
     style = _L2LStyle if method == "maml" else _L2LStyleANIL
-    contenders = {"l2l-style": style(conv4(in_channels=1), 0.4, steps).meta_step,
+    contenders = {"l2l-style": style(textbook_conv4(), 0.4, steps).meta_step,
                   "fastmtl-loop": _fastmtl(method, tasks, steps, False),
                   "fastmtl-vectorized": _fastmtl(method, tasks, steps, True)}
     names = list(contenders)

@@ -15,8 +15,8 @@ Groups ``maml-vs-l2l`` / ``anil-vs-l2l``: a second-order meta-step (meta-loss, b
 Adam) of fastmtl's MAML and ANIL, vmapped and looped, against the learn2learn pattern
 written here in a few lines (per task: ``torch.autograd.grad(create_graph=True)`` on the
 support loss, ``w - lr * g``, the query loss through ``functional_call``; ANIL: the
-backbone features once, the head adapted; an ``nn.BatchNorm2d`` backbone, as a
-learn2learn user has it). Shapes: the comparison's (4 tasks, 5 queries a
+backbone features once, the head adapted; an ``nn.BatchNorm2d`` Conv-4 in the textbook
+form, NCHW and ReLU before pooling, as a learn2learn user has it). Shapes: the comparison's (4 tasks, 5 queries a
 class, 1 inner step) and the issue's (16 tasks, 15 queries a class, 1 and 5 inner steps).
 
 glibc's mmap/trim thresholds are raised (``keep_freed_memory``) for every contender, as
@@ -118,6 +118,19 @@ def test_step(benchmark, data, method):
 
 
 # -- MAML against the learn2learn pattern ---------------------------------------------------
+def textbook_conv4(channels_last: bool = False, pool_first: bool = False):
+    """Conv-4 as learn2learn's ``ConvBase`` runs it (and fastmtl's did until 2026-12-02):
+    blocks conv - BN - ReLU - pool, NCHW; ``channels_last`` / ``pool_first`` give fastmtl's
+    exact speed-ups one at a time (benchmarks/conv4_layout.py). Seeded, so every form
+    starts from the same weights."""
+    torch.manual_seed(0)
+    net = conv4(in_channels=1, channels_last=channels_last)
+    if not pool_first:                  # fastmtl's blocks pool first; swap back
+        for block in net.blocks:
+            block[2], block[3] = block[3], block[2]
+    return net
+
+
 def _episodes(tasks, queries, seed=0):
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(tasks, 5, 1, 28, 28, generator=g)
@@ -216,7 +229,7 @@ def test_maml_vs_l2l(benchmark, method, shape, contender):
     if contender == "l2l-style":
         torch.manual_seed(0)
         style = _L2LStyle if method == "maml" else _L2LStyleANIL
-        step = style(conv4(in_channels=1), 0.4, steps).meta_step
+        step = style(textbook_conv4(), 0.4, steps).meta_step
     else:
         step = _fastmtl_step(contender == "fastmtl-vmap", tasks, steps, method)
     rounds = 3 if (steps == 5 or tasks == 16) and method == "maml" else 8

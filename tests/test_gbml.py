@@ -205,13 +205,15 @@ def test_r2d2_and_protonet_vmapped_equal_loop():
                     [b for b in loop_grads if b is not None], 1e-8)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("tasks,n,hw", [(3, 4, 16), (5, 3, 20), (1, 7, 16), (2, 25, 28)])
-def test_stacked_features_equal_one_call_per_task(tasks, n, hw):
+def test_stacked_features_equal_one_call_per_task(tasks, n, hw, channels_last):
     """One backbone call over stacked tasks (ANIL, ProtoNet and R2D2 vectorized) gives each
-    task's features, and their gradients, as a separate call per task does (float64)."""
+    task's features, and their gradients, as a separate call per task does (float64), in
+    both activation layouts (the per-task BatchNorm has a path for each)."""
     from fastmtl.gbml._common import stacked_features
     torch.manual_seed(tasks * 100 + n)
-    net = use_batch_stats(conv4(hidden=6, out_channels=5).double())
+    net = use_batch_stats(conv4(hidden=6, out_channels=5, channels_last=channels_last).double())
     for m in net.modules():         # non-trivial affine parameters
         if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 1:
             with torch.no_grad():

@@ -27,6 +27,62 @@ def test_conv4_output_shape(shape, batch):
     assert feature_dim(net, shape) == CONV4_DIMS[shape[1]]
 
 
+def _textbook_conv4(net):
+    """The same weights in the textbook Conv-4: conv - BN - ReLU - pool, NCHW, float64."""
+    ref = copy.deepcopy(net)
+    ref.channels_last = False
+    ref = ref.double()
+    for block in ref.blocks:
+        block[2], block[3] = block[3], block[2]
+    return ref
+
+
+@pytest.mark.parametrize("channels_last", [None, True, False])
+@pytest.mark.parametrize("batch,shape", [(5, (1, 28, 28)), (3, (3, 20, 20)), (2, (1, 16, 23))])
+def test_conv4_fast_forms_equal_the_textbook_block(channels_last, batch, shape):
+    """Pool-before-ReLU and channels-last compute the textbook Conv-4 (float64 reference):
+    outputs, gradients, and second-order gradients (MAML's), on odd sizes too."""
+    torch.manual_seed(batch)
+    net = conv4(in_channels=shape[0], hidden=6, out_channels=5, channels_last=channels_last)
+    for m in net.modules():         # non-trivial affine parameters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    ref = _textbook_conv4(net)
+    assert [b[2].__class__.__name__ for b in net.blocks] == ["MaxPool2d"] * 4
+    x = _images(batch, shape, seed=batch)
+    out = net(x)
+    want = ref(x.double())
+    assert out.is_contiguous()
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    for model, inp in ((net, x), (ref, x.double())):
+        params = list(model.parameters())
+        loss = model(inp).square().sum()
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        gg = torch.autograd.grad(sum((t * t).sum() for t in g), params)
+        model.result = [t.detach().double() for t in (*g, *gg)]
+    for got, exp in zip(net.result, ref.result):
+        assert ((got - exp).abs().max() / exp.abs().max().clamp_min(1e-12)) < 1e-3
+
+
+def test_conv4_weights_follow_their_device_layout():
+    """Channels-last weights on the CPU where "auto" (oneDNN takes the NHWC path only when
+    the weights are NHWC too, also the one-channel first layer), NCHW when told."""
+    auto, nchw = conv4(), conv4(channels_last=False)
+    for net, fmt in ((auto, torch.channels_last), (nchw, torch.contiguous_format)):
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                assert m.weight.stride() == torch.empty_like(m.weight, memory_format=fmt).stride()
+    # a load keeps the layout; the features are the same either way
+    nchw.load_state_dict(auto.state_dict())
+    x = _images(4, (1, 28, 28))
+    torch.testing.assert_close(auto(x), nchw(x), rtol=1e-4, atol=1e-5)
+    assert auto.blocks[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="channels_last"):
+        conv4(channels_last="yes")
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_resnet12_output_shape(shape):
     torch.manual_seed(0)

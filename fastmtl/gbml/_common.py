@@ -52,7 +52,7 @@ from ..ops._functorch import is_wrapped
 from ..data.base import FewShotDataset
 from ..evaluate import evaluate as _logistic_evaluate
 from ..evaluate import check_episodes, summary
-from ..models import feature_dim
+from ..models import Conv4, feature_dim
 from ..sampling import EpisodeSampler, assemble, check_fits
 from ..training import Trainer, backbone_autocast, check_val, full_precision, phase
 
@@ -146,9 +146,17 @@ class _BatchStatNorm(nn.Module):
         """``tasks`` equal tasks stacked along the batch, each with its own statistics: the
         tasks' channels side by side as channels of one fused batch_norm call."""
         n, c = x.shape[0] // tasks, x.shape[1]
-        y = x.reshape(tasks, n, c, -1).transpose(0, 1).reshape(n, tasks * c, -1)
         w = None if self.weight is None else self.weight.repeat(tasks)
         b = None if self.bias is None else self.bias.repeat(tasks)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last (Conv4 on the CPU): pixels as rows, (task, channel) as columns.
+            h, wd = x.shape[2:]
+            y = x.permute(0, 2, 3, 1).reshape(tasks, n * h * wd, c).transpose(0, 1)
+            y = F.batch_norm(y.reshape(n * h * wd, tasks * c), None, None, w, b, training=True,
+                             momentum=0.0, eps=self.eps)
+            return (y.reshape(n * h * wd, tasks, c).transpose(0, 1).reshape(tasks * n, h, wd, c)
+                    .permute(0, 3, 1, 2))
+        y = x.reshape(tasks, n, c, -1).transpose(0, 1).reshape(n, tasks * c, -1)
         y = F.batch_norm(y, None, None, w, b, training=True, momentum=0.0, eps=self.eps)
         return y.reshape(n, tasks, c, -1).transpose(0, 1).reshape(x.shape)
 
@@ -282,6 +290,11 @@ class _EpisodicTrainer(Trainer):
     # On CUDA the vectorized form.
     _vectorize_on_cpu = False
 
+    def _cpu_channels_last(self) -> bool:
+        """Whether a Conv-4 left on "auto" runs channels-last on the CPU for this method
+        (by measurement, benchmarks/conv4_layout.py; MAML overrides it)."""
+        return True
+
     def __init__(self, backbone: nn.Module, config: _EpisodicConfig | None = None,
                  device: torch.device | str | None = None):
         if not isinstance(backbone, nn.Module):
@@ -294,6 +307,11 @@ class _EpisodicTrainer(Trainer):
         _dist.init_from_env()
         self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = use_batch_stats(backbone).to(self.device)
+        if not self._cpu_channels_last():
+            for m in self.backbone.modules():
+                if isinstance(m, Conv4) and m.channels_last is None:   # "auto": the CPU's
+                    m.channels_last = False
+                    m._lay_out()
         self._ddp: nn.Module | None = None
         self.model: _Learner | None = None
         self.history: list[dict[str, Any]] = []
@@ -479,7 +497,8 @@ class _EpisodicTrainer(Trainer):
         # The per-task loop backpropagates each task as it goes (learn2learn's pattern: one
         # task's graph alive at a time; measured 3-10% faster than one backward a batch).
         chunk = (self.config.chunk_size or T) if self.vectorized() else 1
-        total, correct = 0.0, 0.0
+        # Loss and accuracy summed as tensors, read once: no host sync per task.
+        total = correct = torch.zeros((), dtype=torch.float64, device=xs.device)
         for lo in range(0, T, chunk):
             sl = slice(lo, lo + chunk)
             # Distributed, gradients are all-reduced once, in the last chunk's backward.
@@ -493,9 +512,9 @@ class _EpisodicTrainer(Trainer):
                 share = logits.shape[0] / T
                 with phase("outer_backward"):
                     (loss * share).backward()
-            total += loss.item() * share
-            correct += (logits.detach().argmax(-1) == yq[sl]).double().mean().item() * share
-        return total, correct
+            total = total + loss.detach() * share
+            correct = correct + (logits.detach().argmax(-1) == yq[sl]).double().mean() * share
+        return total.item(), correct.item()
 
     def _validate(self, val: FewShotDataset) -> dict[str, Any]:
         cfg = self.config

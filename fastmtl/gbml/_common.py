@@ -52,7 +52,7 @@ from ..ops._functorch import is_wrapped
 from ..data.base import FewShotDataset
 from ..evaluate import evaluate as _logistic_evaluate
 from ..evaluate import check_episodes, summary
-from ..models import Conv4, feature_dim
+from ..models import feature_dim
 from ..sampling import EpisodeSampler, assemble, check_fits
 from ..training import Trainer, backbone_autocast, check_val, full_precision, phase
 
@@ -128,7 +128,7 @@ class _BatchStatNorm(nn.Module):
         if not _functorch_wrapped(x):
             # Outside torch.func transforms (the per-task loop, plain autograd) the fused op
             # is exact to any order and faster; only under vmap is it wrong (see above).
-            if _stacked[0] > 1:
+            if _stacked[0] > 1 or _nhwc(x):
                 return self._per_task(x, _stacked[0])
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True,
                                 momentum=0.0, eps=self.eps)
@@ -146,10 +146,15 @@ class _BatchStatNorm(nn.Module):
         """``tasks`` equal tasks stacked along the batch, each with its own statistics: the
         tasks' channels side by side as channels of one fused batch_norm call."""
         n, c = x.shape[0] // tasks, x.shape[1]
-        w = None if self.weight is None else self.weight.repeat(tasks)
-        b = None if self.bias is None else self.bias.repeat(tasks)
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            # Channels-last (Conv4 on the CPU): pixels as rows, (task, channel) as columns.
+        w, b = self.weight, self.bias
+        if tasks > 1:
+            w = None if w is None else w.repeat(tasks)
+            b = None if b is None else b.repeat(tasks)
+        if _nhwc(x):
+            # Channels-last (Conv4 on the CPU): pixels as rows, (task, channel) as columns,
+            # a 2-D batch_norm. Also for one task: the 4-D op's double backward (MAML)
+            # reduces a channels-last tensor one dimension at a time, through NCHW
+            # intermediates; on the 2-D view every reduction is one pass over rows.
             h, wd = x.shape[2:]
             y = x.permute(0, 2, 3, 1).reshape(tasks, n * h * wd, c).transpose(0, 1)
             y = F.batch_norm(y.reshape(n * h * wd, tasks * c), None, None, w, b, training=True,
@@ -162,6 +167,10 @@ class _BatchStatNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, batch statistics only"
+
+
+def _nhwc(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 # How many tasks the backbone call in progress stacks along its batch (stacked_features).
@@ -290,11 +299,6 @@ class _EpisodicTrainer(Trainer):
     # On CUDA the vectorized form.
     _vectorize_on_cpu = False
 
-    def _cpu_channels_last(self) -> bool:
-        """Whether a Conv-4 left on "auto" runs channels-last on the CPU for this method
-        (by measurement, benchmarks/conv4_layout.py; MAML overrides it)."""
-        return True
-
     def __init__(self, backbone: nn.Module, config: _EpisodicConfig | None = None,
                  device: torch.device | str | None = None):
         if not isinstance(backbone, nn.Module):
@@ -307,11 +311,6 @@ class _EpisodicTrainer(Trainer):
         _dist.init_from_env()
         self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = use_batch_stats(backbone).to(self.device)
-        if not self._cpu_channels_last():
-            for m in self.backbone.modules():
-                if isinstance(m, Conv4) and m.channels_last is None:   # "auto": the CPU's
-                    m.channels_last = False
-                    m._lay_out()
         self._ddp: nn.Module | None = None
         self.model: _Learner | None = None
         self.history: list[dict[str, Any]] = []

@@ -116,11 +116,6 @@ class MAML(_EpisodicTrainer):
     def _protocol(self) -> str:
         return f"{self.method}: {self.config.test_inner_steps} inner steps per test episode"
 
-    def _cpu_channels_last(self) -> bool:
-        # Second-order MAML's loop measured no faster channels-last (0.95-1.03x of NCHW:
-        # its BatchNorm double backward sums across the NHWC layout); FO-MAML 1.17x faster.
-        return type(self) is not MAML or self.config.first_order
-
     def _make_model(self, dim: int) -> _Learner:
         model = _Learner(self.backbone, LinearHead(dim, self.config.n_way))
         model.to(next(self.backbone.parameters()).dtype)

@@ -22,7 +22,7 @@ class Conv4(nn.Module):
     before its ReLU (max-pooling and ReLU commute, and the ReLU then runs on a quarter
     of the values), and on the CPU the activations are channels-last (NHWC), where
     oneDNN's convolutions and the pooling are vectorized over channels
-    (``benchmarks/results/conv4_layout_cpu.json``: about 1.5-1.7x a forward + backward
+    (``benchmarks/results/conv4_layout_cpu.json``: 1.4-1.9x a forward + backward
     on Conv-4 28x28). The weights carry the layout (a convolution with channels-last
     weights returns channels-last activations); on other devices they stay NCHW unless
     asked (not measured there).

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
+from _results import keep_freed_memory, write_result  # benchmarks/_results.py
 
 from fastmtl.compare import METHODS, config_for
 from fastmtl.data import SyntheticGlyphs

@@ -4,7 +4,9 @@ The pytest-benchmark group ``maml-vs-l2l`` (test_bench_steps.py) times each cont
 rounds back to back; on a 2-core CPU the ratios of contenders that differ by a few percent
 then depend on which ran first. This script runs the contenders round-robin, rotating
 their order every round (each contender first equally often), and reports medians and
-ratios to the learn2learn-style loop: fastmtl's per-task loop (``vectorize=False``, the
+ratios to the learn2learn-style loop (on the textbook Conv-4 a learn2learn user has:
+conv-BN-ReLU-pool, NCHW; and, to separate the loop from the backbone, on fastmtl's
+channels-last Conv-4): fastmtl's per-task loop (``vectorize=False``, the
 trainer's own meta-gradient: one backward per task) and the vectorized path
 (``vectorize=True``: MAML vmapped; ANIL's backbone one stacked call for all tasks, its
 head's inner loop vmapped), and which of the two ``vectorize=None`` picks here. Shapes as
@@ -43,6 +45,11 @@ def _fastmtl(method, tasks, steps, vectorize):
     return step
 
 
+def _seeded_conv4():
+    torch.manual_seed(0)
+    return conv4(in_channels=1)
+
+
 def _fastmtl_default(method) -> bool:
     """What vectorize=None picks for the method on this machine's CPU."""
     cls = MAML if method == "maml" else ANIL
@@ -55,6 +62,7 @@ def run(method: str, shape: str, rounds: int) -> dict:
     torch.manual_seed(0)
     style = _L2LStyle if method == "maml" else _L2LStyleANIL
     contenders = {"l2l-style": style(textbook_conv4(), 0.4, steps).meta_step,
+                  "l2l-style, fastmtl's Conv-4": style(_seeded_conv4(), 0.4, steps).meta_step,
                   "fastmtl-loop": _fastmtl(method, tasks, steps, False),
                   "fastmtl-vectorized": _fastmtl(method, tasks, steps, True)}
     names = list(contenders)
@@ -67,9 +75,12 @@ def run(method: str, shape: str, rounds: int) -> dict:
             if r:                       # round 0 warms every contender up
                 times[n].append(time.perf_counter() - t0)
     med = {n: statistics.median(v) for n, v in times.items()}
+    same = med["l2l-style, fastmtl's Conv-4"]
     return {"median_s": med, "rounds": rounds,
             "loop_vs_l2l": med["l2l-style"] / med["fastmtl-loop"],
             "vectorized_vs_l2l": med["l2l-style"] / med["fastmtl-vectorized"],
+            "loop_vs_l2l_same_backbone": same / med["fastmtl-loop"],
+            "vectorized_vs_l2l_same_backbone": same / med["fastmtl-vectorized"],
             "default": "vectorized" if _fastmtl_default(method) else "loop",
             "load_average": machine_info()["load_average"]}
 
@@ -86,7 +97,9 @@ def main() -> None:
             rounds = args.rounds if tasks == 4 else max(3, args.rounds // (3 * steps))
             out[f"{method} {shape}"] = row = run(method, shape, rounds)
             print(f"{method} {shape}: loop {row['loop_vs_l2l']:.3f}x, vectorized "
-                  f"{row['vectorized_vs_l2l']:.3f}x of the learn2learn-style loop "
+                  f"{row['vectorized_vs_l2l']:.3f}x of the learn2learn-style loop (same "
+                  f"backbone: {row['loop_vs_l2l_same_backbone']:.3f}x, "
+                  f"{row['vectorized_vs_l2l_same_backbone']:.3f}x) "
                   f"({ {k: round(v * 1e3, 1) for k, v in row['median_s'].items()} } ms)",
                   flush=True)
     write_result("maml_vs_l2l_cpu", {"ratios": out, "order": "round-robin, rotated"})

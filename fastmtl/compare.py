@@ -49,8 +49,9 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # test episodes vmapped 10 at a time in the method's own evaluation (measured 1.8-2x
 # faster than 50 on a 2-core CPU; with meta-batches of 1-4 it does not change training).
 # vectorize None: each method's form as measured fastest on the device (on a 2-core CPU:
-# MAML/FO-MAML the per-task loop, ANIL one stacked backbone call for all tasks, R2D2 and
-# ProtoNet one task a step either way; benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py).
+# the per-task loop for every method, ANIL's stacked backbone call having fallen behind its
+# loop with the channels-last Conv-4; R2D2 and ProtoNet run one task a step either way;
+# benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,

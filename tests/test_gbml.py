@@ -205,6 +205,39 @@ def test_r2d2_and_protonet_vmapped_equal_loop():
                     [b for b in loop_grads if b is not None], 1e-8)
 
 
+@pytest.mark.parametrize("shape", [(5, 4, 6, 6), (3, 7, 5, 9), (2, 3, 1, 1)])
+def test_batch_stat_norm_channels_last_equals_the_fused_op_to_second_order(shape):
+    """A channels-last input (Conv-4 on the CPU) runs the batch-statistics norm as a 2-D
+    batch_norm over (pixels, channels): the same values, gradients and second-order
+    gradients (MAML's double backward) as the 4-D op on an NCHW input (float64)."""
+    g = torch.Generator().manual_seed(shape[0] * 10 + shape[1])
+    norm = use_batch_stats(nn.Sequential(nn.BatchNorm2d(shape[1]).double()))[0]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(shape, dtype=torch.float64, generator=g)
+    probe = torch.randn(shape, dtype=torch.float64, generator=g)
+
+    def grads(fn, inp):
+        inp = inp.detach().requires_grad_()
+        out = fn(inp)
+        params = [inp, norm.weight, norm.bias]
+        first = torch.autograd.grad((out * probe).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum((t * t).sum() for t in first), params,
+                                     materialize_grads=True)  # the bias enters linearly
+        return [out.detach(), *(t.detach() for t in first), *second]
+
+    def fused(inp):                 # the 4-D op itself
+        return F.batch_norm(inp, None, None, norm.weight, norm.bias, training=True,
+                            eps=norm.eps)
+
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    got, want = grads(norm, nhwc), grads(fused, x.contiguous())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    _assert_rel(got, want, 1e-10)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("tasks,n,hw", [(3, 4, 16), (5, 3, 20), (1, 7, 16), (2, 25, 28)])
 def test_stacked_features_equal_one_call_per_task(tasks, n, hw, channels_last):
@@ -311,16 +344,16 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
 
 
 def test_vectorize_none_picks_the_measured_form_and_flags_force_one():
-    """vectorize=None: on a CPU the loop for MAML/FO-MAML, ProtoNet and R2D2, the stacked
-    path for ANIL (benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py); True/False force one,
+    """vectorize=None: on a CPU the loop for every method (benchmarks/maml_vs_l2l.py,
+    stacked_vs_vmap.py); True/False force one,
     as --vectorize / --no-vectorize do on the command line."""
     from fastmtl.cli import _config_from, build_parser
     picks = {m: cls(conv4(hidden=8), cfg_cls(**fixed), device="cpu").vectorized()
              for m, (cls, cfg_cls, fixed) in METHODS.items()}
-    assert picks == {"maml": False, "fomaml": False, "anil": True, "r2d2": False,
+    assert picks == {"maml": False, "fomaml": False, "anil": False, "r2d2": False,
                      "protonet": False}
     assert MAML(conv4(hidden=8), MAMLConfig(vectorize=True), device="cpu").vectorized()
-    assert not ANIL(conv4(hidden=8), ANILConfig(vectorize=False), device="cpu").vectorized()
+    assert ANIL(conv4(hidden=8), ANILConfig(vectorize=True), device="cpu").vectorized()
     for argv, want in (([], None), (["--vectorize"], True), (["--no-vectorize"], False)):
         args = build_parser("maml").parse_args(["train", "--method", "maml", *argv])
         assert _config_from(args, MAMLConfig()).vectorize is want

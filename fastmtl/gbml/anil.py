@@ -58,7 +58,6 @@ class ANIL(MAML):
 
     method = "anil"
     _config_class = ANILConfig
-    _vectorize_on_cpu = True        # the stacked backbone (benchmarks/stacked_vs_vmap.py)
 
     def _protocol(self) -> str:
         return f"{self.method}: {self.config.test_inner_steps} head steps per test episode"

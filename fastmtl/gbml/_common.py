@@ -294,8 +294,9 @@ class _EpisodicTrainer(Trainer):
     _eval_chunk = 50
     # vectorize=None on a CPU: the faster form as measured on a 2-core CPU, the per-task
     # loop for every method: MAML/FO-MAML (1.0-3.9x faster than vmap), ANIL (with the
-    # channels-last Conv-4 its stacked backbone call measured 0.85-0.93x of the loop,
-    # results/maml_vs_l2l_cpu.json; it was ahead on the NCHW one), ProtoNet/R2D2 (one task
+    # channels-last Conv-4 its stacked backbone call measured 0.44-1.11x of the loop in two
+    # runs of maml_vs_l2l.py, and did 7,470 steps to the loop's 8,087 in the 10-minute
+    # comparison; it was ahead on the NCHW one), ProtoNet/R2D2 (one task
     # a step: the same computation; at 4 tasks the stacked call measured 0.94-1.01x of the
     # loop, stacked_vs_vmap_cpu.json). On CUDA the vectorized form.
     _vectorize_on_cpu = False

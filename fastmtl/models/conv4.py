@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 __all__ = ["Conv4", "conv4"]
 
 # Four 2x max-pools: anything smaller than 16 pixels would pool down to nothing.

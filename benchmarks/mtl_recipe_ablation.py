@@ -284,7 +284,7 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     import torch
 
     from fastmtl import MTLConfig, MTLTrainer
-    from fastmtl.training import AtTrainingSeconds, Callback
+    from fastmtl.training import AtTrainingSeconds
     from fastmtl._env import keep_freed_memory, machine_info
     from fastmtl.cli import _evaluate_all, load_dataset
 
@@ -354,13 +354,9 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
         tr.backbone.train(was)
         print(json.dumps(curve[-1]), flush=True)
 
-    class _Stop(Callback):      # ends a run whose schedule spans a longer horizon
-        def on_step_end(self, tr, state):
-            return state.train_seconds >= seconds
-
     callbacks = ([ema] if ema else []) + ([AtTrainingSeconds(eval_at, point)] if eval_at else [])
-    if budget > seconds:
-        callbacks.append(_Stop())
+    if budget > seconds:        # the schedule spans a longer horizon: stop at `seconds`
+        callbacks.append(AtTrainingSeconds([seconds], lambda tr, state: True))
     t0 = time.perf_counter()
     history = trainer.fit(train, None, progress=False, callbacks=callbacks)
     train_s = time.perf_counter() - t0

@@ -353,11 +353,11 @@ def _make_trainer(method, precision, sizes, device, overrides=()):
 
 
 def _time_step(trainer, data, device, rounds):
-    from torch.utils.flop_counter import FlopCounterMode
+    from fastmtl.compare import flop_counter    # grouped convolutions' backward counted right
     batches = iter(trainer.prepare(data))
     pool = [next(batches) for _ in range(2)]
     trainer.train_step(pool[0])             # warm-up (lazy builds, kernel selection)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         _, _, images = trainer.train_step(pool[1])
     _reset_peak(device)

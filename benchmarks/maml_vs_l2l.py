@@ -8,8 +8,9 @@ ratios to the learn2learn-style loop (on the textbook Conv-4 a learn2learn user 
 conv-BN-ReLU-pool, NCHW; and, to separate the loop from the backbone, on fastmtl's
 channels-last Conv-4): fastmtl's per-task loop (``vectorize=False``, the
 trainer's own meta-gradient: one backward per task) and the vectorized path
-(``vectorize=True``: MAML vmapped; ANIL's backbone one stacked call for all tasks, its
-head's inner loop vmapped), and which of the two ``vectorize=None`` picks here. Shapes as
+(``vectorize=True``: MAML's tasks side by side as channel groups, fastmtl.gbml._stacked,
+and beside it MAML's earlier vmapped form; ANIL's backbone one stacked call for all
+tasks, its head's inner loop vmapped), and which of the two ``vectorize=None`` picks here. Shapes as
 test_bench_steps.py: the comparison's (4 tasks, 5 queries a class, 1 inner step) and the
 issue's (16 tasks, 15 queries a class, 1 and 5 inner steps). Second order, Adam.
 
@@ -30,11 +31,12 @@ from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
 from fastmtl.models import conv4
 
 
-def _fastmtl(method, tasks, steps, vectorize):
+def _fastmtl(method, tasks, steps, vectorize, stack=True):
     torch.manual_seed(0)
     cls, cfg_cls = (MAML, MAMLConfig) if method == "maml" else (ANIL, ANILConfig)
     tr = cls(conv4(in_channels=1), cfg_cls(tasks_per_step=tasks, inner_steps=steps, inner_lr=0.4,
                                            vectorize=vectorize))
+    tr._stack = tr._stack and stack        # False: MAML's vmapped form (fastmtl.gbml._stacked)
     tr.build((1, 28, 28))
     opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
 
@@ -65,6 +67,8 @@ def run(method: str, shape: str, rounds: int) -> dict:
                   "l2l-style, fastmtl's Conv-4": style(_seeded_conv4(), 0.4, steps).meta_step,
                   "fastmtl-loop": _fastmtl(method, tasks, steps, False),
                   "fastmtl-vectorized": _fastmtl(method, tasks, steps, True)}
+    if method == "maml":        # the vectorized form before it ran stacked: vmap
+        contenders["fastmtl-vmap"] = _fastmtl(method, tasks, steps, True, stack=False)
     names = list(contenders)
     times = {n: [] for n in names}
     for r in range(rounds + 1):
@@ -81,6 +85,8 @@ def run(method: str, shape: str, rounds: int) -> dict:
             "vectorized_vs_l2l": med["l2l-style"] / med["fastmtl-vectorized"],
             "loop_vs_l2l_same_backbone": same / med["fastmtl-loop"],
             "vectorized_vs_l2l_same_backbone": same / med["fastmtl-vectorized"],
+            **({"vmap_vs_l2l": med["l2l-style"] / med["fastmtl-vmap"]} if "fastmtl-vmap" in med
+               else {}),
             "default": "vectorized" if _fastmtl_default(method) else "loop",
             "load_average": machine_info()["load_average"]}
 

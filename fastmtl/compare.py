@@ -49,9 +49,10 @@ METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 # test episodes vmapped 10 at a time in the method's own evaluation (measured 1.8-2x
 # faster than 50 on a 2-core CPU; with meta-batches of 1-4 it does not change training).
 # vectorize None: each method's form as measured fastest on the device (on a 2-core CPU:
-# the per-task loop for every method, ANIL's stacked backbone call having fallen behind its
-# loop with the channels-last Conv-4; R2D2 and ProtoNet run one task a step either way;
-# benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py).
+# MAML/FO-MAML's stacked form on the Conv-4, the per-task loop for the others, ANIL's
+# stacked backbone call having fallen behind its loop with the channels-last Conv-4; R2D2
+# and ProtoNet run one task a step either way; benchmarks/maml_vs_l2l.py,
+# stacked_vs_vmap.py).
 DEFAULT_SETTINGS: dict[str, dict[str, Any]] = {
     "mtl": dict(RECIPES["fast"]),
     "maml": dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=4, inner_steps=1, inner_lr=0.4,
@@ -180,13 +181,49 @@ class _StopAfter(Callback):
         return state.step >= self.steps
 
 
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` (no display) with the weight gradient of
+    grouped convolutions counted right.
+
+    torch 2.13's formula for ``convolution_backward`` ignores ``groups`` in the weight
+    gradient and counts ``groups`` times its multiplications: MAML's stacked form (its T
+    tasks as one grouped convolution, :mod:`fastmtl.gbml._stacked`) read 17.5 GFLOPs a
+    step where its per-task loop, the same arithmetic, read 9.26. Here that term is
+    divided by ``groups``; everything else is torch's own count.
+
+    Example:
+        >>> import torch
+        >>> conv = torch.nn.Conv2d(8, 8, 3, groups=4)
+        >>> with flop_counter() as c:
+        ...     conv(torch.randn(2, 8, 6, 6)).sum().backward()
+        >>> c.get_total_flops()      # forward and weight gradient, 9,216 each (torch: 46,080)
+        18432
+    """
+    from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
+
+    def backward(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
+                 transposed, output_padding, groups, output_mask, out_shape, **kwargs):
+        def part(mask):
+            # torch's formula, as registered (it takes the output as out_val)
+            return conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
+                                      dilation, transposed, output_padding, groups, mask,
+                                      out_val=out_shape)
+        total = part([output_mask[0], False, False])
+        if output_mask[1]:
+            total += part([False, True, False]) // groups
+        return total
+
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten.convolution_backward: backward})
+
+
 def flops_per_step(cls, cfg, make_backbone: Callable[[], torch.nn.Module], train) -> int:
-    """FLOPs of one real training step of ``cls(cfg)`` (forward, backward, update)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one real training step of ``cls(cfg)`` (forward, backward, update), counted
+    by :func:`flop_counter`."""
     torch.manual_seed(cfg.seed)
     trainer = cls(make_backbone(), dataclasses.replace(cfg, max_minutes=None))
     trainer.fit(train, progress=False, callbacks=[_StopAfter(1)])     # warm-up, builds
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         trainer.fit(train, progress=False, callbacks=[_StopAfter(1)])
     return int(counter.get_total_flops())

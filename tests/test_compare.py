@@ -102,3 +102,37 @@ def test_bad_input_fails_in_one_line_before_training(tmp_path, flags, needle):
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "compare.json").exists()
     assert time.perf_counter() - t0 < 60
+
+
+def test_flop_counter_counts_grouped_convolutions_as_their_groups():
+    """The weight gradient of a grouped convolution costs what its groups cost apart (torch
+    2.13's formula counts it groups times); MAML's stacked step (one grouped convolution
+    over its tasks) then counts the FLOPs of its per-task loop, the same arithmetic."""
+    import torch
+    import torch.nn.functional as F
+
+    from fastmtl.compare import flop_counter
+    from fastmtl.gbml import MAML, MAMLConfig
+    from fastmtl.models import conv4
+
+    def count(fn):
+        with flop_counter() as c:
+            fn()
+        return c.get_total_flops()
+
+    x = torch.randn(3, 6, 9, 7, requires_grad=True)
+    w = torch.randn(12, 2, 3, 3, requires_grad=True)
+    grouped = count(lambda: F.conv2d(x, w, padding=1, groups=3).sum().backward())
+    apart = count(lambda: sum(F.conv2d(x[:, 2 * g:2 * g + 2], w[4 * g:4 * g + 4], padding=1)
+                              .sum() for g in range(3)).backward())
+    assert grouped == apart > 0
+    g = torch.Generator().manual_seed(0)
+    xs, xq = torch.randn(3, 5, 1, 16, 16, generator=g), torch.randn(3, 10, 1, 16, 16, generator=g)
+    ys, yq = torch.arange(5).expand(3, -1), torch.arange(5).repeat_interleave(2).expand(3, -1)
+    flops = {}
+    for vectorize in (True, False):
+        torch.manual_seed(0)
+        tr = MAML(conv4(hidden=8), MAMLConfig(tasks_per_step=3, vectorize=vectorize),
+                  device="cpu").build((1, 16, 16))
+        flops[vectorize] = count(lambda: tr._step(xs, ys, xq, yq))
+    assert flops[True] == flops[False] > 0

@@ -1,6 +1,7 @@
 """GBML baselines: the vmapped meta-gradient equals a per-task loop, the closed-form heads
 equal direct computations, BatchNorm keeps tasks apart, and the trainers learn and resume."""
 import copy
+import dataclasses
 import json
 import os
 
@@ -344,14 +345,15 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
 
 
 def test_vectorize_none_picks_the_measured_form_and_flags_force_one():
-    """vectorize=None: on a CPU the loop for every method (benchmarks/maml_vs_l2l.py,
-    stacked_vs_vmap.py); True/False force one,
-    as --vectorize / --no-vectorize do on the command line."""
+    """vectorize=None: on a CPU MAML/FO-MAML's stacked form on a Conv-4, the loop for the
+    other methods and other backbones (benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py);
+    True/False force one, as --vectorize / --no-vectorize do on the command line."""
     from fastmtl.cli import _config_from, build_parser
     picks = {m: cls(conv4(hidden=8), cfg_cls(**fixed), device="cpu").vectorized()
              for m, (cls, cfg_cls, fixed) in METHODS.items()}
-    assert picks == {"maml": False, "fomaml": False, "anil": False, "r2d2": False,
+    assert picks == {"maml": True, "fomaml": True, "anil": False, "r2d2": False,
                      "protonet": False}
+    assert not MAML(_TinyConv(), MAMLConfig(), device="cpu").vectorized()   # no stacked form
     assert MAML(conv4(hidden=8), MAMLConfig(vectorize=True), device="cpu").vectorized()
     assert ANIL(conv4(hidden=8), ANILConfig(vectorize=True), device="cpu").vectorized()
     for argv, want in (([], None), (["--vectorize"], True), (["--no-vectorize"], False)):
@@ -417,3 +419,74 @@ def test_private_functorch_probe_still_works():
         return t
     torch.func.vmap(f)(torch.zeros(2, 3))
     assert seen == [True] and not _functorch_wrapped(torch.zeros(1))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("T,k,q,size,steps,first_order", [
+    (3, 2, 3, (16, 16), 1, False),
+    (1, 1, 2, (17, 20), 3, False),      # one task, odd image sizes (pooling floors them)
+    (2, 2, 1, (16, 16), 2, True),       # FO-MAML
+])
+def test_stacked_maml_equals_textbook_loop(channels_last, T, k, q, size, steps, first_order):
+    """MAML's vectorized form on a Conv-4 (tasks as channel groups, fastmtl.gbml._stacked)
+    against the textbook per-task loop with the fused BatchNorm, float64, forward and the
+    second-order meta-gradient; and against the library's loop and vmap, Meta-SGD's step
+    sizes included."""
+    from fastmtl.gbml._stacked import program
+    torch.manual_seed(T + steps)
+    net = conv4(hidden=4, out_channels=5, channels_last=channels_last).double()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):       # non-trivial affine parameters
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    ref_net = _reference_bn(net)
+    ref_net.channels_last = False                   # the reference runs NCHW
+    ref_net._lay_out()
+    g = torch.Generator().manual_seed(7)
+    xs = torch.randn(T, 3 * k, 1, *size, generator=g, dtype=torch.float64)
+    xq = torch.randn(T, 3 * q, 1, *size, generator=g, dtype=torch.float64)
+    ys = torch.arange(3).repeat_interleave(k).expand(T, -1)
+    yq = torch.arange(3).repeat_interleave(q).expand(T, -1)
+    cfg = MAMLConfig(n_way=3, inner_steps=steps, inner_lr=0.3, first_order=first_order,
+                     vectorize=True)
+    tr = MAML(net, cfg, device="cpu").build((1, *size))
+    assert program(tr.model) is not None and tr.vectorized()
+    params = list(tr.model.backbone.parameters()) + list(tr.model.head.parameters())
+    loss, logits = tr.meta_loss(xs, ys, xq, yq)
+    grads = torch.autograd.grad(loss, params)
+    ref_loss, ref_grads = _loop_meta_grad(ref_net, copy.deepcopy(tr.model.head), xs, ys, xq, yq,
+                                          steps, 0.3, first_order, head_only=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0)
+    _assert_rel(grads, ref_grads, 1e-8)
+    for vectorize, stack in ((False, True), (True, False)):     # the loop, then vmap
+        tr.config.vectorize, tr._stack = vectorize, stack
+        other_loss, other_logits = tr.meta_loss(xs, ys, xq, yq)
+        torch.testing.assert_close(other_logits, logits, rtol=1e-10, atol=1e-12)
+        _assert_rel(torch.autograd.grad(other_loss, params), ref_grads, 1e-8)
+    # Meta-SGD: the step sizes' meta-gradient too, against the library's loop
+    torch.manual_seed(0)
+    tr = MAML(conv4(hidden=4, out_channels=5, channels_last=channels_last).double(),
+              dataclasses.replace(cfg, learn_inner_lr=True), device="cpu").build((1, *size))
+    every = list(tr.model.parameters())
+    got = torch.autograd.grad(tr.meta_loss(xs, ys, xq, yq)[0], every)
+    tr.config.vectorize = False
+    _assert_rel(got, torch.autograd.grad(tr.meta_loss(xs, ys, xq, yq)[0], every), 1e-8)
+
+
+def test_stacked_maml_checks_its_input_and_keeps_tasks_apart():
+    torch.manual_seed(0)
+    tr = MAML(conv4(hidden=4).double(), MAMLConfig(n_way=3, inner_steps=2, vectorize=True),
+              device="cpu").build((1, 16, 16))
+    xs = torch.randn(3, 3, 1, 16, 16, dtype=torch.float64)
+    xq = torch.randn(3, 6, 1, 16, 16, dtype=torch.float64)
+    ys, yq = torch.arange(3).expand(3, -1), torch.arange(3).repeat_interleave(2).expand(3, -1)
+    _, logits = tr.meta_loss(xs, ys, xq, yq)
+    xs2, xq2 = xs.clone(), xq.clone()
+    xs2[1:], xq2[1:] = 4 * xs2[1:] - 1, -xq2[1:]     # other tasks change, task 0 does not
+    torch.testing.assert_close(tr.meta_loss(xs2, ys, xq2, yq)[1][0], logits[0],
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="input channels"):
+        tr.meta_loss(xs.expand(-1, -1, 3, -1, -1), ys, xq.expand(-1, -1, 3, -1, -1), yq)
+    with pytest.raises(ValueError, match="at least 16x16"):
+        tr.meta_loss(xs[..., :8, :8], ys, xq[..., :8, :8], yq)

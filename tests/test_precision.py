@@ -2,7 +2,8 @@
 
 On the CPU, autocast covers the per-task loops and MTL's batched backbone; inside
 ``torch.func.vmap`` CPU autocast does not apply (a PyTorch limitation; on CUDA it does),
-so the GBML cases here use ``vectorize=False``. The GPU check runs the CUDA side.
+so the GBML cases here use ``vectorize=False``; MAML's stacked form (no vmap) runs under
+it too. The GPU check runs the CUDA side.
 """
 from __future__ import annotations
 
@@ -63,3 +64,21 @@ def test_heads_leave_the_autocast(glyphs):
 def test_precision_is_checked(config):
     with pytest.raises(ValueError, match="precision"):
         config(precision="fp16").validate()
+
+
+def test_bf16_reaches_maml_stacked_form(glyphs):
+    """MAML's vectorized form on a Conv-4 (fastmtl.gbml._stacked, no vmap) runs its
+    convolutions under the autocast as well: a different loss, close to float32's."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cls, cfg = config_for("maml", dict(SMALL["maml"], vectorize=True, precision=precision,
+                                           max_minutes=None))
+        torch.manual_seed(0)
+        trainer = cls(fastmtl.models.conv4(hidden=8), cfg)
+        batch = next(iter(trainer.prepare(glyphs)))
+        assert trainer._program() is not None        # the stacked form, not vmap
+        losses[precision] = trainer.train_step(batch)[0]
+        assert all(torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32
+                   for p in trainer.model.parameters())
+    assert losses["bf16"] != losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2, abs=5e-2)

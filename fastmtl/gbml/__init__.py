@@ -2,11 +2,12 @@
 
 MAML and first-order MAML (:class:`MAML`, ``MAMLConfig(first_order=True)``), ANIL
 (:class:`ANIL`), MetaOptNet-style R2-D2 (:class:`R2D2`) and Prototypical Networks
-(:class:`ProtoNet`). Vectorized, a meta-batch is one computation: a task is a pure
-function of the weights (``torch.func.functional_call``, inner steps with
-``torch.func.grad``) and ``torch.func.vmap`` runs it over all tasks; where the tasks share
+(:class:`ProtoNet`). Vectorized, a meta-batch is one computation: where the tasks share
 the backbone (ANIL, ProtoNet, R2D2) it runs once for all of them, stacked, each task
-with its own BatchNorm statistics. ``config.vectorize=False`` runs the same math as a
+with its own BatchNorm statistics; MAML on a Conv-4 runs every task's own weights side by
+side as channel groups of one network (grouped convolutions, one fused BatchNorm); on
+other backbones a task is a pure function of the weights (``torch.func.functional_call``,
+inner steps with ``torch.func.grad``) and ``torch.func.vmap`` runs it over all tasks. ``config.vectorize=False`` runs the same math as a
 per-task loop, and ``None`` (the default) picks the form measured faster for the method
 and device (:meth:`MAML.vectorized`). Every trainer has the shape of
 :class:`fastmtl.MTLTrainer`::

@@ -293,7 +293,8 @@ class _EpisodicTrainer(Trainer):
     # Test episodes vmapped at once by `evaluate` when the config sets no chunk_size.
     _eval_chunk = 50
     # vectorize=None on a CPU: the faster form as measured on a 2-core CPU, the per-task
-    # loop for every method: MAML/FO-MAML (1.0-3.9x faster than vmap), ANIL (with the
+    # loop for every method but MAML/FO-MAML on a Conv-4 (MAML.vectorized: their stacked
+    # form, 1.4-1.6x the loop's speed; the loop was 1.0-3.9x faster than vmap): ANIL (with the
     # channels-last Conv-4 its stacked backbone call measured 0.44-1.11x of the loop in two
     # runs of maml_vs_l2l.py, and did 7,470 steps to the loop's 8,087 in the 10-minute
     # comparison; it was ahead on the NCHW one), ProtoNet/R2D2 (one task

@@ -58,6 +58,7 @@ class ANIL(MAML):
 
     method = "anil"
     _config_class = ANILConfig
+    _stack = False      # the backbone is shared by the tasks: stacked_features instead
 
     def _protocol(self) -> str:
         return f"{self.method}: {self.config.test_inner_steps} head steps per test episode"

@@ -8,9 +8,12 @@ with different settings accumulate. Conv-4 (64 filters) on 28x28 one-channel ima
 MAML paper's Omniglot meta-batch (32 tasks of 5-way 1-shot with one query per class, as
 its reference code) with five inner steps; float32. A meta-step is the meta-loss and its
 backward (the Adam update is the same for both and left out):
-- ``vmap``: the trainer's vectorized path (``config.vectorize=True``), one
-  ``torch.func.vmap`` over the tasks with ``torch.func.grad`` inner steps (ANIL: its
-  backbone one stacked call for all tasks, its head's inner steps vmapped);
+- ``vmap``: the trainer's vectorized path (``config.vectorize=True``): MAML on this Conv-4
+  its stacked form since 2026-12-03 (the tasks' weights side by side as channel groups,
+  fastmtl.gbml._stacked; runs tagged ``stacked``), before that one ``torch.func.vmap``
+  over the tasks with ``torch.func.grad`` inner steps; ANIL its backbone one stacked
+  call for all tasks, its head's inner steps vmapped. The key keeps its old name so the
+  runs stay comparable;
 - ``loop``: the same math one task at a time with ``torch.autograd.grad(create_graph=True)``
   (``config.vectorize=False``), the way MAML is usually written.
 MAML is second order through all five steps; ANIL adapts the head only, with the

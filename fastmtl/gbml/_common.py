@@ -339,8 +339,8 @@ class _EpisodicTrainer(Trainer):
 
         Example:
             >>> import fastmtl
-            >>> MAML = fastmtl.gbml.MAML
-            >>> MAML(fastmtl.models.conv4(hidden=8), device="cpu").vectorized()
+            >>> ANIL = fastmtl.gbml.ANIL
+            >>> ANIL(fastmtl.models.conv4(hidden=8), device="cpu").vectorized()
             False
         """
         if self.config.vectorize is not None:

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from .. import checks
 from ..config import setting
-from ..models.conv4 import _MIN_SIZE, _check_input
 from ..training import phase
 from ._common import (LinearHead, _cross_entropy, _EpisodicConfig, _EpisodicTrainer, _Learner,
                       _params, _vmap)
@@ -239,9 +238,9 @@ class MAML(_EpisodicTrainer):
         return self._ops
 
     def _stacked(self, ops, fast, x):
-        backbone = self.model.backbone
-        _check_input(x[0], backbone.in_channels, _MIN_SIZE)
-        return stacked_logits(ops, fast, x, backbone._channels_last(x.device))
+        backbone = self.model.backbone      # a Conv4: program() admits no other
+        backbone.check_input(x[0])
+        return stacked_logits(ops, fast, x, backbone.runs_channels_last(x.device))
 
     def _stacked_inner(self, ops, fast, lrs, xs, ys, steps, first_order):
         """The inner loop of all tasks at once; ``fast`` holds (T, ...) weights."""

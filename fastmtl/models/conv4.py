@@ -80,8 +80,26 @@ class Conv4(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_channels, _MIN_SIZE)
+        self.check_input(x)
         return self.blocks(x).flatten(1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """ValueError unless ``x`` is a (B, in_channels, H, W) float batch of images of at
+        least 16x16 (what :meth:`forward` checks; for code that runs the blocks itself).
+
+        Example:
+            >>> Conv4().check_input(torch.zeros(2, 1, 28, 28))     # fine: returns None
+        """
+        _check_input(x, self.in_channels, _MIN_SIZE)
+
+    def runs_channels_last(self, device: torch.device) -> bool:
+        """Whether the blocks run channels-last on ``device`` (see ``channels_last``).
+
+        Example:
+            >>> Conv4(channels_last=False).runs_channels_last(torch.device("cpu"))
+            False
+        """
+        return self._channels_last(device)
 
 
 def conv4(in_channels: int = 1, hidden: int = 64, out_channels: int = 64,

@@ -25,26 +25,11 @@ import time
 import torch
 
 from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
-from test_bench_steps import SHAPES, _episodes, _L2LStyle, _L2LStyleANIL, textbook_conv4
+from test_bench_steps import (SHAPES, _episodes, _fastmtl_step, _L2LStyle, _L2LStyleANIL,
+                              textbook_conv4)
 
-from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
+from fastmtl.gbml import ANIL, MAML
 from fastmtl.models import conv4
-
-
-def _fastmtl(method, tasks, steps, vectorize, stack=True):
-    torch.manual_seed(0)
-    cls, cfg_cls = (MAML, MAMLConfig) if method == "maml" else (ANIL, ANILConfig)
-    tr = cls(conv4(in_channels=1), cfg_cls(tasks_per_step=tasks, inner_steps=steps, inner_lr=0.4,
-                                           vectorize=vectorize))
-    tr._stack = tr._stack and stack        # False: MAML's vmapped form (fastmtl.gbml._stacked)
-    tr.build((1, 28, 28))
-    opt = torch.optim.Adam(tr.model.parameters(), lr=1e-3)
-
-    def step(*batch):
-        opt.zero_grad(set_to_none=True)
-        tr._step(*batch)            # the trainer's meta-gradient
-        opt.step()
-    return step
 
 
 def _seeded_conv4():
@@ -65,10 +50,10 @@ def run(method: str, shape: str, rounds: int) -> dict:
     style = _L2LStyle if method == "maml" else _L2LStyleANIL
     contenders = {"l2l-style": style(textbook_conv4(), 0.4, steps).meta_step,
                   "l2l-style, fastmtl's Conv-4": style(_seeded_conv4(), 0.4, steps).meta_step,
-                  "fastmtl-loop": _fastmtl(method, tasks, steps, False),
-                  "fastmtl-vectorized": _fastmtl(method, tasks, steps, True)}
+                  "fastmtl-loop": _fastmtl_step(False, tasks, steps, method),
+                  "fastmtl-vectorized": _fastmtl_step(True, tasks, steps, method)}
     if method == "maml":        # the vectorized form before it ran stacked: vmap
-        contenders["fastmtl-vmap"] = _fastmtl(method, tasks, steps, True, stack=False)
+        contenders["fastmtl-vmap"] = _fastmtl_step(True, tasks, steps, method, stack=False)
     names = list(contenders)
     times = {n: [] for n in names}
     for r in range(rounds + 1):

@@ -145,25 +145,11 @@ class _BatchStatNorm(nn.Module):
     def _per_task(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
         """``tasks`` equal tasks stacked along the batch, each with its own statistics: the
         tasks' channels side by side as channels of one fused batch_norm call."""
-        n, c = x.shape[0] // tasks, x.shape[1]
         w, b = self.weight, self.bias
         if tasks > 1:
             w = None if w is None else w.repeat(tasks)
             b = None if b is None else b.repeat(tasks)
-        if _nhwc(x):
-            # Channels-last (Conv4 on the CPU): pixels as rows, (task, channel) as columns,
-            # a 2-D batch_norm. Also for one task: the 4-D op's double backward (MAML)
-            # reduces a channels-last tensor one dimension at a time, through NCHW
-            # intermediates; on the 2-D view every reduction is one pass over rows.
-            h, wd = x.shape[2:]
-            y = x.permute(0, 2, 3, 1).reshape(tasks, n * h * wd, c).transpose(0, 1)
-            y = F.batch_norm(y.reshape(n * h * wd, tasks * c), None, None, w, b, training=True,
-                             momentum=0.0, eps=self.eps)
-            return (y.reshape(n * h * wd, tasks, c).transpose(0, 1).reshape(tasks * n, h, wd, c)
-                    .permute(0, 3, 1, 2))
-        y = x.reshape(tasks, n, c, -1).transpose(0, 1).reshape(n, tasks * c, -1)
-        y = F.batch_norm(y, None, None, w, b, training=True, momentum=0.0, eps=self.eps)
-        return y.reshape(n, tasks, c, -1).transpose(0, 1).reshape(x.shape)
+        return batch_stat_norm(x, w, b, self.eps, tasks)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, batch statistics only"
@@ -171,6 +157,31 @@ class _BatchStatNorm(nn.Module):
 
 def _nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def batch_stat_norm(x: torch.Tensor, weight, bias, eps: float, tasks: int = 1) -> torch.Tensor:
+    """Batch-statistics normalization of ``tasks`` equal tasks stacked along the batch of
+    ``x`` (N, C, ...), each (task, channel) with its own statistics, in one fused
+    ``F.batch_norm`` call; ``weight`` / ``bias``: (tasks * C,) or None.
+
+    Used by :class:`_BatchStatNorm` and by MAML's stacked form (one "task" whose channels
+    are already the tasks' channels side by side).
+    """
+    n, c = x.shape[0] // tasks, x.shape[1]
+    if _nhwc(x):
+        # Channels-last (Conv4 on the CPU): pixels as rows, (task, channel) as columns,
+        # a 2-D batch_norm. Also for one task: the 4-D op's double backward (MAML)
+        # reduces a channels-last tensor one dimension at a time, through NCHW
+        # intermediates; on the 2-D view every reduction is one pass over rows.
+        h, wd = x.shape[2:]
+        y = x.permute(0, 2, 3, 1).reshape(tasks, n * h * wd, c).transpose(0, 1)
+        y = F.batch_norm(y.reshape(n * h * wd, tasks * c), None, None, weight, bias,
+                         training=True, momentum=0.0, eps=eps)
+        return (y.reshape(n * h * wd, tasks, c).transpose(0, 1).reshape(tasks * n, h, wd, c)
+                .permute(0, 3, 1, 2))
+    y = x.reshape(tasks, n, c, -1).transpose(0, 1).reshape(n, tasks * c, -1)
+    y = F.batch_norm(y, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
+    return y.reshape(n, tasks, c, -1).transpose(0, 1).reshape(x.shape)
 
 
 # How many tasks the backbone call in progress stacks along its batch (stacked_features).

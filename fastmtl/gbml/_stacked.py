@@ -17,8 +17,8 @@ and stay so through the whole network:
   (``groups=T``) with the weights reshaped to (T*C_out, C_in, k, k);
 - a batch-statistics BatchNorm with per-task (T, C) affine weights is one fused
   ``F.batch_norm`` over T*C channels: each (task, channel) is normalized with the
-  statistics of that task's images alone, exactly as T separate calls; on channels-last
-  activations it runs on the 2-D (pixels, channels) view (:class:`_BatchStatNorm`);
+  statistics of that task's images alone, exactly as T separate calls
+  (:func:`batch_stat_norm`, the BatchNorm of the other methods' stacked backbone call);
 - max-pooling and ReLU act per channel, so they need nothing;
 - the per-task linear heads are one batched matrix product.
 
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..models.conv4 import Conv4
 from ..training import full_precision
+from ._common import LinearHead, _BatchStatNorm, batch_stat_norm
 
 __all__ = ["program", "backbone_program", "stacked_logits"]
 
@@ -53,7 +54,6 @@ def program(model: nn.Module) -> list[tuple[str, str, nn.Module]] | None:
         >>> [kind for kind, _, _ in program(tr.model)][:4]
         ['conv', 'norm', 'pool', 'relu']
     """
-    from ._common import LinearHead
     if type(getattr(model, "head", None)) is not LinearHead:
         return None
     return backbone_program(getattr(model, "backbone", None))
@@ -62,7 +62,6 @@ def program(model: nn.Module) -> list[tuple[str, str, nn.Module]] | None:
 def backbone_program(backbone) -> list[tuple[str, str, nn.Module]] | None:
     """:func:`program`'s part for the backbone: a Conv4 of plain blocks (conv without
     groups, batch-statistics norm, max-pool, ReLU), else None."""
-    from ._common import _BatchStatNorm
     if type(backbone) is not Conv4:
         return None
     ops = []
@@ -105,7 +104,9 @@ def stacked_logits(ops, fast: dict[str, torch.Tensor], x: torch.Tensor,
             h = F.conv2d(h, w, None if b is None else b.reshape(-1), m.stride, m.padding,
                          m.dilation, groups=T)
         elif kind == "norm":
-            h = _norm(h, fast.get(prefix + ".weight"), fast.get(prefix + ".bias"), m.eps)
+            w, b = fast.get(prefix + ".weight"), fast.get(prefix + ".bias")
+            h = batch_stat_norm(h, None if w is None else w.reshape(-1),
+                                None if b is None else b.reshape(-1), m.eps)
         elif kind == "pool":
             h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         else:
@@ -117,14 +118,3 @@ def stacked_logits(ops, fast: dict[str, torch.Tensor], x: torch.Tensor,
             return torch.baddbmm(b.unsqueeze(1), z.to(w.dtype), w.transpose(1, 2))
     return torch.baddbmm(b.unsqueeze(1), z, w.transpose(1, 2))
 
-
-def _norm(h, weight, bias, eps):
-    """Batch statistics per (task, channel) of (N, T*C, H, W) activations, in one call."""
-    w = None if weight is None else weight.reshape(-1)
-    b = None if bias is None else bias.reshape(-1)
-    if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last):
-        n, c, hh, ww = h.shape      # the 2-D (pixels, channels) view: see _BatchStatNorm
-        y = F.batch_norm(h.permute(0, 2, 3, 1).reshape(n * hh * ww, c), None, None, w, b,
-                         training=True, momentum=0.0, eps=eps)
-        return y.reshape(n, hh, ww, c).permute(0, 3, 1, 2)
-    return F.batch_norm(h, None, None, w, b, training=True, momentum=0.0, eps=eps)

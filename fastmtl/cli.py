@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 import typing
@@ -525,12 +526,44 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmp_load(path: str) -> dict[str, Any]:
+def cmd_merge(args) -> int:
+    from . import compare as cmp
+    payloads = []
+    for path in args.runs:
+        if not os.path.isfile(path):
+            raise ValueError(f"runs: {path!r} is not a file")
+        payload = cmp_load(path, flag="runs")
+        if not isinstance(payload, dict) or "results" not in payload or "seed" not in payload:
+            raise ValueError(f"runs: {path!r} is not a fastmtl compare.json")
+        payloads.append(payload)
+    if len(payloads) < 2:
+        raise ValueError(f"runs: merging needs two or more compare.json files, got "
+                         f"{len(payloads)}")
+    checks.writable_dir("--out", args.out)
+    try:
+        merged = cmp.merge_runs(payloads)
+    except ValueError as exc:   # name the files, not the list positions
+        raise ValueError("runs: " + re.sub(r"payloads\[(\d+)\]",
+                                           lambda m: repr(args.runs[int(m.group(1))]),
+                                           str(exc)).removeprefix("payloads: ")) from None
+    merged["command"] = " ".join(["fastmtl"] + sys.argv[1:])
+    merged["runs"] = list(args.runs)
+    json_path = os.path.join(args.out, "compare.json")
+    atomic_write_json(json_path, merged)
+    md = cmp.markdown(merged)
+    atomic_write_text(os.path.join(args.out, "compare.md"), md)
+    cmp.plot(merged, os.path.join(args.out, "compare.png"))
+    _say(md)
+    _say(f"wrote {json_path}, compare.md and compare.png in {args.out}")
+    return 0
+
+
+def cmp_load(path: str, flag: str = "--resume") -> dict[str, Any]:
     try:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--resume: {path} is not readable JSON: {exc}") from None
+        raise ValueError(f"{flag}: {path} is not readable JSON: {exc}") from None
 
 
 def _version() -> str:
@@ -806,6 +839,19 @@ def _add_compare_parser(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _add_merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="average compare runs that differ only in --seed",
+                       description="Average two or more finished `fastmtl compare` runs "
+                                   "(the same settings and methods, different --seed) point "
+                                   "by point, compute the speed-up tables on the mean curves "
+                                   "and list each run's own speed-ups beside them; writes "
+                                   "compare.json, compare.md and compare.png into --out.",
+                       formatter_class=_HelpFormatter)
+    p.add_argument("runs", nargs="+", help="compare.json files of the runs")
+    p.add_argument("--out", default="compare_merged", help="output folder")
+    p.set_defaults(func=cmd_merge)
+
+
 def _add_adapt_parser(sub) -> None:
     p = sub.add_parser("adapt", help="fit a head on a few labelled images, classify new ones",
                        description="Load a trained checkpoint, fit the paper's test-time head "
@@ -838,6 +884,7 @@ def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.Argument
     _add_train_parser(sub, method, recipe)
     _add_eval_parser(sub)
     _add_compare_parser(sub)
+    _add_merge_parser(sub)
     _add_adapt_parser(sub)
     return parser
 

@@ -38,7 +38,7 @@ from .sampling import check_fits
 from .training import AtTrainingSeconds, Callback, EveryTrainingSeconds
 
 __all__ = ["METHODS", "DEFAULT_SETTINGS", "PAPER_MTL", "compare", "config_for",
-           "speedup_tables", "markdown", "plot"]
+           "speedup_tables", "merge_runs", "markdown", "plot"]
 
 METHODS = ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet")
 
@@ -503,6 +503,110 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
     return tables
 
 
+# Settings that must agree for runs to be averaged point by point (the seed must not).
+_MERGE_SAME = ("data", "backbone", "rotations", "budget_minutes", "eval_every", "shots",
+               "ways", "queries", "episodes", "recipe", "settings_overrides")
+
+
+def _mean_point(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """One evaluation point from the same point of several runs: costs averaged, peak
+    memory the largest, each accuracy the mean of the runs' means with its seeds kept."""
+    n = len(points)
+    out = {k: sum(p[k] for p in points) / n
+           for k in ("train_seconds", "steps", "images", "flops", "eval_seconds")}
+    out["peak_memory_bytes"] = max(p["peak_memory_bytes"] for p in points)
+    acc: dict[str, Any] = {}
+    for shot, protocols in points[0]["accuracy"].items():
+        acc[shot] = {}
+        for prot in protocols:
+            means = [p["accuracy"][shot][prot]["mean"] for p in points]
+            cis = [p["accuracy"][shot][prot]["ci95"] for p in points]
+            # The runs' test episodes are independent draws (the seed differs), so the
+            # half-width of the mean of n means is sqrt(sum ci^2) / n.
+            acc[shot][prot] = {"mean": sum(means) / n,
+                               "ci95": float(np.sqrt(np.sum(np.square(cis)))) / n,
+                               "per_seed": means}
+    out["accuracy"] = acc
+    return out
+
+
+def merge_runs(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average finished comparisons that differ only in their seed, point by point.
+
+    Each method's curve becomes the mean of its runs' curves at the same evaluation
+    points (training seconds, steps and FLOPs averaged too), and the speed-up tables are
+    computed again on the mean curves; each run's own tables are kept beside them
+    (``per_seed_tables``), so a ratio that holds on the mean but not in every run shows.
+
+    Args:
+        payloads: two or more ``compare.json`` contents, the same settings and methods
+            (in any order), each with a different ``seed``.
+
+    Returns:
+        A ``compare.json``-like payload: ``seeds``, ``commands``, ``machines``, ``results``
+        (mean curves, each accuracy with its ``per_seed`` values), ``tables`` and
+        ``per_seed_tables``.
+
+    Raises:
+        ValueError: fewer than two runs, a repeated seed, or runs whose settings, methods
+            or evaluation points differ (the message names the run and what differs).
+
+    Example:
+        >>> def run(seed, accs):
+        ...     pts = [{"train_seconds": t, "steps": t, "images": t, "flops": t * 1e9,
+        ...             "eval_seconds": 1.0, "peak_memory_bytes": 1,
+        ...             "accuracy": {"1": {"logistic": {"mean": a, "ci95": 1.0}}}}
+        ...            for t, a in zip((10, 20), accs)]
+        ...     res = {"points": pts, "steps": 20, "flops_per_step": 1e9,
+        ...            "images_per_step": 1.0, "train_seconds": 20, "eval_seconds": 2.0}
+        ...     return {"seed": seed, "shots": [1], "eval_every": 10, "results": {"mtl": res}}
+        >>> merged = merge_runs([run(0, (80.0, 90.0)), run(1, (84.0, 92.0))])
+        >>> [p["accuracy"]["1"]["logistic"]["mean"] for p in merged["results"]["mtl"]["points"]]
+        [82.0, 91.0]
+    """
+    if not isinstance(payloads, (list, tuple)) or len(payloads) < 2:
+        raise ValueError(f"payloads: merging needs two or more runs, got "
+                         f"{len(payloads) if isinstance(payloads, (list, tuple)) else payloads!r}")
+    first = payloads[0]
+    seeds = [p.get("seed") for p in payloads]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"payloads: runs must differ in their seed, got seeds {seeds}")
+    methods = [m for m, r in first["results"].items() if r["points"]]
+    for i, p in enumerate(payloads[1:], 1):
+        diff = [k for k in _MERGE_SAME if p.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"payloads[{i}] differs from payloads[0] in {', '.join(diff)}")
+        ms = [m for m, r in p["results"].items() if r["points"]]
+        if sorted(ms) != sorted(methods):
+            raise ValueError(f"payloads[{i}] holds methods {ms}, payloads[0] {methods}")
+        for m in methods:
+            a, b = first["results"][m]["points"], p["results"][m]["points"]
+            if len(a) != len(b):
+                raise ValueError(f"payloads[{i}]: {m} has {len(b)} evaluation points, "
+                                 f"payloads[0] {len(a)}")
+            if [sorted(x["accuracy"]) for x in a] != [sorted(x["accuracy"]) for x in b]:
+                raise ValueError(f"payloads[{i}]: {m} was evaluated at other shots")
+    results: dict[str, Any] = {}
+    for m in methods:
+        runs = [p["results"][m] for p in payloads]
+        points = [_mean_point(list(pts)) for pts in zip(*(r["points"] for r in runs))]
+        results[m] = {
+            "settings": runs[0].get("settings"), "seeds": seeds, "points": points,
+            **{k: sum(r[k] for r in runs) / len(runs)
+               for k in ("flops_per_step", "images_per_step", "train_seconds",
+                         "eval_seconds", "steps")},
+            "steps_per_seed": [r["steps"] for r in runs]}
+    merged = {k: v for k, v in first.items()
+              if k not in ("results", "tables", "seed", "command", "machine")}
+    merged.update(seeds=seeds, commands=[p.get("command") for p in payloads],
+                  machine=first.get("machine", {}),
+                  machines=[p.get("machine") for p in payloads], results=results,
+                  tables=speedup_tables(results),
+                  per_seed_tables=[speedup_tables({m: p["results"][m] for m in methods})
+                                   for p in payloads])
+    return merged
+
+
 def _fmt(x, spec=".1f", none="-", suffix=""):
     return none if x is None else format(x, spec) + suffix
 
@@ -522,6 +626,11 @@ def markdown(payload: dict[str, Any]) -> str:
              + " | ".join(f"{s}-shot final / best" for s in payload["shots"])
              + " | " + " | ".join(f"{s}-shot own final" for s in payload["shots"]) + " |",
              "|---" * (7 + 2 * len(payload["shots"])) + "|"]
+    if "seeds" in payload:
+        lines[1:1] = ["", f"The mean of {len(payload['seeds'])} runs (seeds "
+                      f"{', '.join(map(str, payload['seeds']))}) at each evaluation point; "
+                      "steps and seconds are their means, the tables are computed on the "
+                      "mean curves, and each run's own speed-ups follow them."]
     for m, r in results.items():
         if not r["points"]:
             continue
@@ -533,7 +642,7 @@ def markdown(payload: dict[str, Any]) -> str:
             _, _, oacc = _curve(r, str(s), "own")
             own.append(f"{oacc[-1]:.1f}" if oacc else "-")
         peak = max(p["peak_memory_bytes"] for p in r["points"]) / 2**20
-        lines.append(f"| {m} | {r['steps']:,} | {r['images_per_step']:.0f} | "
+        lines.append(f"| {m} | {r['steps']:,.0f} | {r['images_per_step']:.0f} | "
                      f"{r['flops_per_step'] / 1e9:.2f} | {r['train_seconds']:.0f} | "
                      f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " | "
                      + " | ".join(own) + " |")
@@ -565,7 +674,29 @@ def markdown(payload: dict[str, Any]) -> str:
                          f"{_fmt(r['baseline_speedup_time'], '.2f', suffix='x')} | "
                          f"{_fmt(r['baseline_speedup_flops'], '.2f', suffix='x')} | "
                          f"{_fmt(r['baseline_speedup_time_interpolated'], '.2f', suffix='x')} |")
+    lines += _per_seed_markdown(payload)
     return "\n".join(lines) + "\n"
+
+
+def _per_seed_markdown(payload: dict[str, Any]) -> list[str]:
+    """Each run's speed-ups of MTL, time (FLOPs), beside those of the mean curves."""
+    per_seed = payload.get("per_seed_tables")
+    if not per_seed:
+        return []
+    lines = []
+    for shot, t in payload["tables"].items():
+        lines += ["", f"## {shot}-shot: MTL's speed-up in each run, time (FLOPs)", "",
+                  "| baseline | mean curves | " + " | ".join(f"seed {s}" for s in payload["seeds"])
+                  + " | smallest |", "|---" * (3 + len(per_seed)) + "|"]
+        for i, r in enumerate(t["mtl_vs_baselines"]):
+            runs = [tables[shot]["mtl_vs_baselines"][i] for tables in per_seed]
+            cells = [f"{_fmt(x['speedup_time'], suffix='x')} ({_fmt(x['speedup_flops'], suffix='x')})"
+                     for x in [r] + runs]
+            times = [x["speedup_time"] for x in runs]
+            low = "-" if None in times else f"{min(times):.1f}x"
+            name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {low} |")
+    return lines
 
 
 def plot(payload: dict[str, Any], path: str) -> None:

@@ -136,3 +136,68 @@ def test_flop_counter_counts_grouped_convolutions_as_their_groups():
                   device="cpu").build((1, 16, 16))
         flops[vectorize] = count(lambda: tr._step(xs, ys, xq, yq))
     assert flops[True] == flops[False] > 0
+
+
+def _reseeded(payload, seed, shift):
+    """A copy of ``payload`` as if run with another seed, every accuracy moved by ``shift``."""
+    other = json.loads(json.dumps(payload))
+    other["seed"] = seed
+    for res in other["results"].values():
+        for p in res["points"]:
+            p["train_seconds"] += 1.0
+            for protocols in p["accuracy"].values():
+                for r in protocols.values():
+                    r["mean"] += shift
+    return other
+
+
+def test_merge_averages_runs_point_by_point(run, tmp_path):
+    out, _, _ = run
+    a = json.loads((out / "compare.json").read_text())
+    b = _reseeded(a, 1, 2.0)
+    b_path = tmp_path / "b.json"
+    b_path.write_text(json.dumps(b))
+    code = main(["merge", str(out / "compare.json"), str(b_path), "--out", str(tmp_path / "m")])
+    assert code == 0
+    merged = json.loads((tmp_path / "m" / "compare.json").read_text())
+    assert merged["seeds"] == [0, 1] and len(merged["per_seed_tables"]) == 2
+    for m, res in merged["results"].items():
+        for pm, pa, pb in zip(res["points"], a["results"][m]["points"], b["results"][m]["points"]):
+            assert pm["train_seconds"] == pytest.approx(pa["train_seconds"] + 0.5)
+            for shot, protocols in pm["accuracy"].items():
+                for prot, r in protocols.items():
+                    ra, rb = pa["accuracy"][shot][prot], pb["accuracy"][shot][prot]
+                    assert r["mean"] == pytest.approx(ra["mean"] + 1.0)
+                    assert r["per_seed"] == pytest.approx([ra["mean"], rb["mean"]])
+                    assert r["ci95"] == pytest.approx((ra["ci95"] ** 2 + rb["ci95"] ** 2) ** 0.5 / 2)
+    # The tables are those of the mean curves, and each run's own are those compare wrote.
+    from fastmtl.compare import speedup_tables
+    assert merged["tables"] == json.loads(json.dumps(speedup_tables(merged["results"])))
+    assert merged["per_seed_tables"][0] == a["tables"]
+    md = (tmp_path / "m" / "compare.md").read_text()
+    assert "The mean of 2 runs (seeds 0, 1)" in md and "MTL's speed-up in each run" in md
+    assert (tmp_path / "m" / "compare.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda p: p.update(seed=0), "differ in their seed"),
+    (lambda p: p.update(episodes=p["episodes"] + 1), "episodes"),
+    (lambda p: p["results"].pop("anil"), "methods"),
+    (lambda p: p["results"]["mtl"]["points"].pop(), "evaluation points"),
+    (None, "two or more"),
+])
+def test_merge_bad_runs_fail_in_one_line(run, tmp_path, change, needle):
+    out, _, _ = run
+    first = str(out / "compare.json")
+    args = ["merge", first]
+    if change is not None:
+        other = _reseeded(json.loads((out / "compare.json").read_text()), 1, 0.0)
+        change(other)
+        (tmp_path / "b.json").write_text(json.dumps(other))
+        args.append(str(tmp_path / "b.json"))
+    proc = subprocess.run([sys.executable, "-m", "fastmtl", *args, "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("fastmtl merge: error: runs") and len(proc.stderr.splitlines()) == 1
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m" / "compare.json").exists()

@@ -700,7 +700,9 @@ def _per_seed_markdown(payload: dict[str, Any]) -> list[str]:
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
-    """Accuracy against training seconds (top) and FLOPs (bottom), a column per shot.
+    """Accuracy against training seconds (top) and FLOPs (bottom), a column per shot:
+    the logistic-regression protocol with its 95% CI band, and each GBML method's own
+    adaptation dashed.
 
     Args:
         payload: the contents of ``compare.json``.
@@ -719,11 +721,16 @@ def plot(payload: dict[str, Any], path: str) -> None:
                 continue
             acc = np.array([p["accuracy"][shot]["logistic"]["mean"] for p in pts])
             ci = np.array([p["accuracy"][shot]["logistic"]["ci95"] for p in pts])
+            own = [p for p in pts if "own" in p["accuracy"][shot]]
+            own_acc = np.array([p["accuracy"][shot]["own"]["mean"] for p in own])
             for i, key in enumerate(("train_seconds", "flops")):
                 x = np.array([p[key] for p in pts], dtype=float)
                 ax = axes[i][j]
                 ax.plot(x, acc, "o-", ms=3, color=colors.get(m), label=m)
                 ax.fill_between(x, acc - ci, acc + ci, color=colors.get(m), alpha=0.2)
+                if own:       # the method's own adaptation, dashed, no band
+                    ax.plot(np.array([p[key] for p in own], dtype=float), own_acc, "--",
+                            lw=1, color=colors.get(m), label=f"{m}, own" if i == 0 else None)
         for i, label in enumerate(("training seconds", "training FLOPs")):
             ax = axes[i][j]
             ax.set_xlabel(label)
@@ -731,8 +738,8 @@ def plot(payload: dict[str, Any], path: str) -> None:
             ax.grid(alpha=0.3)
             if i == 1:
                 ax.set_xscale("log")
-        axes[0][j].set_title(f"{shot}-shot, logistic-regression protocol")
-    axes[0][0].legend()
+        axes[0][j].set_title(f"{shot}-shot: logistic-regression protocol (dashed: own)")
+    axes[0][0].legend(fontsize=8, ncol=2)
     fig.suptitle(f"fastmtl compare: {payload['data']}, {payload['backbone']}")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=110)

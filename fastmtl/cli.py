@@ -518,12 +518,19 @@ def cmd_compare(args) -> int:
                 episodes=args.episodes, seed=args.seed, settings=settings, done=done,
                 on_method_done=save)
     save()
-    md = cmp.markdown(payload)
-    atomic_write_text(os.path.join(args.out, "compare.md"), md)
-    cmp.plot(payload, os.path.join(args.out, "compare.png"))
-    _say(md)
-    _say(f"wrote {json_path}, compare.md and compare.png in {args.out}")
+    _write_compare_outputs(payload, args.out)
     return 0
+
+
+def _write_compare_outputs(payload: dict[str, Any], out: str) -> None:
+    """compare.md and compare.png beside ``out``/compare.json (already written); print the
+    Markdown."""
+    from . import compare as cmp
+    md = cmp.markdown(payload)
+    atomic_write_text(os.path.join(out, "compare.md"), md)
+    cmp.plot(payload, os.path.join(out, "compare.png"))
+    _say(md)
+    _say(f"wrote {os.path.join(out, 'compare.json')}, compare.md and compare.png in {out}")
 
 
 def cmd_merge(args) -> int:
@@ -548,13 +555,8 @@ def cmd_merge(args) -> int:
                                            str(exc)).removeprefix("payloads: ")) from None
     merged["command"] = " ".join(["fastmtl"] + sys.argv[1:])
     merged["runs"] = list(args.runs)
-    json_path = os.path.join(args.out, "compare.json")
-    atomic_write_json(json_path, merged)
-    md = cmp.markdown(merged)
-    atomic_write_text(os.path.join(args.out, "compare.md"), md)
-    cmp.plot(merged, os.path.join(args.out, "compare.png"))
-    _say(md)
-    _say(f"wrote {json_path}, compare.md and compare.png in {args.out}")
+    atomic_write_json(os.path.join(args.out, "compare.json"), merged)
+    _write_compare_outputs(merged, args.out)
     return 0
 
 

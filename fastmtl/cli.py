@@ -543,9 +543,6 @@ def cmd_merge(args) -> int:
         if not isinstance(payload, dict) or "results" not in payload or "seed" not in payload:
             raise ValueError(f"runs: {path!r} is not a fastmtl compare.json")
         payloads.append(payload)
-    if len(payloads) < 2:
-        raise ValueError(f"runs: merging needs two or more compare.json files, got "
-                         f"{len(payloads)}")
     checks.writable_dir("--out", args.out)
     try:
         merged = cmp.merge_runs(payloads)

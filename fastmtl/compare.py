@@ -530,6 +530,43 @@ def _mean_point(points: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _check_mergeable(payloads) -> tuple[list, list[str]]:
+    """(seeds, methods) of runs :func:`merge_runs` can average; ValueError otherwise."""
+    if not isinstance(payloads, (list, tuple)) or len(payloads) < 2:
+        raise ValueError(f"payloads: merging needs two or more runs, got "
+                         f"{len(payloads) if isinstance(payloads, (list, tuple)) else payloads!r}")
+    first = payloads[0]
+    seeds = [p.get("seed") for p in payloads]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"payloads: runs must differ in their seed, got seeds {seeds}")
+    methods = [m for m, r in first["results"].items() if r["points"]]
+    for i, p in enumerate(payloads[1:], 1):
+        diff = [k for k in _MERGE_SAME if p.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"payloads[{i}] differs from payloads[0] in {', '.join(diff)}")
+        ms = [m for m, r in p["results"].items() if r["points"]]
+        if sorted(ms) != sorted(methods):
+            raise ValueError(f"payloads[{i}] holds methods {ms}, payloads[0] {methods}")
+        for m in methods:
+            a, b = first["results"][m]["points"], p["results"][m]["points"]
+            if len(a) != len(b):
+                raise ValueError(f"payloads[{i}]: {m} has {len(b)} evaluation points, "
+                                 f"payloads[0] {len(a)}")
+            if [sorted(x["accuracy"]) for x in a] != [sorted(x["accuracy"]) for x in b]:
+                raise ValueError(f"payloads[{i}]: {m} was evaluated at other shots")
+    return seeds, methods
+
+
+def _mean_result(runs: list[dict[str, Any]], seeds: list) -> dict[str, Any]:
+    """One method's result from its runs: the mean curve and the mean totals."""
+    points = [_mean_point(list(pts)) for pts in zip(*(r["points"] for r in runs))]
+    return {"settings": runs[0].get("settings"), "seeds": seeds, "points": points,
+            **{k: sum(r[k] for r in runs) / len(runs)
+               for k in ("flops_per_step", "images_per_step", "train_seconds",
+                         "eval_seconds", "steps")},
+            "steps_per_seed": [r["steps"] for r in runs]}
+
+
 def merge_runs(payloads: list[dict[str, Any]]) -> dict[str, Any]:
     """Average finished comparisons that differ only in their seed, point by point.
 
@@ -564,38 +601,9 @@ def merge_runs(payloads: list[dict[str, Any]]) -> dict[str, Any]:
         >>> [p["accuracy"]["1"]["logistic"]["mean"] for p in merged["results"]["mtl"]["points"]]
         [82.0, 91.0]
     """
-    if not isinstance(payloads, (list, tuple)) or len(payloads) < 2:
-        raise ValueError(f"payloads: merging needs two or more runs, got "
-                         f"{len(payloads) if isinstance(payloads, (list, tuple)) else payloads!r}")
+    seeds, methods = _check_mergeable(payloads)
     first = payloads[0]
-    seeds = [p.get("seed") for p in payloads]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"payloads: runs must differ in their seed, got seeds {seeds}")
-    methods = [m for m, r in first["results"].items() if r["points"]]
-    for i, p in enumerate(payloads[1:], 1):
-        diff = [k for k in _MERGE_SAME if p.get(k) != first.get(k)]
-        if diff:
-            raise ValueError(f"payloads[{i}] differs from payloads[0] in {', '.join(diff)}")
-        ms = [m for m, r in p["results"].items() if r["points"]]
-        if sorted(ms) != sorted(methods):
-            raise ValueError(f"payloads[{i}] holds methods {ms}, payloads[0] {methods}")
-        for m in methods:
-            a, b = first["results"][m]["points"], p["results"][m]["points"]
-            if len(a) != len(b):
-                raise ValueError(f"payloads[{i}]: {m} has {len(b)} evaluation points, "
-                                 f"payloads[0] {len(a)}")
-            if [sorted(x["accuracy"]) for x in a] != [sorted(x["accuracy"]) for x in b]:
-                raise ValueError(f"payloads[{i}]: {m} was evaluated at other shots")
-    results: dict[str, Any] = {}
-    for m in methods:
-        runs = [p["results"][m] for p in payloads]
-        points = [_mean_point(list(pts)) for pts in zip(*(r["points"] for r in runs))]
-        results[m] = {
-            "settings": runs[0].get("settings"), "seeds": seeds, "points": points,
-            **{k: sum(r[k] for r in runs) / len(runs)
-               for k in ("flops_per_step", "images_per_step", "train_seconds",
-                         "eval_seconds", "steps")},
-            "steps_per_seed": [r["steps"] for r in runs]}
+    results = {m: _mean_result([p["results"][m] for p in payloads], seeds) for m in methods}
     merged = {k: v for k, v in first.items()
               if k not in ("results", "tables", "seed", "command", "machine")}
     merged.update(seeds=seeds, commands=[p.get("command") for p in payloads],
@@ -611,27 +619,20 @@ def _fmt(x, spec=".1f", none="-", suffix=""):
     return none if x is None else format(x, spec) + suffix
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    """The comparison as Markdown (the text of ``compare.md``) from ``payload``, the
-    contents of ``compare.json``: per-method figures, then the speed-up tables."""
-    results, tables = payload["results"], payload["tables"]
-    lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
-             f"{payload['budget_minutes']:g} min of training each", "",
-             f"Machine: {payload['machine'].get('cpu')}, {payload['machine'].get('torch_threads')} "
-             f"threads{', ' + payload['machine']['cuda_device'] if 'cuda_device' in payload['machine'] else ''}. "
-             f"Test: {payload['ways']}-way, {payload['queries']} queries a class, "
-             f"{payload['episodes']} episodes a point (the same for every method and point), "
-             f"logistic-regression protocol unless marked *own*.", "",
-             "| method | steps | images/step | GFLOPs/step | train s | eval s | peak memory (MB) | "
-             + " | ".join(f"{s}-shot final / best" for s in payload["shots"])
-             + " | " + " | ".join(f"{s}-shot own final" for s in payload["shots"]) + " |",
-             "|---" * (7 + 2 * len(payload["shots"])) + "|"]
-    if "seeds" in payload:
-        lines[1:1] = ["", f"The mean of {len(payload['seeds'])} runs (seeds "
-                      f"{', '.join(map(str, payload['seeds']))}) at each evaluation point; "
-                      "steps and seconds are their means, the tables are computed on the "
-                      "mean curves, and each run's own speed-ups follow them."]
-    for m, r in results.items():
+def _merge_note(payload: dict[str, Any]) -> list[str]:
+    """What a merged payload's figures are (nothing for one run)."""
+    if "seeds" not in payload:
+        return []
+    return ["", f"The mean of {len(payload['seeds'])} runs (seeds "
+            f"{', '.join(map(str, payload['seeds']))}) at each evaluation point; steps and "
+            "seconds are their means, the tables are computed on the mean curves, and each "
+            "run's own speed-ups follow them."]
+
+
+def _method_rows(payload: dict[str, Any]) -> list[str]:
+    """A Markdown table row per method: costs, final and best accuracy per shot."""
+    lines = []
+    for m, r in payload["results"].items():
         if not r["points"]:
             continue
         cells = []
@@ -646,6 +647,26 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"{r['flops_per_step'] / 1e9:.2f} | {r['train_seconds']:.0f} | "
                      f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " | "
                      + " | ".join(own) + " |")
+    return lines
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The comparison as Markdown (the text of ``compare.md``) from ``payload``, the
+    contents of ``compare.json``: per-method figures, then the speed-up tables."""
+    tables = payload["tables"]
+    lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
+             f"{payload['budget_minutes']:g} min of training each", "",
+             f"Machine: {payload['machine'].get('cpu')}, {payload['machine'].get('torch_threads')} "
+             f"threads{', ' + payload['machine']['cuda_device'] if 'cuda_device' in payload['machine'] else ''}. "
+             f"Test: {payload['ways']}-way, {payload['queries']} queries a class, "
+             f"{payload['episodes']} episodes a point (the same for every method and point), "
+             f"logistic-regression protocol unless marked *own*.", "",
+             "| method | steps | images/step | GFLOPs/step | train s | eval s | peak memory (MB) | "
+             + " | ".join(f"{s}-shot final / best" for s in payload["shots"])
+             + " | " + " | ".join(f"{s}-shot own final" for s in payload["shots"]) + " |",
+             "|---" * (7 + 2 * len(payload["shots"])) + "|"]
+    lines[1:1] = _merge_note(payload)
+    lines += _method_rows(payload)
     for shot, t in tables.items():
         lines += ["", f"## {shot}-shot: how much sooner MTL reaches each baseline's best - 1",
                   "", "| baseline | target | baseline reached at s (TFLOPs) | MTL reached at s "

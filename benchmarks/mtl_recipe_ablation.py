@@ -163,6 +163,31 @@ VARIANTS = {
     "r9_b64_bf16": {**R8, "precision": "bf16"},
     "r9_b64_lr3e-3": {**R8, "lr": 0.003},
     "r9_b64_lr2e-3_warmup100": {**R8, "lr": 0.002, "warmup_steps": 100},
+    # Round 10 (--seconds 300 --horizon 600): an average of the weights for the first
+    # minutes. At 30-60 s the cosine schedule is still near its peak rate, so the weights
+    # jitter around what the features have learned; exponential moving averages with
+    # horizons of 100-500 steps (4-20 s at ~27 steps a second), evaluated beside the model
+    # on the same episodes (a paired comparison).
+    "r10_ema": {**R8, "ema": [0.99, 0.995, 0.998]},
+    "r10_ema_seed1": {**R8, "ema": [0.99, 0.995, 0.998], "seed": 1},
+    # Progressive resizing (FFCV, "budgeted training"): the first seconds' steps on
+    # smaller images (the augmentation's grid samples RES x RES instead of 28 x 28: 20 x 20
+    # is about half the FLOPs of a step), full size after SWITCH training seconds; the test
+    # images stay 28 x 28. [res, switch]
+    "r10_res20_to20": {**R8, "train_res": [20, 20.0]},
+    "r10_res20_to40": {**R8, "train_res": [20, 40.0]},
+    "r10_res24_to40": {**R8, "train_res": [24, 40.0]},
+    "r10_res24_to40_seed1": {**R8, "train_res": [24, 40.0], "seed": 1},
+    "r10_res24_to40_seed2": {**R8, "train_res": [24, 40.0], "seed": 2},
+    "r10_b64_seed1": {**R8, "seed": 1},
+    "r10_b64_seed2": {**R8, "seed": 2},
+    "r10_b64": dict(R8),
+    "r10_res24_to120": {**R8, "train_res": [24, 120.0]},
+    "r10_res24_to120_seed1": {**R8, "train_res": [24, 120.0], "seed": 1},
+    "r10_res24_to120_seed2": {**R8, "train_res": [24, 120.0], "seed": 2},
+    # the recipe after round 10 (its progressive resizing as MTLConfig fields, switched by
+    # the fraction of the run, not by this script's callback)
+    "r10_fast": {**R8, "small_images": 0.86, "small_images_fraction": 0.067},
 }
 RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                       "mtl_recipe_ablation.jsonl")
@@ -278,6 +303,38 @@ def _use_distillation(teacher, temperature: float) -> None:
     mtl.MTLLearner.forward = forward
 
 
+def _train_res_callback(res: int, switch: float):
+    """Training images sampled at ``res`` x ``res`` by the augmentation's grid until
+    ``switch`` training seconds, full size after (a callback that flips the size)."""
+    import torch.nn.functional as F
+
+    from fastmtl import mtl
+    from fastmtl.training import Callback
+    size = {"res": res}
+    affine = mtl._random_affine
+
+    def small_affine(x, u, rotate=10.0, scale=0.1, shift=0.1):
+        if size["res"] is None:
+            return affine(x, u, rotate, scale, shift)
+        real_affine_grid = F.affine_grid
+
+        def grid(theta, shape, align_corners=False):
+            return real_affine_grid(theta, [*shape[:2], size["res"], size["res"]],
+                                    align_corners=align_corners)
+        F.affine_grid = grid
+        try:
+            return affine(x, u, rotate, scale, shift)
+        finally:
+            F.affine_grid = real_affine_grid
+    mtl._random_affine = small_affine
+
+    class Switch(Callback):
+        def on_step_end(self, trainer, state):
+            if size["res"] is not None and state.train_seconds >= switch:
+                size["res"] = None
+    return Switch()
+
+
 def _ema_callback(decays):
     """A callback keeping exponential moving averages of the backbone's weights (its
     BatchNorm buffers copied); the update runs off the training clock, which is fine for an
@@ -342,11 +399,14 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     if mixup:
         _use_mixup(mixup)
     ema = _ema_callback(decays) if decays else None
+    train_res = changes.pop("train_res", None)
+    resize = _train_res_callback(*train_res) if train_res else None
     if recipe is not None:      # the recipe's config, 10**6 epochs, the time budget
         # "fast" without the projector it took in round 6 unless the variant names one, so
         # the rows of rounds 2-5 stay what they measured
+        # and full-size images unless the variant names small_images (round 10's addition)
         base = MTLConfig.from_recipe(recipe, epochs=10**6, max_minutes=budget / 60, seed=0,
-                                     projector=0)
+                                     projector=0, small_images=1.0)
     method = changes.pop("method", None)
     cfg = dataclasses.replace(base, **changes, **(
         dict(projector=projector[0], projector_dim=projector[1]) if projector else {}))
@@ -387,6 +447,8 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
         print(json.dumps(curve[-1]), flush=True)
 
     callbacks = ([ema] if ema else []) + ([AtTrainingSeconds(eval_at, point)] if eval_at else [])
+    if resize:
+        callbacks.append(resize)
     if budget > seconds:        # the schedule spans a longer horizon: stop at `seconds`
         callbacks.append(AtTrainingSeconds([seconds], lambda tr, state: True))
     t0 = time.perf_counter()
@@ -399,7 +461,7 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
                                       ("born_again", born_again), ("cutout", cutout),
                                       ("margin", margin), ("label_smoothing", smoothing),
                                       ("mask_rotations", siblings), ("projector", projector),
-                                      ("method", method)) if v})
+                                      ("method", method), ("train_res", train_res)) if v})
     if width != 64:
         changes["width"] = width
     if wide:

@@ -229,6 +229,15 @@ def flops_per_step(cls, cfg, make_backbone: Callable[[], torch.nn.Module], train
     return int(counter.get_total_flops())
 
 
+def _flops(trainer, state, flops: int, small_flops: int | None) -> int:
+    """FLOPs of ``state.step`` steps: full-size steps at ``flops``, and with progressive
+    resizing the trainer's ``small_image_steps`` at ``small_flops``."""
+    if small_flops is None:
+        return state.step * flops
+    small = trainer.small_image_steps
+    return small * small_flops + (state.step - small) * flops
+
+
 def _evaluate_point(trainer, method, test, shots, ways, queries, episodes, seed):
     out = {}
     feats = embed(trainer.backbone, test, progress=False)
@@ -248,6 +257,13 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
                bar: tqdm | None = None) -> dict[str, Any]:
     """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s."""
     flops = flops_per_step(cls, cfg, make_backbone, train)
+    # MTL with progressive resizing: a run's first steps are on small images (a fresh
+    # trainer's first step is one of them), the rest full size
+    small_flops = None
+    if getattr(cfg, "small_images", 1.0) < 1:
+        small_flops = flops
+        flops = flops_per_step(cls, dataclasses.replace(cfg, small_images=1.0), make_backbone,
+                               train)
     torch.manual_seed(seed)
     trainer = cls(make_backbone(), cfg)
     device = trainer.device
@@ -271,7 +287,7 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
         spent = time.perf_counter() - t0
         eval_seconds[0] += spent
         points.append({"train_seconds": state.train_seconds, "steps": state.step,
-                       "images": state.images, "flops": state.step * flops,
+                       "images": state.images, "flops": _flops(tr, state, flops, small_flops),
                        "peak_memory_bytes": peak[0], "eval_seconds": spent,
                        "accuracy": acc})
         if bar is not None:
@@ -294,7 +310,9 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
              else EveryTrainingSeconds(eval_every, at_point))
     history = trainer.fit(train, progress=False, callbacks=[timer, _Bar()])
     wall = time.perf_counter() - t0
-    return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops, "points": points,
+    return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops,
+            **({"flops_per_small_step": small_flops} if small_flops is not None else {}),
+            "points": points,
             "train_seconds": points[-1]["train_seconds"] if points else 0.0,
             "eval_seconds": eval_seconds[0], "wall_seconds": wall,
             "steps": points[-1]["steps"] if points else 0,
@@ -564,7 +582,9 @@ def _mean_result(runs: list[dict[str, Any]], seeds: list) -> dict[str, Any]:
             **{k: sum(r[k] for r in runs) / len(runs)
                for k in ("flops_per_step", "images_per_step", "train_seconds",
                          "eval_seconds", "steps")},
-            "steps_per_seed": [r["steps"] for r in runs]}
+            "steps_per_seed": [r["steps"] for r in runs],
+            **({"flops_per_small_step": sum(r["flops_per_small_step"] for r in runs) / len(runs)}
+               if all("flops_per_small_step" in r for r in runs) else {})}
 
 
 def merge_runs(payloads: list[dict[str, Any]]) -> dict[str, Any]:
@@ -629,6 +649,12 @@ def _merge_note(payload: dict[str, Any]) -> list[str]:
             "run's own speed-ups follow them."]
 
 
+def _small_step(result: dict[str, Any]) -> str:
+    """" (x small)": the GFLOPs of a step on small images, where a run had such steps."""
+    small = result.get("flops_per_small_step")
+    return "" if small is None else f" ({small / 1e9:.2f} small)"
+
+
 def _method_rows(payload: dict[str, Any]) -> list[str]:
     """A Markdown table row per method: costs, final and best accuracy per shot."""
     lines = []
@@ -644,7 +670,7 @@ def _method_rows(payload: dict[str, Any]) -> list[str]:
             own.append(f"{oacc[-1]:.1f}" if oacc else "-")
         peak = max(p["peak_memory_bytes"] for p in r["points"]) / 2**20
         lines.append(f"| {m} | {r['steps']:,.0f} | {r['images_per_step']:.0f} | "
-                     f"{r['flops_per_step'] / 1e9:.2f} | {r['train_seconds']:.0f} | "
+                     f"{r['flops_per_step'] / 1e9:.2f}{_small_step(r)} | {r['train_seconds']:.0f} | "
                      f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " | "
                      + " | ".join(own) + " |")
     return lines

@@ -71,6 +71,9 @@ def run_dir(tmp_path_factory):
     (["--n-way", "abc"], "--n-way"),
     (["--val-episodes", "0"], "val_episodes"),
     (["--data", "nope"], "--data"),
+    (["--small-images", "0.99"], "small_images"),
+    (["--small-images", "0.15"], "small_images"),
+    (["--small-images", "2"], "small_images"),
 ])
 def test_train_flag_out_of_range_or_wrong_type(tmp_path, capsys, flags, needle):
     ck = tmp_path / "ck"
@@ -240,6 +243,10 @@ def test_multihead_ce_refuses_non_finite_inputs(what):
     (lambda: MTLConfig(val_ways=1), "val_ways"), (lambda: MTLConfig(batch_size=0), "batch_size"),
     (lambda: MTLConfig(projector=-1), "projector"),
     (lambda: MTLConfig(projector=8, projector_dim=0), "projector_dim"),
+    (lambda: MTLConfig(small_images=-1), "small_images"),
+    (lambda: MTLConfig(small_images=1.2), "small_images"),
+    (lambda: MTLConfig(small_images=0.8, small_images_fraction=0), "small_images_fraction"),
+    (lambda: MTLConfig(small_images=0.8, small_images_fraction=1.5), "small_images_fraction"),
     (lambda: MAMLConfig(n_way=1), "n_way"), (lambda: MAMLConfig(lr=0), "lr"),
     (lambda: MAMLConfig(max_minutes=-1), "max_minutes"),
     (lambda: ProtoNetConfig(tasks_per_epoch=1, tasks_per_step=2), "tasks_per_epoch"),

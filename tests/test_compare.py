@@ -201,3 +201,23 @@ def test_merge_bad_runs_fail_in_one_line(run, tmp_path, change, needle):
     assert proc.stderr.startswith("fastmtl merge: error: runs") and len(proc.stderr.splitlines()) == 1
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m" / "compare.json").exists()
+
+
+def test_progressive_resizing_counts_small_steps_at_their_own_flops():
+    """MTL with small_images: the FLOPs axis counts the small steps at a small step's cost
+    (a fresh trainer's first step, about (20 / 28)^2 of a full one for the Conv-4) and the
+    rest at a full step's."""
+    from fastmtl.compare import config_for, run_method
+    from fastmtl.data import SyntheticGlyphs
+    from fastmtl.models import conv4
+    train, test = SyntheticGlyphs(20, 10, seed=0), SyntheticGlyphs(8, 10, seed=1)
+    cls, cfg = config_for("mtl", {"small_images": 20 / 28, "small_images_fraction": 0.5,
+                                  "batch_size": 32, "projector": 0}, budget_minutes=0.04)
+    res = run_method("mtl", cfg, cls, lambda: conv4(hidden=16), train, test,
+                     eval_every=[0.2, 2.3], shots=[1], ways=5, queries=5, episodes=5, seed=0)
+    small, full = res["flops_per_small_step"], res["flops_per_step"]
+    assert 0.4 < small / full < 0.7
+    first, last = res["points"][0], res["points"][-1]
+    assert first["flops"] == first["steps"] * small        # 0.2 s: all steps small
+    assert last["steps"] * small < last["flops"] < last["steps"] * full
+    assert (last["flops"] - last["steps"] * small) % (full - small) == 0

@@ -164,7 +164,7 @@ def test_projector_trains_behind_the_backbone_and_stays_out_of_its_features(tmp_
     data = _glyphs(12, 8)
     # (the plateau schedule: the cosine one spans the run's epochs, which differ below)
     cfg = MTLConfig.from_recipe("fast", projector=24, projector_dim=10, batch_size=16,
-                                epochs=2, lr_schedule="plateau",
+                                epochs=2, lr_schedule="plateau", small_images=1.0,
                                 checkpoint_dir=str(tmp_path / "a"))
     torch.manual_seed(0)
     net = _Tiny(d=16)
@@ -209,3 +209,75 @@ def test_projector_runs_per_task_chunk_as_the_backbone_does():
     torch.testing.assert_close(together, apart, rtol=0, atol=0)
     lt.chunking = "batch"
     assert not torch.allclose(lt.features(x, n_tasks=3), apart)
+
+
+def _input_sides(trainer):
+    """The side of every image batch the backbone sees in training, appended as it runs."""
+    sides = []
+
+    def hook(module, args):
+        if module.training:
+            sides.append(args[0].shape[-1])
+    trainer.backbone.register_forward_pre_hook(hook)
+    return sides
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_small_images_for_the_first_fraction_of_the_run_then_full_size(augment):
+    """Progressive resizing: the first small_images_fraction of the steps (no time budget:
+    the fraction is the steps over the epochs') see small images, the rest full-size ones,
+    and the trainer counts the small steps."""
+    data = _glyphs(12, 8)       # 96 images: 6 steps an epoch of 16
+    cfg = MTLConfig.from_recipe("fast", projector=0, batch_size=16, epochs=2, augment=augment,
+                                small_images=20 / 28, small_images_fraction=0.5)
+    trainer = MTLTrainer(conv4(hidden=8), cfg)
+    sides = _input_sides(trainer)
+    hist = trainer.fit(data, progress=False)
+    steps = sum(h["steps"] for h in hist)
+    assert steps == 12 and sides == [20] * 6 + [28] * 6
+    assert trainer.small_image_steps == 6
+    assert all(np.isfinite(h["train_loss"]) for h in hist)
+    # the features stay full-size
+    assert trainer.backbone(torch.zeros(2, 1, 28, 28)).shape == (2, 64)
+
+
+def test_small_images_one_trains_full_size_throughout_and_the_fast_recipe_starts_small():
+    data = _glyphs(12, 8)       # 6 steps: the recipe's first 6.7% of them is the first one
+    seen = {}
+    for small in (1.0, None):
+        cfg = MTLConfig.from_recipe("fast", projector=0, batch_size=16, epochs=1,
+                                    **({} if small is None else {"small_images": small}))
+        trainer = MTLTrainer(conv4(hidden=8), cfg)
+        sides = _input_sides(trainer)
+        trainer.fit(data, progress=False)
+        seen[small] = (sides, trainer.small_image_steps)
+    assert seen[1.0] == ([28] * 6, 0)
+    assert seen[None] == ([24] + [28] * 5, 1)
+
+
+@pytest.mark.parametrize("side", [12, 20, 27])
+def test_small_affine_samples_the_same_view_as_a_bilinear_resize(side):
+    """With the identity transform (u = 0.5) the augmentation's small output is a plain
+    bilinear resize of the image (float64 reference: F.interpolate), background kept."""
+    from fastmtl.mtl import _random_affine
+    g = torch.Generator().manual_seed(side)
+    x = torch.randn(3, 2, 28, 28, generator=g, dtype=torch.float64)
+    u = torch.full((3, 4), 0.5, dtype=torch.float64)
+    got = _random_affine(x, u, size=side)
+    want = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # and a real jitter at full size is unchanged by the new argument
+    u = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_random_affine(x, u, size=28), _random_affine(x, u))
+
+
+@pytest.mark.parametrize("fraction, needle", [(0.99, "full size"), (1 / 7, "does not take")])
+def test_small_images_the_backbone_cannot_take_fail_before_training(fraction, needle):
+    data = _glyphs(12, 8)
+    cfg = MTLConfig.from_recipe("fast", projector=0, batch_size=16, epochs=1,
+                                small_images=fraction)
+    trainer = MTLTrainer(conv4(hidden=8), cfg)
+    sides = _input_sides(trainer)
+    with pytest.raises(ValueError, match=f"small_images=.*{needle}"):
+        trainer.fit(data, progress=False)
+    assert sides == []

@@ -670,7 +670,8 @@ def _method_rows(payload: dict[str, Any]) -> list[str]:
             own.append(f"{oacc[-1]:.1f}" if oacc else "-")
         peak = max(p["peak_memory_bytes"] for p in r["points"]) / 2**20
         lines.append(f"| {m} | {r['steps']:,.0f} | {r['images_per_step']:.0f} | "
-                     f"{r['flops_per_step'] / 1e9:.2f}{_small_step(r)} | {r['train_seconds']:.0f} | "
+                     f"{r['flops_per_step'] / 1e9:.2f}{_small_step(r)} | "
+                     f"{r['train_seconds']:.0f} | "
                      f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " | "
                      + " | ".join(own) + " |")
     return lines

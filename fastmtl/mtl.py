@@ -149,7 +149,7 @@ class MTLConfig(TrainerConfig):
              "while the features form; test images keep their size; 1: full size "
              "throughout (the paper)")
     small_images_fraction: float = setting(
-        0.2, "with small_images, the fraction of the run trained on small images (the "
+        0.067, "with small_images, the fraction of the run trained on small images (the "
              "cosine schedule's fraction: the clock over max_minutes or the steps over the "
              "epochs' steps)")
     chunking: str = setting("auto", "auto, task or batch: the backbone's BatchNorm batches in "

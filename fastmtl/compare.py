@@ -229,6 +229,16 @@ def flops_per_step(cls, cfg, make_backbone: Callable[[], torch.nn.Module], train
     return int(counter.get_total_flops())
 
 
+def _step_flops(cls, cfg, make_backbone, train) -> tuple[int, int | None]:
+    """FLOPs of a full step and, for MTL with progressive resizing, of a step on small
+    images (a fresh trainer's first step is one of them; None without it)."""
+    flops = flops_per_step(cls, cfg, make_backbone, train)
+    if getattr(cfg, "small_images", 1.0) >= 1:
+        return flops, None
+    full = flops_per_step(cls, dataclasses.replace(cfg, small_images=1.0), make_backbone, train)
+    return full, flops
+
+
 def _flops(trainer, state, flops: int, small_flops: int | None) -> int:
     """FLOPs of ``state.step`` steps: full-size steps at ``flops``, and with progressive
     resizing the trainer's ``small_image_steps`` at ``small_flops``."""
@@ -256,14 +266,7 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
                shots, ways: int, queries: int, episodes: int, seed: int,
                bar: tqdm | None = None) -> dict[str, Any]:
     """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s."""
-    flops = flops_per_step(cls, cfg, make_backbone, train)
-    # MTL with progressive resizing: a run's first steps are on small images (a fresh
-    # trainer's first step is one of them), the rest full size
-    small_flops = None
-    if getattr(cfg, "small_images", 1.0) < 1:
-        small_flops = flops
-        flops = flops_per_step(cls, dataclasses.replace(cfg, small_images=1.0), make_backbone,
-                               train)
+    flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
     torch.manual_seed(seed)
     trainer = cls(make_backbone(), cfg)
     device = trainer.device

@@ -263,9 +263,16 @@ def test_small_affine_samples_the_same_view_as_a_bilinear_resize(side):
     g = torch.Generator().manual_seed(side)
     x = torch.randn(3, 2, 28, 28, generator=g, dtype=torch.float64)
     u = torch.full((3, 4), 0.5, dtype=torch.float64)
+    x.requires_grad_(True)
     got = _random_affine(x, u, size=side)
     want = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # backward too: the same gradient reaches the images
+    up = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    (grad_got,) = torch.autograd.grad(got, x, up)
+    (grad_want,) = torch.autograd.grad(want, x, up)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-10, atol=1e-10)
+    x = x.detach()
     # and a real jitter at full size is unchanged by the new argument
     u = torch.rand(3, 4, generator=g, dtype=torch.float64)
     torch.testing.assert_close(_random_affine(x, u, size=28), _random_affine(x, u))

@@ -3,8 +3,9 @@
 A checkpoint is a dict saved with ``torch.save``:
 
 - ``format``: :data:`FORMAT`; ``method``: ``"mtl"``, ``"maml"``, ...; ``config``: the
-  trainer's config as a dict; ``backbone_spec``: how to rebuild the backbone (set by the
-  CLI's ``build_backbone``; None for a user's own module);
+  trainer's config as a dict; ``backbone_spec``: how to rebuild the backbone (the
+  ``spec`` every backbone of :mod:`fastmtl.models` carries, read by
+  :func:`fastmtl.registry.build_backbone`; None for a user's own module);
 - ``model``: the learner module's ``state_dict`` (MTL: backbone, head table, logit scale;
   GBML: backbone and the method's head); ``backbone``: the backbone's own ``state_dict``,
   all that evaluation needs; ``batchnorm``: ``"running"`` (MTL) or ``"batch-statistics"``
@@ -18,19 +19,23 @@ A checkpoint is a dict saved with ``torch.save``:
 ``last.pt`` is written every epoch, ``best.pt`` when the epoch is the best so far, and
 ``history.json`` beside them; every file goes to a temporary name first and is renamed,
 so a crash never leaves half a file.
+
+Checkpoints hold tensors and plain values only, and are read with
+``torch.load(..., weights_only=True)``: a shared file cannot run code when loaded.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
 
 __all__ = ["FORMAT", "MODEL_KEYS", "atomic_save", "atomic_write_json", "atomic_write_text",
            "atomic_savefig", "check_readable",
-           "load", "load_learner", "model_state", "save_training"]
+           "load", "load_learner", "safe_load", "model_state", "save_training"]
 
 FORMAT = "fastmtl-checkpoint/1"
 # torch.save's zip files start with the zip signature; its legacy format with a pickled
@@ -216,11 +221,7 @@ def load(path: str, method: str | None = None, device: torch.device | str = "cpu
     if not (head.startswith(b"PK\x03\x04") or head == _LEGACY_MAGIC):
         raise ValueError(f"{what} {str(path)!r} is not a fastmtl checkpoint (not a file "
                          f"torch.save writes)")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:      # pickle, zip and torch errors alike: not a checkpoint
-        raise ValueError(f"{what} {str(path)!r} is not a fastmtl checkpoint (cannot be read: "
-                         f"{type(exc).__name__})") from None
+    state = safe_load(path, what, "a fastmtl checkpoint", device)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{what} {str(path)!r} is not a fastmtl checkpoint of this version "
                          f"(expected format {FORMAT!r})")
@@ -231,6 +232,35 @@ def load(path: str, method: str | None = None, device: torch.device | str = "cpu
         raise ValueError(f"{what} {str(path)!r} has no optimizer state (a best.pt or "
                          f"final.pt); resume from the run's last.pt")
     return state
+
+
+def safe_load(path: str, what: str, kind: str, device: torch.device | str = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain values only, so the
+    file cannot run code; anything else is a one-line ValueError.
+
+    Raises:
+        ValueError: "``what`` ``path`` is not ``kind``", with the reason.
+
+    Example:
+        >>> import os, pickle, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "evil.pt")
+        >>> class Evil:
+        ...     def __reduce__(self):
+        ...         return (print, ("this must never print",))
+        >>> atomic_save({"backbone": Evil()}, path)
+        >>> safe_load(path, "checkpoint", "a fastmtl checkpoint")
+        Traceback (most recent call last):
+        ...
+        ValueError: checkpoint '...evil.pt' is not a fastmtl checkpoint (it holds objects other than tensors and plain values, which fastmtl never unpickles)
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{what} {str(path)!r} is not {kind} (it holds objects other than "
+                         f"tensors and plain values, which fastmtl never unpickles)") from None
+    except Exception as exc:      # zip, pickle and torch errors alike
+        raise ValueError(f"{what} {str(path)!r} is not {kind} (cannot be read: "
+                         f"{type(exc).__name__})") from None
 
 
 def load_learner(learner: torch.nn.Module, state: dict[str, Any], path: str) -> None:

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checks
+from . import checks, registry
 from .adapt import fit_logistic
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, check_readable, safe_load
 from .checkpoint import load as load_checkpoint
 from .data.folder import read_image
 
@@ -32,29 +32,28 @@ _FORMAT = "fastmtl-classifier/1"
 def backbone_from_checkpoint(state: dict[str, Any], path: str = "checkpoint") -> nn.Module:
     """The trained backbone of a fastmtl checkpoint dict (as :mod:`fastmtl.checkpoint`).
 
-    The checkpoint must say which backbone it holds (``backbone_spec``, which the CLI's
-    checkpoints carry: a backbone built by ``fastmtl train``); a GBML checkpoint's
-    backbone comes back with its batch-statistics norms.
+    The checkpoint must say which backbone it holds (``backbone_spec``: every backbone of
+    :mod:`fastmtl.models` records its own, so a model trained through the CLI or the
+    Python API rebuilds); a GBML checkpoint's backbone comes back with its
+    batch-statistics norms.
 
     Raises:
         ValueError: no usable ``backbone_spec``, or a state that does not fit it.
 
     Example:
         >>> from fastmtl.models import conv4
-        >>> state = {"backbone_spec": {"name": "conv4", "in_channels": 1},
-        ...          "backbone": conv4(in_channels=1).state_dict()}
+        >>> net = conv4(in_channels=1)
+        >>> state = {"backbone_spec": net.spec, "backbone": net.state_dict()}
         >>> type(backbone_from_checkpoint(state)).__name__
         'Conv4'
     """
-    from . import models
-    spec = state.get("backbone_spec") or {}
-    if spec.get("name") not in ("conv4", "resnet12") or "in_channels" not in spec:
+    spec = state.get("backbone_spec")
+    if not isinstance(spec, dict) or spec.get("name") not in registry.BACKBONE_NAMES:
         raise ValueError(f"{path!r} does not say which backbone it holds (backbone_spec "
                          f"{spec or None}); build it yourself and use FewShotClassifier(...)")
-    if "backbone" not in state:
+    if not isinstance(state.get("backbone"), dict):
         raise ValueError(f"{path!r} holds no backbone state; is it a fastmtl checkpoint?")
-    net = getattr(models, spec["name"])(in_channels=spec["in_channels"])
-    net.spec = dict(spec)
+    net = registry.build_backbone(spec)
     if state.get("batchnorm") == "batch-statistics":
         from .gbml import use_batch_stats
         use_batch_stats(net)
@@ -230,43 +229,89 @@ class FewShotClassifier:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """Save the backbone, the settings and the fitted head (atomically)."""
-        spec = getattr(self.backbone, "spec", None)
-        state = {"format": _FORMAT, "backbone_spec": spec,
-                 "backbone": self.backbone.state_dict() if spec else None,
-                 "module": None if spec else self.backbone,
+        """Save the backbone's weights and spec, the settings and the fitted head
+        (atomically), as tensors and plain values only.
+
+        Raises:
+            ValueError: class labels that are not str, int, float or bool (only plain
+                values are stored, so the file loads without running code).
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> from fastmtl.models import conv4
+            >>> clf = FewShotClassifier(conv4(in_channels=1, hidden=8), image_size=28,
+            ...                         channels=1, mean=(0.1,), std=(0.3,), device="cpu")
+            >>> _ = clf.fit(torch.randn(4, 1, 28, 28), ["a", "a", "b", "b"])
+            >>> path = os.path.join(tempfile.mkdtemp(), "clf.pt")
+            >>> clf.save(path)
+            >>> FewShotClassifier.load(path).classes_.tolist()
+            ['a', 'b']
+        """
+        classes = None if self.classes_ is None else [_plain(c) for c in self.classes_]
+        state = {"format": _FORMAT, "backbone_spec": getattr(self.backbone, "spec", None),
+                 "backbone": self.backbone.state_dict(),
                  "batchnorm": "batch-statistics" if _has_batch_stats(self.backbone)
                  else "running",
                  "settings": dict(image_size=self.image_size, channels=self.channels,
-                                  mean=self.mean, std=self.std, head=self.head, C=self.C),
-                 "classes": None if self.classes_ is None else list(self.classes_),
+                                  mean=list(self.mean), std=list(self.std), head=self.head,
+                                  C=self.C),
+                 "classes": classes,
                  "weight": None if self._weight is None else self._weight.cpu(),
                  "bias": None if self._bias is None else self._bias.cpu()}
         atomic_save(state, path)
 
     @classmethod
-    def load(cls, path: str, device: torch.device | str | None = None) -> "FewShotClassifier":
-        """A classifier saved by :meth:`save`, head included."""
-        from .checkpoint import check_readable
+    def load(cls, path: str, device: torch.device | str | None = None,
+             backbone: nn.Module | None = None) -> "FewShotClassifier":
+        """A classifier saved by :meth:`save`, head included; read with
+        ``weights_only=True``, so the file cannot run code.
+
+        Args:
+            path: the file.
+            device: where the backbone runs (None: CUDA when available, else CPU).
+            backbone: a fresh module of the saved backbone's architecture, needed only
+                when it is not a fastmtl model (its spec was not saved); its weights are
+                loaded from the file.
+
+        Raises:
+            ValueError: not a saved FewShotClassifier, or no way to rebuild its backbone.
+        """
         check_readable(path, "classifier")
-        with open(path, "rb") as f:
-            if not f.read(4) == b"PK\x03\x04":
-                raise ValueError(f"{path!r} is not a saved FewShotClassifier")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise ValueError(f"{path!r} is not a saved FewShotClassifier ({type(exc).__name__})") \
-                from None
+        state = safe_load(path, "classifier", "a saved FewShotClassifier")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{path!r} is not a saved FewShotClassifier")
-        net = state["module"] if state["module"] is not None else \
-            backbone_from_checkpoint(state, path)
+            raise ValueError(f"classifier {path!r} is not a saved FewShotClassifier")
+        if "module" in state and state.get("backbone") is None:
+            raise ValueError(f"classifier {path!r} was saved by an older fastmtl with the "
+                             f"whole backbone pickled, which is no longer loaded: re-save "
+                             f"it with this version (FewShotClassifier.save)")
+        if backbone is not None:
+            try:
+                backbone.load_state_dict(state["backbone"])
+            except RuntimeError as exc:
+                raise ValueError(f"backbone: does not fit the weights in {path!r}: "
+                                 f"{str(exc).strip().splitlines()[0]}") from None
+            net = backbone
+        elif state.get("backbone_spec") is None:
+            raise ValueError(f"backbone: classifier {path!r} holds a backbone that is not a "
+                             f"fastmtl model; pass a fresh one of its architecture")
+        else:
+            net = backbone_from_checkpoint(state, path)
         clf = cls(net, device=device, **state["settings"])
         if state["classes"] is not None:
             clf.classes_ = _as_array(state["classes"])
             clf._weight = state["weight"].to(clf.device)
             clf._bias = state["bias"].to(clf.device)
         return clf
+
+
+def _plain(label: Any) -> Any:
+    """A class label as a plain Python value (numpy scalars unwrapped), or ValueError."""
+    if isinstance(label, np.generic):
+        label = label.item()
+    if not isinstance(label, (str, int, float, bool)):
+        raise ValueError(f"labels: only str, int, float or bool labels can be saved, got "
+                         f"{type(label).__name__} ({label!r})")
+    return label
 
 
 def _as_array(classes: list) -> np.ndarray:

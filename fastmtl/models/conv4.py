@@ -52,6 +52,10 @@ class Conv4(nn.Module):
             raise ValueError(f"channels_last must be None, True or False, got {channels_last!r}")
         self.in_channels = in_channels
         self.channels_last = channels_last
+        # What the backbone is, as plain values: checkpoints store it and
+        # fastmtl.registry.build_backbone(spec) rebuilds it (no pickled code).
+        self.spec = {"name": "conv4", "in_channels": in_channels, "hidden": hidden,
+                     "out_channels": out_channels}
         widths = [in_channels, hidden, hidden, hidden, out_channels]
         self.blocks = nn.Sequential(*(_block(a, b) for a, b in zip(widths[:-1], widths[1:])))
         _init_weights(self)

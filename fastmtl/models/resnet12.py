@@ -65,6 +65,10 @@ class ResNet12(nn.Module):
                              f"{dropblock_size} and {dropblock_ramp}")
         self.in_channels = in_channels
         self.avg_pool = avg_pool
+        # What the backbone is, as plain values (see Conv4.spec).
+        self.spec = {"name": "resnet12", "in_channels": in_channels, "channels": list(channels),
+                     "drop_rate": drop_rate, "dropblock_size": dropblock_size,
+                     "avg_pool": avg_pool, "dropblock_ramp": dropblock_ramp}
         widths = (in_channels,) + channels
         self.layers = nn.Sequential(*(
             _ResBlock(widths[i], widths[i + 1], drop_rate,

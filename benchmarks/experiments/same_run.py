@@ -5,8 +5,8 @@ Run it once per tree and compare the outputs, e.g. the tree before the trainer-c
 refactoring against this one (benchmarks/results/refactor_same_run.json)::
 
     git worktree add /tmp/old e75e827
-    cd /tmp && PYTHONPATH=/tmp/old python /work/main/benchmarks/same_run.py > old.json
-    cd /tmp && python /work/main/benchmarks/same_run.py > new.json     # installed tree
+    cd /tmp && PYTHONPATH=/tmp/old python /work/main/benchmarks/experiments/same_run.py > old.json
+    cd /tmp && python /work/main/benchmarks/experiments/same_run.py > new.json     # installed tree
 """
 import json
 

@@ -1,7 +1,7 @@
 """One process vs ``torchrun`` ranks on the CPU (gloo): seconds per training step.
 
-    python benchmarks/distributed_cpu.py                  # MTL and FO-MAML, 2 ranks
-    python benchmarks/distributed_cpu.py --ranks 2 --steps 30
+    python benchmarks/experiments/distributed_cpu.py                  # MTL and FO-MAML, 2 ranks
+    python benchmarks/experiments/distributed_cpu.py --ranks 2 --steps 30
 
 Runs ``fastmtl train`` on the built-in SyntheticGlyphs (Conv-4, no validation, no test
 evaluation) as one process with ``--ranks`` threads, then as ``--ranks`` gloo processes of
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results
 from _results import write_result  # noqa: E402
 
 RUNS = {

@@ -5,7 +5,7 @@ Each variant trains Conv-4 MTL on the training alphabets for the same number of 
 the paper's protocol, 5-way 1- and 5-shot, 15 queries; the validation alphabet picks the
 best epoch. Results go to benchmarks/results/omniglot_mtl_ablation.json.
 
-    python benchmarks/omniglot_mtl.py --root ../shared/data/omniglot --steps 400
+    python benchmarks/experiments/omniglot_mtl.py --root ../shared/data/omniglot --steps 400
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8, help="epochs the steps are split into")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--episodes", type=int, default=1000, help="test episodes per setting")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results",
                                                  "omniglot_mtl_ablation.json"))
     args = p.parse_args()
     val = load_dataset("omniglot", args.root, "val")

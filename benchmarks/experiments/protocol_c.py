@@ -7,15 +7,18 @@ the logistic-regression protocol at several C (the paper's protocol: C = 3), 5-w
 5-shot, the same seeded episodes for every C. The validation alphabet only: this measures
 the protocol, it does not choose anything on the test alphabets.
 
-    python benchmarks/protocol_c.py --root ../shared/data/omniglot   # -> results/protocol_c_cpu.json
+    python benchmarks/experiments/protocol_c.py --root ../shared/data/omniglot   # -> results/protocol_c_cpu.json
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import os
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import keep_freed_memory, write_result  # benchmarks/_results.py
 
 from fastmtl import MTLConfig, MTLTrainer
@@ -29,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default=os.path.join(HERE, "..", "..", "shared", "data", "omniglot"),
+    p.add_argument("--root", default=os.path.join(HERE, "..", "..", "..", "shared", "data", "omniglot"),
                    help="the Omniglot folder (its README names the files)")
     p.add_argument("--at", type=float, nargs="+", default=[30.0, 60.0],
                    help="training seconds at which to evaluate; training stops at the last")

@@ -6,13 +6,16 @@ the vmapped path measured 0.42-0.59x of a learn2learn-style loop in maml_vs_l2l.
 time go to ``benchmarks/results/maml_vmap_profile_cpu.json``. A diagnosis, not a timing:
 the profiler's overhead is in every figure.
 
-    python benchmarks/maml_vmap_profile.py
+    python benchmarks/experiments/maml_vmap_profile.py
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import keep_freed_memory, write_result
 from fastmtl.gbml import MAML, MAMLConfig
 from fastmtl.models import conv4

@@ -11,16 +11,19 @@ process with the order rotated, so machine drift falls on all; medians after a w
 round; each form's output and weight gradients are first checked against a float64
 reference (their largest relative errors are in the JSON).
 
-    python benchmarks/conv4_layout.py            # -> results/conv4_layout_cpu.json
+    python benchmarks/experiments/conv4_layout.py            # -> results/conv4_layout_cpu.json
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import statistics
 import time
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import keep_freed_memory, write_result  # benchmarks/_results.py
 
 from fastmtl.compare import METHODS, config_for

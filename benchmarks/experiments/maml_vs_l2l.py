@@ -14,16 +14,19 @@ tasks, its head's inner loop vmapped), and which of the two ``vectorize=None`` p
 test_bench_steps.py: the comparison's (4 tasks, 5 queries a class, 1 inner step) and the
 issue's (16 tasks, 15 queries a class, 1 and 5 inner steps). Second order, Adam.
 
-    python benchmarks/maml_vs_l2l.py           # -> results/maml_vs_l2l_cpu.json
+    python benchmarks/experiments/maml_vs_l2l.py           # -> results/maml_vs_l2l_cpu.json
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import statistics
 import time
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
 from test_bench_steps import (SHAPES, _episodes, _fastmtl_step, _L2LStyle, _L2LStyleANIL,
                               textbook_conv4)

@@ -9,8 +9,8 @@ allocator and thread state do not carry over; results append to
 ``benchmarks/results/mtl_recipe_ablation.jsonl`` (one JSON object a line, with the load
 average, so runs disturbed by other work can be told apart).
 
-    python benchmarks/mtl_recipe_ablation.py --root ../shared/data/omniglot
-    python benchmarks/mtl_recipe_ablation.py --variants readme all_b128 --seconds 90
+    python benchmarks/experiments/mtl_recipe_ablation.py --root ../shared/data/omniglot
+    python benchmarks/experiments/mtl_recipe_ablation.py --variants readme all_b128 --seconds 90
 
 The committed rows were measured with the same procedure by an earlier form of this
 script (one process per variant); they record the last epoch's steps rather than the
@@ -198,7 +198,7 @@ for _seed in (0, 1, 2):
     VARIANTS[f"r11_lr2e-3_warmup100{_tail}"] = {**R10, "lr": 0.002, "warmup_steps": 100,
                                                 "seed": _seed}
     VARIANTS[f"r11_lr1.5e-3{_tail}"] = {**R10, "lr": 0.0015, "seed": _seed}
-RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+RESULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
                       "mtl_recipe_ablation.jsonl")
 
 

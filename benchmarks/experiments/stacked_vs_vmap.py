@@ -15,10 +15,12 @@ test_bench_steps.py beside ANIL:
 - ProtoNet, R2D2: one 20-way 1-shot task with 5 queries a class (``fastmtl compare``),
   and 4 such tasks a step.
 
-    python benchmarks/stacked_vs_vmap.py        # -> results/stacked_vs_vmap_cpu.json
+    python benchmarks/experiments/stacked_vs_vmap.py        # -> results/stacked_vs_vmap_cpu.json
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import statistics
 import time
@@ -26,6 +28,7 @@ import time
 import torch
 from torch.func import functional_call
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
 from test_bench_steps import _L2LStyleANIL
 

@@ -4,16 +4,19 @@ Both forms of the trainer's own step (128 images over the whole head table, Conv
 the synthetic glyphs), interleaved round by round in one process with the order swapped
 every round, so machine drift falls on both; medians after one warm-up round.
 
-    python benchmarks/projector_cost.py          # -> results/projector_cost_cpu.json
+    python benchmarks/experiments/projector_cost.py          # -> results/projector_cost_cpu.json
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 import argparse
 import statistics
 import time
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import keep_freed_memory, machine_info, write_result  # benchmarks/_results.py
 
 from fastmtl import MTLConfig, MTLTrainer

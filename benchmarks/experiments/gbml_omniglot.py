@@ -1,7 +1,7 @@
 """Bounded GBML runs on real Omniglot: Conv-4, 5-way 1-shot, the MTL alphabet split.
 
-    python benchmarks/gbml_omniglot.py --minutes 2 --threads 1           # all methods
-    python benchmarks/gbml_omniglot.py --methods maml anil --minutes 2   # some; merged in
+    python benchmarks/experiments/gbml_omniglot.py --minutes 2 --threads 1           # all methods
+    python benchmarks/experiments/gbml_omniglot.py --methods maml anil --minutes 2   # some; merged in
 
 Each method meta-trains a fresh Conv-4 (64 filters) on ``Omniglot(root, split="train")``
 with rotations by 90/180/270 degrees as extra classes (as MAML and ProtoNet do) for a
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import keep_freed_memory  # benchmarks/_results.py (run as a script)
 from fastmtl import evaluate
 from fastmtl._env import machine_info
@@ -34,8 +35,8 @@ from fastmtl.data import Omniglot, with_rotations
 from fastmtl.gbml import METHODS
 from fastmtl.models import conv4
 
-RESULT = Path(__file__).parent / "results" / "gbml_omniglot.json"
-DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+RESULT = Path(__file__).resolve().parents[1] / "results" / "gbml_omniglot.json"
+DEFAULT_ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot"
 
 # Bounded-run settings. MAML/FO-MAML/ANIL: the paper's Omniglot inner loop (one step of
 # 0.4 in training, three at test) with 4 tasks of 5 queries per class per meta-step:

@@ -7,10 +7,11 @@ alphabets (Conv-4, 28x28), then sums the wall time of each named phase range (``
 ``outer_backward``; the committed figures predate the split of ``inner_loop_and_outer_loss``) over the profiled steps and divides by the steps. Results:
 ``benchmarks/results/profile_cpu.json`` and a Markdown table on stdout.
 
-    python benchmarks/profile_phases.py --root ../shared/data/omniglot
+    python benchmarks/experiments/profile_phases.py --root ../shared/data/omniglot
 """
 from __future__ import annotations
 
+from pathlib import Path
 import argparse
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import tempfile
 from collections import defaultdict
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results, test_bench_steps
 from _results import write_result  # benchmarks/_results.py
 
 PHASES = ("data", "backbone", "heads", "backward", "optimizer", "inner_loop", "outer_loss",

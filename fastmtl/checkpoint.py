@@ -154,7 +154,7 @@ def model_state(trainer) -> dict[str, Any]:
             "backbone_spec": getattr(trainer.backbone, "spec", None),
             "model": trainer.learner.state_dict() if trainer.learner is not None else None,
             "backbone": trainer.backbone.state_dict(), "batchnorm": trainer.batchnorm,
-            "history": trainer.history, "run": dict(getattr(trainer, "run_info", {}) or {})}
+            "history": trainer.history, "run": dict(trainer.run_info or {})}
 
 
 def save_training(directory: str, trainer, epoch: int, best: dict[str, Any]) -> None:

@@ -164,8 +164,34 @@ class TrainerConfig(metaclass=_Renaming):
                       f"release; use .{new}", DeprecationWarning, stacklevel=2)
         return getattr(self, new)
 
+    def inert_fields(self) -> list[tuple[str, str]]:
+        """(field, the setting that disables it) for each field that has no effect under
+        this config's other settings; :meth:`validate` refuses such a field unless it is
+        at its default. A subclass lists its own.
+
+        Example:
+            >>> from fastmtl import MTLConfig
+            >>> MTLConfig(lr_schedule="plateau").inert_fields()[1]
+            ('warmup_steps', "lr_schedule='plateau'")
+        """
+        return []
+
+    def task_needs(self) -> tuple[int, int]:
+        """(classes, images a class) a training task draws from the training set."""
+        return self.n_way, 1
+
+    def _refuse_inert(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, why in self.inert_fields():
+            value = getattr(self, name)
+            if value != defaults[name]:
+                raise ValueError(f"{name}={value!r} has no effect with {why}; leave it at "
+                                 f"its default ({defaults[name]!r}) or change {why.split('=')[0]}")
+
     def validate(self) -> None:
-        """Raise ValueError naming the first shared field out of range (before any work)."""
+        """Raise ValueError naming the first shared field out of range, or set where it
+        has no effect (:meth:`inert_fields`), before any work."""
+        self._refuse_inert()
         for name in ("tasks_per_epoch", "epochs", "val_shots", "val_queries", "val_episodes"):
             checks.integer(name, getattr(self, name), 1)
         # A 1-way task has nothing to tell apart: loss 0, zero gradients, 100% accuracy.

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["init_from_env", "shutdown", "is_distributed", "rank", "world_size", "is_main",
+__all__ = ["init_from_env", "check_joined", "shutdown", "is_distributed", "rank", "world_size", "is_main",
            "default_device", "DistributedError"]
 
 # Seconds a collective may wait for the other ranks before failing (init_process_group's
@@ -65,14 +65,28 @@ def _env_world() -> int:
         raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}")
 
 
+def check_joined(what: str = "a trainer") -> None:
+    """ValueError if the environment names a multi-process launch (``WORLD_SIZE`` > 1) but
+    this process has joined no process group: each rank would then train alone.
+
+    Example:
+        >>> check_joined()            # a plain process: nothing to join
+    """
+    if _env_world() > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"WORLD_SIZE={_env_world()}: this is a multi-process launch, but "
+                         f"no process group exists; call fastmtl.distributed.init_from_env() "
+                         f"before building {what}")
+
+
 def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Join the process group a launcher such as ``torchrun`` describes in the environment.
 
     Does nothing (and returns False) when the process group already exists or when the
     environment names no multi-process launch (``WORLD_SIZE`` unset or 1). ``backend``
     defaults to NCCL when CUDA is available and gloo otherwise; each rank then uses the GPU
-    ``LOCAL_RANK``. The trainers call this themselves, so ``torchrun ... -m fastmtl train``
-    and a user script under torchrun need no set-up code.
+    ``LOCAL_RANK``. ``fastmtl train`` and ``fastmtl eval`` call it; a script of one's own
+    under torchrun calls it once before building a trainer (a trainer built under a
+    multi-process launch without a process group refuses, see :func:`check_joined`).
 
     Args:
         backend: the process-group backend (None: NCCL with CUDA, else gloo).

@@ -176,10 +176,45 @@ class MTLConfig(TrainerConfig):
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ValueError(f"unknown MTLConfig field(s) {unknown}")
-        return cls(**dict(RECIPES[recipe], **overrides))
+        cfg = cls(**dict(RECIPES[recipe], **overrides))
+        # A recipe value that the overrides leave without effect (its lr_schedule changed,
+        # say) goes back to the default: only what the caller set is checked for effect.
+        inert = {name for name, _ in cfg.inert_fields()} - set(overrides)
+        reset = {f.name: f.default for f in dataclasses.fields(cls)
+                 if f.name in inert and f.name in RECIPES[recipe]}
+        return dataclasses.replace(cfg, **reset) if reset else cfg
+
+    def inert_fields(self) -> list[tuple[str, str]]:
+        """Fields without effect under the other settings (see
+        :meth:`fastmtl.config.TrainerConfig.inert_fields`)."""
+        out = []
+        if self.task_sampling == "all_classes":
+            out += [(n, "task_sampling='all_classes'") for n in
+                    ("n_way", "images_per_class", "tasks_per_step", "tasks_per_epoch")]
+        else:
+            out.append(("batch_size", f"task_sampling={self.task_sampling!r}"))
+        if self.lr_schedule == "plateau":
+            out.append(("warmup_steps", "lr_schedule='plateau'"))
+        else:
+            out += [(n, f"lr_schedule={self.lr_schedule!r}")
+                    for n in ("plateau_patience", "plateau_factor")]
+        if not self.projector:
+            out.append(("projector_dim", "projector=0"))
+        if not self.augment:
+            out.append(("augment_strength", "augment=False"))
+        if self.small_images >= 1:
+            out.append(("small_images_fraction", f"small_images={self.small_images!r}"))
+        return out
+
+    def task_needs(self) -> tuple[int, int]:
+        """(classes, images a class) a training task draws: all_classes, one image."""
+        if self.task_sampling == "all_classes":
+            return 1, 1
+        return self.n_way, self.images_per_class
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field out of range (before any work)."""
+        """Raise ValueError naming the first field out of range, or set where it has no
+        effect (:meth:`inert_fields`), before any work."""
         super().validate()
         for name in ("images_per_class", "tasks_per_step", "batch_size"):
             checks.integer(name, getattr(self, name), 1)
@@ -362,7 +397,7 @@ class MTLTrainer(Trainer):
             raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         self.config = config or MTLConfig()
         self.config.validate()
-        _dist.init_from_env()
+        _dist.check_joined()
         self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = backbone.to(self.device)
         self.learner: MTLLearner | None = None
@@ -376,6 +411,40 @@ class MTLTrainer(Trainer):
     def head(self) -> torch.Tensor | None:
         """The per-class head table (C, d), once ``fit`` has built it."""
         return None if self.learner is None else self.learner.head
+
+    def evaluate(self, dataset, n_way: int = 5, k_shot: int = 1, n_query: int = 15,
+                 episodes: int = 600, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+        """The paper's test protocol on the trained backbone: a logistic-regression head
+        fitted per seeded episode (:func:`fastmtl.evaluate`, which this calls).
+
+        Returns:
+            :func:`fastmtl.evaluate`'s dict (``mean`` and ``ci95`` in percent, ...), plus
+            ``protocol``: ``"logistic"``.
+
+        Raises:
+            ValueError: a bad data set or episode setting.
+
+        Example:
+            >>> import fastmtl
+            >>> trainer = fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8))
+            >>> test = fastmtl.data.SyntheticGlyphs(6, 6, seed=1)
+            >>> trainer.evaluate(test, n_way=5, n_query=2, episodes=4, progress=False)["protocol"]
+            'logistic'
+        """
+        out = evaluate(self.backbone, dataset, n_way=n_way, k_shot=k_shot, n_query=n_query,
+                       episodes=episodes, seed=seed, device=self.device, progress=progress)
+        out["protocol"] = "logistic"
+        return out
+
+    def supports_ways(self, n_way: int) -> bool:
+        """Any number of ways (a fresh head is fitted per episode).
+
+        Example:
+            >>> import fastmtl
+            >>> fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8)).supports_ways(20)
+            True
+        """
+        return n_way >= 2
 
     # -- the Trainer hooks ----------------------------------------------------------------
     def _chunking(self) -> str:

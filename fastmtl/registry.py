@@ -137,10 +137,10 @@ def default_config(name: str, recipe: str | None = None, **overrides: Any):
     _, config_cls, fixed = method(name)
     from_recipe = getattr(config_cls, "from_recipe", None)
     if from_recipe is not None:
-        return from_recipe(recipe or METHODS[name].recipe, **overrides, **fixed)
+        return from_recipe(recipe or METHODS[name].recipe, **{**overrides, **fixed})
     if recipe not in (None, "fast"):
         raise ValueError(f"recipe {recipe!r} is for MTL; method {name!r} has no recipes")
-    return config_cls(**overrides, **fixed)
+    return config_cls(**{**overrides, **fixed})
 
 
 def compare_settings(name: str) -> dict[str, Any]:

@@ -489,9 +489,25 @@ class Trainer:
 
     method = "trainer"
     learner: nn.Module | None = None
-    # What the caller knows of the run (data set, split, image size): stored in every
-    # checkpoint, so `fastmtl eval` can rebuild the data a checkpoint was trained on.
-    run_info: dict[str, Any] = {}
+    # What the caller knows of the run (data set, split, image size), set per trainer
+    # (``trainer.run_info = {...}``): stored in every checkpoint, so `fastmtl eval` can
+    # rebuild the data a checkpoint was trained on. None: nothing recorded.
+    run_info: dict[str, Any] | None = None
+    # Whether evaluate() is an adaptation of the method's own (GBML), or the
+    # logistic-regression protocol itself (MTL): compare reports the former beside it.
+    own_adaptation = False
+
+    def evaluate(self, dataset: FewShotDataset, n_way: int = 5, k_shot: int = 1,
+                 n_query: int = 15, episodes: int = 600, seed: int = 0,
+                 progress: bool = True) -> dict[str, Any]:
+        """Accuracy of the trained model on seeded test episodes of ``dataset``, by the
+        trainer's own test-time adaptation (MTL: the logistic-regression protocol,
+        :func:`fastmtl.evaluate`); the result dict of :func:`fastmtl.evaluate`."""
+        raise NotImplementedError
+
+    def supports_ways(self, n_way: int) -> bool:
+        """Whether :meth:`evaluate` can run ``n_way``-way episodes."""
+        raise NotImplementedError
 
     # -- public ---------------------------------------------------------------------------
     def fit(self, train: FewShotDataset, val: FewShotDataset | None = None,

@@ -90,8 +90,18 @@ class _EpisodicConfig(TrainerConfig):
     val_protocol: str = setting("logistic", "logistic (fastmtl.evaluate) or own (the "
                                             "method's adaptation)")
 
+    def inert_fields(self) -> list[tuple[str, str]]:
+        """Fields without effect under the other settings (see
+        :meth:`fastmtl.config.TrainerConfig.inert_fields`)."""
+        return [("lr_decay", "lr_decay_every=None")] if self.lr_decay_every is None else []
+
+    def task_needs(self) -> tuple[int, int]:
+        """(classes, images a class) a training episode draws: support and queries."""
+        return self.n_way, self.k_shot + self.n_query
+
     def validate(self) -> None:
-        """Raise ValueError naming the first field out of range (before any work)."""
+        """Raise ValueError naming the first field out of range, or set where it has no
+        effect (:meth:`inert_fields`), before any work."""
         super().validate()
         for name in ("k_shot", "n_query", "tasks_per_step"):
             checks.integer(name, getattr(self, name), 1)
@@ -300,6 +310,7 @@ class _EpisodicTrainer(Trainer):
 
     method = "episodic"
     batchnorm = "batch-statistics"
+    own_adaptation = True
     _config_class = _EpisodicConfig
     # Test episodes vmapped at once by `evaluate` when the config sets no chunk_size.
     _eval_chunk = 50
@@ -322,7 +333,7 @@ class _EpisodicTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} needs a {self._config_class.__name__}, "
                              f"got {type(self.config).__name__}")
         self.config.validate()
-        _dist.init_from_env()
+        _dist.check_joined()
         self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = use_batch_stats(backbone).to(self.device)
         self._ddp: nn.Module | None = None

@@ -1,0 +1,26 @@
+"""Time-, FLOP- and memory-to-accuracy of MTL and the GBML baselines, side by side.
+
+Three steps, a module each:
+
+- :mod:`fastmtl.compare.run`: :func:`compare` trains each method for the same budget and
+  evaluates it on a clock of training time (:func:`config_for`: each method's settings);
+- :mod:`fastmtl.compare.analysis`: :func:`speedup_tables` (how much sooner MTL reaches
+  each baseline's best - 1, and the other way round), :func:`merge_runs` (the mean of runs
+  that differ in their seed) and :data:`COMPARABLE`, the settings two runs must share;
+- :mod:`fastmtl.compare.report`: :func:`markdown` and :func:`plot`, what people read.
+
+Example:
+    >>> from fastmtl import compare
+    >>> cls, cfg = compare.config_for("mtl", budget_minutes=1)
+    >>> cls.__name__, cfg.task_sampling
+    ('MTLTrainer', 'all_classes')
+"""
+from __future__ import annotations
+
+from .analysis import COMPARABLE, differences, merge_runs, speedup_tables
+from .report import markdown, plot
+from .run import check_data, compare, config_for, flop_counter, flops_per_step, run_method
+
+__all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_step",
+           "run_method", "COMPARABLE", "differences", "speedup_tables", "merge_runs",
+           "markdown", "plot"]

@@ -1,0 +1,180 @@
+"""The comparison as people read it: ``compare.md`` (Markdown tables) and ``compare.png``.
+
+Both take the contents of ``compare.json`` (one run, or :func:`fastmtl.compare.merge_runs`
+of several). The plot is drawn on a matplotlib ``Figure`` of its own (no pyplot), so it
+never changes the caller's plotting backend.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import registry
+from ..checkpoint import atomic_savefig
+from .analysis import curve
+
+__all__ = ["markdown", "plot"]
+
+
+def _fmt(x, spec=".1f", none="-", suffix=""):
+    return none if x is None else format(x, spec) + suffix
+
+
+def _merge_note(payload: dict[str, Any]) -> list[str]:
+    """What a merged payload's figures are (nothing for one run)."""
+    if "seeds" not in payload:
+        return []
+    return ["", f"The mean of {len(payload['seeds'])} runs (seeds "
+            f"{', '.join(map(str, payload['seeds']))}) at each evaluation point; steps and "
+            "seconds are their means, the tables are computed on the mean curves, and each "
+            "run's own speed-ups follow them."]
+
+
+def _small_step(result: dict[str, Any]) -> str:
+    """" (x small)": the GFLOPs of a step on small images, where a run had such steps."""
+    small = result.get("flops_per_small_step")
+    return "" if small is None else f" ({small / 1e9:.2f} small)"
+
+
+def _method_rows(payload: dict[str, Any]) -> list[str]:
+    """A Markdown table row per method: costs, final and best accuracy per shot."""
+    lines = []
+    for m, r in payload["results"].items():
+        if not r["points"]:
+            continue
+        cells = []
+        own = []
+        for s in payload["shots"]:
+            _, _, acc = curve(r, str(s), "logistic")
+            cells.append(f"{acc[-1]:.1f} / {max(acc):.1f}")
+            _, _, oacc = curve(r, str(s), "own")
+            own.append(f"{oacc[-1]:.1f}" if oacc else "-")
+        peak = max(p["peak_memory_bytes"] for p in r["points"]) / 2**20
+        lines.append(f"| {m} | {r['steps']:,.0f} | {r['images_per_step']:.0f} | "
+                     f"{r['flops_per_step'] / 1e9:.2f}{_small_step(r)} | "
+                     f"{r['train_seconds']:.0f} | "
+                     f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " | "
+                     + " | ".join(own) + " |")
+    return lines
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The comparison as Markdown (the text of ``compare.md``) from ``payload``, the
+    contents of ``compare.json``: per-method figures, then the speed-up tables."""
+    tables = payload["tables"]
+    lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
+             f"{payload['budget_minutes']:g} min of training each", "",
+             f"Machine: {payload['machine'].get('cpu')}, {payload['machine'].get('torch_threads')} "
+             f"threads{', ' + payload['machine']['cuda_device'] if 'cuda_device' in payload['machine'] else ''}. "
+             f"Test: {payload['ways']}-way, {payload['queries']} queries a class, "
+             f"{payload['episodes']} episodes a point (the same for every method and point), "
+             f"logistic-regression protocol unless marked *own*.", "",
+             "| method | steps | images/step | GFLOPs/step | train s | eval s | peak memory (MB) | "
+             + " | ".join(f"{s}-shot final / best" for s in payload["shots"])
+             + " | " + " | ".join(f"{s}-shot own final" for s in payload["shots"]) + " |",
+             "|---" * (7 + 2 * len(payload["shots"])) + "|"]
+    lines[1:1] = _merge_note(payload)
+    lines += _method_rows(payload)
+    for shot, t in tables.items():
+        lines += ["", f"## {shot}-shot: how much sooner MTL reaches each baseline's best - 1",
+                  "", "| baseline | target | baseline reached at s (TFLOPs) | MTL reached at s "
+                  "(TFLOPs) | speed-up of MTL: time | FLOPs | interpolated: time / FLOPs | "
+                  "MTL - baseline at equal time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in t["mtl_vs_baselines"]:
+            name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
+            mtl = (f"{r['mtl_seconds']:.0f} ({r['mtl_flops'] / 1e12:.2f})"
+                   if r["mtl_seconds"] is not None else f"not reached (MTL best {r['mtl_best']:.1f})")
+            lines.append(f"| {name} | {r['target']:.1f} | {r['baseline_seconds']:.0f} "
+                         f"({r['baseline_flops'] / 1e12:.2f}) | {mtl} | "
+                         f"{_fmt(r['speedup_time'], '.1f', suffix='x')} | "
+                         f"{_fmt(r['speedup_flops'], '.1f', suffix='x')} | "
+                         f"{_fmt(r['speedup_time_interpolated'], '.1f', suffix='x')} / "
+                         f"{_fmt(r['speedup_flops_interpolated'], '.1f', suffix='x')} | "
+                         f"{_fmt(r['mtl_minus_baseline_at_equal_time'], '+.1f')} "
+                         f"(at {r['equal_time_seconds']:.0f} s) |")
+        lines += ["", f"## {shot}-shot: how much sooner each baseline reaches MTL's best - 1", "",
+                  "| baseline | target | MTL reached at s | baseline reached at s | speed-up of "
+                  "baseline: time | FLOPs | interpolated: time |", "|---|---|---|---|---|---|---|"]
+        for r in t["baselines_vs_mtl"]:
+            bs = (f"{r['baseline_seconds']:.0f}" if r["baseline_seconds"] is not None
+                  else f"not reached (best {r['baseline_best']:.1f})")
+            lines.append(f"| {r['baseline']} | {r['target']:.1f} | {r['mtl_seconds']:.0f} | {bs} | "
+                         f"{_fmt(r['baseline_speedup_time'], '.2f', suffix='x')} | "
+                         f"{_fmt(r['baseline_speedup_flops'], '.2f', suffix='x')} | "
+                         f"{_fmt(r['baseline_speedup_time_interpolated'], '.2f', suffix='x')} |")
+    lines += _per_seed_markdown(payload)
+    return "\n".join(lines) + "\n"
+
+
+def _per_seed_markdown(payload: dict[str, Any]) -> list[str]:
+    """Each run's speed-ups of MTL, time (FLOPs), beside those of the mean curves."""
+    per_seed = payload.get("per_seed_tables")
+    if not per_seed:
+        return []
+    lines = []
+    for shot, t in payload["tables"].items():
+        lines += ["", f"## {shot}-shot: MTL's speed-up in each run, time (FLOPs)", "",
+                  "| baseline | mean curves | " + " | ".join(f"seed {s}" for s in payload["seeds"])
+                  + " | smallest |", "|---" * (3 + len(per_seed)) + "|"]
+        for i, r in enumerate(t["mtl_vs_baselines"]):
+            runs = [tables[shot]["mtl_vs_baselines"][i] for tables in per_seed]
+            cells = [f"{_fmt(x['speedup_time'], suffix='x')} ({_fmt(x['speedup_flops'], suffix='x')})"
+                     for x in [r] + runs]
+            times = [x["speedup_time"] for x in runs]
+            low = "-" if None in times else f"{min(times):.1f}x"
+            name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {low} |")
+    return lines
+
+
+def plot(payload: dict[str, Any], path: str) -> None:
+    """Accuracy against training seconds (top) and FLOPs (bottom), both on log axes (the
+    race is decided early), a column per shot: the logistic-regression protocol with its
+    95% CI band, and each method's own adaptation dashed.
+
+    Args:
+        payload: the contents of ``compare.json``.
+        path: the image file to write (atomically; any format matplotlib writes).
+
+    Example:
+        >>> # plot(json.load(open("compare/compare.json")), "compare/compare.png")
+    """
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
+    shots = [str(s) for s in payload["shots"]]
+    fig = Figure(figsize=(5.5 * len(shots), 7.5))
+    axes = fig.subplots(2, len(shots), squeeze=False)
+    colors = dict(zip(registry.METHOD_NAMES, rcParams["axes.prop_cycle"].by_key()["color"]))
+    for j, shot in enumerate(shots):
+        for m, r in payload["results"].items():
+            if r["points"]:
+                _plot_method(axes[:, j], m, r["points"], shot, colors.get(m))
+        for i, label in enumerate(("training seconds", "training FLOPs")):
+            ax = axes[i][j]
+            ax.set_xlabel(f"{label} (log scale)")
+            ax.set_ylabel(f"{payload['ways']}-way {shot}-shot accuracy (%)")
+            ax.grid(alpha=0.3, which="both")
+            ax.set_xscale("log")
+        axes[0][j].set_title(f"{shot}-shot: logistic-regression protocol (dashed: own)")
+    axes[0][0].legend(fontsize=8, ncol=2)
+    fig.suptitle(f"fastmtl compare: {payload['data']}, {payload['backbone']}")
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+
+
+def _plot_method(axes, method: str, pts: list[dict[str, Any]], shot: str, color) -> None:
+    """One method's curves on the time axis and the FLOP axis of one shot column."""
+    acc = np.array([p["accuracy"][shot]["logistic"]["mean"] for p in pts])
+    ci = np.array([p["accuracy"][shot]["logistic"]["ci95"] for p in pts])
+    own = [p for p in pts if "own" in p["accuracy"][shot]]
+    own_acc = np.array([p["accuracy"][shot]["own"]["mean"] for p in own])
+    for i, key in enumerate(("train_seconds", "flops")):
+        x = np.array([p[key] for p in pts], dtype=float)
+        ax = axes[i]
+        ax.plot(x, acc, "o-", ms=3, color=color, label=method)
+        ax.fill_between(x, acc - ci, acc + ci, color=color, alpha=0.2)
+        if own:       # the method's own adaptation, dashed, no band
+            ax.plot(np.array([p[key] for p in own], dtype=float), own_acc, "--", lw=1,
+                    color=color, label=f"{method}, own" if i == 0 else None)

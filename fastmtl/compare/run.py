@@ -1,0 +1,360 @@
+"""Running a comparison: each method trained for the same budget, evaluated on a clock.
+
+:func:`compare` trains each method on the same training classes with a fresh backbone of
+the same architecture, for the same training-time budget, one method at a time. At fixed
+points of *training* time (an :class:`fastmtl.training.EveryTrainingSeconds` callback,
+so the evaluation is kept off the training clock) it evaluates the model on the same
+seeded test episodes: the logistic-regression protocol for every method and, where a
+trainer has its own adaptation, that too. No model selection happens on test episodes:
+each curve is what the model is at each time point.
+
+The cost axes: training seconds (this machine), FLOPs (``torch.utils.flop_counter`` on a
+real step of each method, so the axis holds on any hardware; ops it cannot count, such
+as fastmtl's fused C++ head, are left out, which is a few percent of a Conv-4 step),
+images seen and peak memory (the process's resident set on CPU, reset before each method
+where Linux allows; ``torch.cuda.max_memory_allocated`` on CUDA).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checks, registry
+from ..config import renamed_fields
+from ..evaluate import embed, evaluate
+from ..sampling import check_fits
+from ..training import AtTrainingSeconds, Callback, EveryTrainingSeconds
+
+__all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_step",
+           "run_method"]
+
+
+def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int = 0,
+               budget_minutes: float | None = None, recipe: str | None = None):
+    """(trainer class, config) of ``method`` with its comparison settings and ``overrides``.
+
+    The comparison settings are the registry's (:func:`fastmtl.registry.compare_settings`;
+    MTL: its recipe, the fast one unless ``recipe`` names another).
+
+    Args:
+        method: one of :data:`fastmtl.registry.METHOD_NAMES`.
+        overrides: fields of the method's config to change (old field names work, with a
+            DeprecationWarning).
+        seed: the run's seed.
+        budget_minutes: the training-time budget (None: none).
+        recipe: MTL's recipe (None: the registry's).
+
+    Returns:
+        the trainer class and its validated config (epochs unbounded, no checkpoints).
+
+    Raises:
+        ValueError: an unknown method, an override that is not a field of its config, or
+            an override value out of range or without effect.
+
+    Example:
+        >>> cls, cfg = config_for("protonet", {"n_way": 30}, budget_minutes=5)
+        >>> cls.__name__, cfg.n_way, cfg.max_minutes
+        ('ProtoNet', 30, 5)
+    """
+    if method not in registry.METHOD_NAMES:
+        raise ValueError(f"methods: unknown method {method!r}; choose from "
+                         f"{', '.join(registry.METHOD_NAMES)}")
+    cls, config_cls, _ = registry.method(method)
+    overrides = renamed_fields(config_cls, overrides or {}, f"settings for {method}")
+    settings = dict(registry.compare_settings(method), **overrides)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ValueError(f"settings for {method}: unknown field(s) {unknown} of "
+                         f"{config_cls.__name__}")
+    settings.update(seed=seed, epochs=10**9, max_minutes=budget_minutes, checkpoint_dir=None)
+    try:
+        cfg = registry.default_config(method, recipe, **settings)
+        cfg.validate()
+    except ValueError as exc:
+        raise ValueError(f"settings for {method}: {exc}") from None
+    return cls, cfg
+
+
+def check_data(method: str, cfg, train, test, shots, ways: int, queries: int) -> None:
+    """ValueError unless ``train`` holds ``method``'s tasks and ``test`` the test episodes."""
+    need_ways, need_images = cfg.task_needs()
+    try:
+        check_fits(train.labels, need_ways, need_images, where="training ",
+                   ways_name=f"{method} n_way", need_name=f"{method}'s images a class")
+        check_fits(test.labels, ways, max(shots) + queries, where="test ", ways_name="ways",
+                   need_name="shots + queries")
+    except ValueError as exc:
+        raise ValueError(f"data: too small: {exc}") from None
+
+
+# -- measuring -----------------------------------------------------------------------------
+def _reset_peak_rss() -> bool:
+    try:    # give the evaluation's freed heap back first, so it does not count as training's
+        import ctypes
+        import ctypes.util
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:    # Linux: writing 5 to clear_refs resets the peak resident set (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_peak_rss()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _StopAfter(Callback):
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, trainer, state):
+        return state.step >= self.steps
+
+
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` (no display) with the weight gradient of
+    grouped convolutions counted right.
+
+    torch 2.13's formula for ``convolution_backward`` ignores ``groups`` in the weight
+    gradient and counts ``groups`` times its multiplications: MAML's stacked form (its T
+    tasks as one grouped convolution, :mod:`fastmtl.gbml._stacked`) read 17.5 GFLOPs a
+    step where its per-task loop, the same arithmetic, read 9.26. Here that term is
+    divided by ``groups``; everything else is torch's own count.
+
+    Example:
+        >>> import torch
+        >>> conv = torch.nn.Conv2d(8, 8, 3, groups=4)
+        >>> with flop_counter() as c:
+        ...     conv(torch.randn(2, 8, 6, 6)).sum().backward()
+        >>> c.get_total_flops()      # forward and weight gradient, 9,216 each (torch: 46,080)
+        18432
+    """
+    from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
+
+    def backward(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
+                 transposed, output_padding, groups, output_mask, out_shape, **kwargs):
+        def part(mask):
+            # torch's formula, as registered (it takes the output as out_val)
+            return conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
+                                      dilation, transposed, output_padding, groups, mask,
+                                      out_val=out_shape)
+        total = part([output_mask[0], False, False])
+        if output_mask[1]:
+            total += part([False, True, False]) // groups
+        return total
+
+    return FlopCounterMode(display=False,
+                           custom_mapping={torch.ops.aten.convolution_backward: backward})
+
+
+def flops_per_step(cls, cfg, make_backbone: Callable[[], torch.nn.Module], train) -> int:
+    """FLOPs of one real training step of ``cls(cfg)`` (forward, backward, update), counted
+    by :func:`flop_counter`."""
+    torch.manual_seed(cfg.seed)
+    trainer = cls(make_backbone(), dataclasses.replace(cfg, max_minutes=None))
+    trainer.fit(train, progress=False, callbacks=[_StopAfter(1)])     # warm-up, builds
+    counter = flop_counter()
+    with counter:
+        trainer.fit(train, progress=False, callbacks=[_StopAfter(1)])
+    return int(counter.get_total_flops())
+
+
+def _step_flops(cls, cfg, make_backbone, train) -> tuple[int, int | None]:
+    """FLOPs of a full step and, for MTL with progressive resizing, of a step on small
+    images (a fresh trainer's first step is one of them; None without it)."""
+    flops = flops_per_step(cls, cfg, make_backbone, train)
+    if getattr(cfg, "small_images", 1.0) >= 1:
+        return flops, None
+    full = flops_per_step(cls, dataclasses.replace(cfg, small_images=1.0), make_backbone, train)
+    return full, flops
+
+
+def _flops(trainer, state, flops: int, small_flops: int | None) -> int:
+    """FLOPs of ``state.step`` steps: full-size steps at ``flops``, and with progressive
+    resizing the trainer's ``small_image_steps`` at ``small_flops``."""
+    if small_flops is None:
+        return state.step * flops
+    small = trainer.small_image_steps
+    return small * small_flops + (state.step - small) * flops
+
+
+def _evaluate_point(trainer, method, test, shots, ways, queries, episodes, seed):
+    out = {}
+    feats = embed(trainer.backbone, test, progress=False)
+    for k in shots:
+        res = {"logistic": evaluate(trainer.backbone, test, n_way=ways, k_shot=k,
+                                    n_query=queries, episodes=episodes, seed=seed,
+                                    features=feats, progress=False)}
+        if trainer.own_adaptation and trainer.supports_ways(ways):
+            res["own"] = trainer.evaluate(test, n_way=ways, k_shot=k, n_query=queries,
+                                          episodes=episodes, seed=seed, progress=False)
+        out[str(k)] = {p: {"mean": r["mean"], "ci95": r["ci95"]} for p, r in res.items()}
+    return out
+
+
+def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
+               shots, ways: int, queries: int, episodes: int, seed: int,
+               bar: tqdm | None = None) -> dict[str, Any]:
+    """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s."""
+    flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
+    torch.manual_seed(seed)
+    trainer = cls(make_backbone(), cfg)
+    device = trainer.device
+    _reset_peak(device)
+    points: list[dict[str, Any]] = []
+    eval_seconds = [0.0]
+    budget = 60.0 * cfg.max_minutes
+
+    peak = [0]
+
+    def at_point(tr, state):
+        # The peak of training since the last evaluation; evaluation's own memory is reset
+        # away after it, so the figure is training's.
+        peak[0] = max(peak[0], _peak_memory(device))
+        t0 = time.perf_counter()
+        if bar is not None:
+            bar.set_description(f"{method}: evaluating")
+        acc = _evaluate_point(tr, method, test, shots, ways, queries, episodes, seed)
+        tr.learner.train()
+        _reset_peak(device)
+        spent = time.perf_counter() - t0
+        eval_seconds[0] += spent
+        points.append({"train_seconds": state.train_seconds, "steps": state.step,
+                       "images": state.images, "flops": _flops(tr, state, flops, small_flops),
+                       "peak_memory_bytes": peak[0], "eval_seconds": spent,
+                       "accuracy": acc})
+        if bar is not None:
+            bar.set_description(f"{method}: training")
+            bar.n = min(budget, state.train_seconds)
+            bar.set_postfix(left=f"{max(0.0, budget - state.train_seconds):.0f}s",
+                            acc=f"{acc[str(shots[0])]['logistic']['mean']:.1f}")
+            bar.refresh()
+
+    class _Bar(Callback):
+        def on_step_end(self, tr, state):
+            if bar is not None and state.step % 10 == 0:
+                bar.n = min(budget, state.train_seconds)
+                bar.set_postfix(left=f"{max(0.0, budget - state.train_seconds):.0f}s",
+                                loss=f"{state.loss:.3f}")
+                bar.refresh()
+
+    t0 = time.perf_counter()
+    timer = (AtTrainingSeconds(eval_every, at_point) if isinstance(eval_every, (list, tuple))
+             else EveryTrainingSeconds(eval_every, at_point))
+    history = trainer.fit(train, progress=False, callbacks=[timer, _Bar()])
+    wall = time.perf_counter() - t0
+    return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops,
+            **({"flops_per_small_step": small_flops} if small_flops is not None else {}),
+            "points": points,
+            "train_seconds": points[-1]["train_seconds"] if points else 0.0,
+            "eval_seconds": eval_seconds[0], "wall_seconds": wall,
+            "steps": points[-1]["steps"] if points else 0,
+            "images_per_step": (points[-1]["images"] / max(1, points[-1]["steps"]))
+            if points else 0, "epochs": len(history), "history": history}
+
+
+def _check_compare_args(methods, budget_minutes, eval_every, episodes, settings) -> None:
+    """ValueError naming the first bad argument of :func:`compare`, before any work."""
+    if not methods:
+        raise ValueError("methods: name at least one method")
+    checks.number("budget_minutes", budget_minutes)
+    if isinstance(eval_every, (list, tuple)):
+        AtTrainingSeconds(eval_every, print)          # checks the times
+        first = eval_every[0]
+    else:
+        first = checks.number("eval_every", eval_every)
+    if first > 60 * budget_minutes:
+        raise ValueError(f"eval_every ({first} s) is larger than the budget "
+                         f"({60 * budget_minutes:g} s)")
+    checks.integer("episodes", episodes, 2)
+    unknown = sorted(set(settings or {}) - set(registry.METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"settings: unknown method(s) {unknown}")
+
+
+def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], *,
+            budget_minutes: float, eval_every: float, shots=(1, 5), ways: int = 5,
+            queries: int = 15, episodes: int = 300, seed: int = 0,
+            settings: dict[str, dict[str, Any]] | None = None, recipe: str | None = None,
+            done: dict[str, Any] | None = None,
+            on_method_done: Callable[[str, dict[str, Any]], None] | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate each method; returns ``{method: result}``.
+
+    Args:
+        methods: names from :data:`fastmtl.registry.METHOD_NAMES`, run in this order.
+        train, test: :class:`fastmtl.data.FewShotDataset` s (disjoint classes).
+        make_backbone: builds a fresh backbone (the same architecture for every method).
+        budget_minutes: training-time budget of each method (> 0).
+        eval_every: seconds of training between evaluations (<= the budget), or a list
+            of increasing training times to evaluate at; the end of training is always
+            evaluated too.
+        shots, ways, queries, episodes, seed: the test episodes (the same for every
+            method and time point).
+        settings: per-method overrides of the registry's comparison settings.
+        recipe: MTL's recipe (None: the registry's, the fast one).
+        done: results of methods already run (``--resume``): those are kept, not rerun.
+        on_method_done: called with (method, result) after each method (to save).
+        progress: show a progress bar per method.
+
+    Returns:
+        ``{method: {"settings", "flops_per_step", "points": [...], ...}}``.
+
+    Raises:
+        ValueError: any bad argument, before any training.
+
+    Example:
+        >>> # results = compare(["mtl", "protonet"], train, test, lambda: conv4(),
+        >>> #                   budget_minutes=1, eval_every=20)
+    """
+    methods = list(methods)
+    _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
+    settings = settings or {}
+    configs = {}
+    for m in methods:
+        cls, cfg = config_for(m, settings.get(m), seed, budget_minutes,
+                              recipe if registry.METHODS[m].recipe else None)
+        check_data(m, cfg, train, test, shots, ways, queries)
+        configs[m] = (cls, cfg)
+    results = dict(done or {})
+    for m in methods:
+        if m in results:
+            continue
+        cls, cfg = configs[m]
+        with tqdm(total=60 * budget_minutes, desc=f"{m}: training", unit="s",
+                  bar_format="{desc} {bar} {n:.0f}/{total:.0f}s {postfix}",
+                  disable=not progress) as bar:
+            results[m] = run_method(m, cfg, cls, make_backbone, train, test,
+                                    eval_every=eval_every, shots=list(shots), ways=ways,
+                                    queries=queries, episodes=episodes, seed=seed, bar=bar)
+        if on_method_done is not None:
+            on_method_done(m, results[m])
+    return results
+
+

@@ -8,7 +8,22 @@ from fastmtl._env import keep_freed_memory, machine_info
 
 RESULTS = Path(__file__).parent / "results"
 
-__all__ = ["RESULTS", "keep_freed_memory", "machine_info", "record", "write_result"]
+__all__ = ["RESULTS", "keep_freed_memory", "machine_info", "record", "write_result",
+           "evaluate_shots"]
+
+
+def evaluate_shots(backbone, test, shots, ways, queries, episodes, seed, progress=True):
+    """fastmtl.evaluate at each of ``shots`` on one embedding of ``test`` (as the CLI
+    reports a test split): a result dict per shot, without the per-episode accuracies."""
+    from fastmtl.evaluate import embed, evaluate
+    feats = embed(backbone, test, progress=progress)
+    out = []
+    for k in shots:
+        r = evaluate(backbone, test, n_way=ways, k_shot=k, n_query=queries, episodes=episodes,
+                     seed=seed, features=feats, progress=progress)
+        r.pop("accuracies")
+        out.append(r)
+    return out
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -344,7 +344,7 @@ def _step_settings(method, sizes):
 
 
 def _make_trainer(method, precision, sizes, device, overrides=()):
-    from fastmtl.cli import build_backbone
+    from fastmtl.registry import build_backbone
     from fastmtl.compare import config_for
     settings = dict(_step_settings(method, sizes), precision=precision, **dict(overrides))
     cls, cfg = config_for(method, settings)

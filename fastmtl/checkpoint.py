@@ -105,12 +105,10 @@ def atomic_savefig(fig, path: str, dpi: int = 110) -> None:
 
     Example:
         >>> import os, tempfile
-        >>> import matplotlib
-        >>> matplotlib.use("Agg")
-        >>> import matplotlib.pyplot as plt
-        >>> fig = plt.figure()
+        >>> from matplotlib.figure import Figure
+        >>> fig = Figure()
         >>> path = os.path.join(tempfile.mkdtemp(), "curve.png")
-        >>> atomic_savefig(fig, path); plt.close(fig)
+        >>> atomic_savefig(fig, path)
         >>> os.path.getsize(path) > 0
         True
     """

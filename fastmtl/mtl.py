@@ -147,7 +147,8 @@ class MTLConfig(TrainerConfig):
     small_images: float = setting(
         1.0, "progressive resizing: the side of the training images over the first "
              "small_images_fraction of the run, as a fraction of their own (0.86: 24 of 28 "
-             "pixels, rounded); the augmentation samples them at that size (a bilinear resize "
+             "pixels, rounded; where the backbone's feature size would change, the nearest "
+             "larger side that keeps it, e.g. 80 of 84 for Conv-4); the augmentation samples them at that size (a bilinear resize "
              "without it), so a step costs about its square of the full-size convolutions "
              "while the features form; test images keep their size; 1: full size "
              "throughout (the paper)")
@@ -593,26 +594,26 @@ class MTLTrainer(Trainer):
 
 
 def _small_side(backbone: nn.Module, image_shape, fraction: float) -> int:
-    """The side of the small training images, ``fraction`` of the images' (rounded); a
-    ValueError unless it is below theirs and ``backbone`` maps side x side images to
-    features of the full size's dimension (one dummy forward each)."""
+    """The side of the small training images: ``fraction`` of the images' side (rounded)
+    or, where the backbone's features would then have another size (Conv-4 at 84 px: 1,024
+    at 72 px, 1,600 at 84), the nearest larger side at which they keep the full size's
+    (80 px there), so the head table fits both. ValueError if no side below the images'
+    does (one dummy forward per side tried)."""
     C, H, W = image_shape
     side = max(1, round(fraction * min(H, W)))
     if side >= min(H, W):
         raise ValueError(f"small_images={fraction:g} of the training images' side "
                          f"({min(H, W)} px) rounds to the full size: no smaller images")
     full = feature_dim(backbone, image_shape)
-    try:
-        small = feature_dim(backbone, (C, side, side))
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"small_images={fraction:g}: the backbone does not take "
-                         f"{side}x{side} images ({str(err).splitlines()[0]}); small_images=1 "
-                         f"trains on full-size images throughout") from None
-    if small != full:
-        raise ValueError(f"small_images={fraction:g}: the backbone's features are {small}-d "
-                         f"at {side}x{side} but {full}-d at {H}x{W}; small_images=1 trains "
-                         f"on full-size images throughout")
-    return side
+    for s in range(side, min(H, W)):
+        try:
+            if feature_dim(backbone, (C, s, s)) == full:
+                return s
+        except (RuntimeError, ValueError):   # too small for the backbone: try larger
+            continue
+    raise ValueError(f"small_images={fraction:g}: the backbone gives {full}-d features at "
+                     f"{H}x{W} and no smaller side from {side} px keeps that size; "
+                     f"small_images=1 trains on full-size images throughout")
 
 
 def _make_optimizer(cfg: MTLConfig, groups) -> torch.optim.Optimizer:

@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 __all__ = ["DATASETS", "DATASET_NAMES", "BACKBONES", "BACKBONE_NAMES", "METHODS",
-           "METHOD_NAMES", "Method", "resolve", "method", "build_backbone", "load_dataset",
+           "METHOD_NAMES", "Method", "Dataset", "uses", "resolve", "method", "build_backbone", "load_dataset",
            "default_config", "compare_settings"]
 
 
@@ -78,15 +78,27 @@ BACKBONES: Mapping[str, str] = MappingProxyType({
 })
 BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONES)
 
-# name -> the loader of fastmtl.data.named that reads it (see load_dataset).
-DATASETS: Mapping[str, str] = MappingProxyType({
-    "synthetic": "fastmtl.data.named:synthetic",
-    "omniglot": "fastmtl.data.named:omniglot",
-    "folder": "fastmtl.data.named:folder",
-    "miniimagenet": "fastmtl.data.named:miniimagenet",
-    "tieredimagenet": "fastmtl.data.named:tieredimagenet",
-    "cifarfs": "fastmtl.data.named:cifarfs",
-    "fc100": "fastmtl.data.named:fc100",
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A data set: the loader of :mod:`fastmtl.data.named` that reads it, and the options
+    of :func:`load_dataset` it uses (the CLI refuses the others' flags)."""
+
+    loader: str
+    options: frozenset[str] = frozenset({"image_size", "rotations"})
+
+
+_PICKLED = frozenset({"rotations"})          # their pickles keep their own image size
+DATASETS: Mapping[str, Dataset] = MappingProxyType({
+    "synthetic": Dataset("fastmtl.data.named:synthetic",
+                         frozenset({"image_size", "rotations", "seed"})),
+    "omniglot": Dataset("fastmtl.data.named:omniglot"),
+    "folder": Dataset("fastmtl.data.named:folder",
+                      frozenset({"image_size", "rotations", "seed", "channels",
+                                 "skip_bad_images"})),
+    "miniimagenet": Dataset("fastmtl.data.named:miniimagenet", _PICKLED),
+    "tieredimagenet": Dataset("fastmtl.data.named:tieredimagenet", _PICKLED),
+    "cifarfs": Dataset("fastmtl.data.named:cifarfs", _PICKLED),
+    "fc100": Dataset("fastmtl.data.named:fc100", _PICKLED),
 })
 DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
 
@@ -190,4 +202,14 @@ def load_dataset(name: str, root: str | None, split: str, **options: Any):
         >>> load_dataset("synthetic", None, "val").n_classes
         40
     """
-    return resolve(DATASETS[_known("data", name, DATASET_NAMES)])(root, split, **options)
+    return resolve(DATASETS[_known("data", name, DATASET_NAMES)].loader)(root, split, **options)
+
+
+def uses(name: str, option: str) -> bool:
+    """Whether data set ``name`` uses :func:`load_dataset` option ``option``.
+
+    Example:
+        >>> uses("omniglot", "seed"), uses("folder", "seed")
+        (False, True)
+    """
+    return option in DATASETS[_known("data", name, DATASET_NAMES)].options

@@ -425,6 +425,7 @@ class ProfileSteps(Callback):
         self.directory, self.warmup, self.steps = directory, warmup, steps
         self._prof = None
         self.written: list[str] = []
+        self.missed: str | None = None
 
     def _start(self):
         from torch.profiler import ProfilerActivity, profile
@@ -434,6 +435,11 @@ class ProfileSteps(Callback):
         self._prof.__enter__()
 
     def on_train_begin(self, trainer, state):
+        planned = trainer.planned_steps() - state.step
+        if planned < self.warmup + self.steps:
+            raise ValueError(f"profile: needs {self.warmup + self.steps} steps ({self.warmup} "
+                             f"of warm-up, then {self.steps} profiled) but this run makes "
+                             f"{planned}; train longer or profile fewer steps")
         self._first = state.step + self.warmup
         if self.warmup == 0:
             self._start()
@@ -446,8 +452,11 @@ class ProfileSteps(Callback):
         return None
 
     def on_train_end(self, trainer, state):
-        if self._prof is not None:
+        if self._prof is not None:      # the run ended early: what was recorded
             self._finish()
+        elif not self.written:          # ended (time budget) before profiling began
+            self.missed = (f"profile: the run ended after {state.step} steps, before step "
+                           f"{self._first + 1} where profiling was to begin; nothing written")
 
     def _finish(self):
         prof, self._prof = self._prof, None
@@ -598,6 +607,12 @@ class Trainer:
 
     def _before_step(self) -> None:
         """Per-step scheduling, before the optimizer step (see :meth:`run_fraction`)."""
+
+    def planned_steps(self) -> int:
+        """The steps ``fit`` plans in all (epochs times steps per epoch; a time budget may
+        end it sooner); 0 outside ``fit``."""
+        run = getattr(self, "_progress_of", None)
+        return 0 if run is None else run[2]
 
     def run_fraction(self) -> float:
         """How much of this run is done, in [0, 1]: the larger of the training clock over

@@ -49,6 +49,7 @@ def _backbone(dtype=torch.float32):
 
 def _train(kind: str, checkpoint_dir=None, resume=None, epochs=None, seed=None):
     """Train ``kind`` ("mtl" or "fomaml") in this process, distributed or not."""
+    fdist.init_from_env()         # under torchrun: join the group (trainers never do)
     train, val, test = _data()
     if kind == "mtl":
         cfg = dataclasses.replace(MTL_CFG, checkpoint_dir=checkpoint_dir,

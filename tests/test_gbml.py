@@ -14,12 +14,15 @@ from torch.func import functional_call
 
 import fastmtl
 from fastmtl.data import SyntheticGlyphs
-from fastmtl.gbml import (ANIL, MAML, METHODS, R2D2, ANILConfig, MAMLConfig, ProtoNet,
+from fastmtl import registry
+from fastmtl.gbml import (ANIL, MAML, R2D2, ANILConfig, MAMLConfig, ProtoNet,
                           ProtoNetConfig, R2D2Config, prototype_logits, ridge_regression,
                           use_batch_stats)
 from fastmtl.models import conv4
 
 from conftest import omniglot_root
+
+GBML = [m for m in registry.METHOD_NAMES if registry.METHODS[m].recipe is None]
 
 
 class _TinyConv(nn.Module):
@@ -114,7 +117,7 @@ def test_vmapped_meta_gradient_equals_per_task_loop(method, steps):
     xs, ys, xq, yq = _batch()
     net = _net()
     ref_net = _reference_bn(net)          # fused BatchNorm, not the trainer's composite
-    cls, config_cls, fixed = METHODS[method]
+    cls, config_cls, fixed = registry.method(method)
     cfg = config_cls(n_way=3, inner_steps=steps, inner_lr=0.3, vectorize=True, **fixed)
     trainer = cls(net, cfg, device="cpu").build((1, 8, 8))
     ref_head = copy.deepcopy(trainer.model.head)
@@ -300,10 +303,10 @@ def _glyphs():
     return data.subset(range(20)), data.subset(range(20, 30))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(GBML))
 def test_every_method_fits_checkpoints_and_evaluates(method, tmp_path):
     train, test = _glyphs()
-    cls, config_cls, fixed = METHODS[method]
+    cls, config_cls, fixed = registry.method(method)
     extra = {"inner_steps": 1, "inner_lr": 0.1, "test_inner_steps": 1} if cls in (MAML, ANIL) \
         else {}
     cfg = config_cls(n_way=5, k_shot=1, n_query=3, tasks_per_step=4, tasks_per_epoch=8, epochs=2,
@@ -348,9 +351,9 @@ def test_vectorize_none_picks_the_measured_form_and_flags_force_one():
     """vectorize=None: on a CPU MAML/FO-MAML's stacked form on a Conv-4, the loop for the
     other methods and other backbones (benchmarks/maml_vs_l2l.py, stacked_vs_vmap.py);
     True/False force one, as --vectorize / --no-vectorize do on the command line."""
-    from fastmtl.cli import _config_from, build_parser
+    from fastmtl.cli import build_parser
     picks = {m: cls(conv4(hidden=8), cfg_cls(**fixed), device="cpu").vectorized()
-             for m, (cls, cfg_cls, fixed) in METHODS.items()}
+             for m in GBML for cls, cfg_cls, fixed in [registry.method(m)]}
     assert picks == {"maml": True, "fomaml": True, "anil": False, "r2d2": False,
                      "protonet": False}
     assert not MAML(_TinyConv(), MAMLConfig(), device="cpu").vectorized()   # no stacked form
@@ -358,7 +361,7 @@ def test_vectorize_none_picks_the_measured_form_and_flags_force_one():
     assert ANIL(conv4(hidden=8), ANILConfig(vectorize=True), device="cpu").vectorized()
     for argv, want in (([], None), (["--vectorize"], True), (["--no-vectorize"], False)):
         args = build_parser("maml").parse_args(["train", "--method", "maml", *argv])
-        assert _config_from(args, MAMLConfig()).vectorize is want
+        assert args.vectorize is want
     with pytest.raises(ValueError, match="vectorize"):
         MAMLConfig(vectorize="auto").validate()
     # the methods' own test-time adaptation: the same predictions either way

@@ -380,7 +380,9 @@ def run_one(root: str, name: str, seconds: float, changes: dict, out: str,
     from fastmtl import MTLConfig, MTLTrainer
     from fastmtl.training import AtTrainingSeconds
     from fastmtl._env import keep_freed_memory, machine_info
-    from fastmtl.cli import _evaluate_all, load_dataset
+    from fastmtl.registry import load_dataset
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from _results import evaluate_shots as _evaluate_all
 
     keep_freed_memory(mmap_threshold=1 << 30)
     budget = seconds if horizon is None else max(horizon, seconds)  # the schedule's span

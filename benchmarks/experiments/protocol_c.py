@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _re
 from _results import keep_freed_memory, write_result  # benchmarks/_results.py
 
 from fastmtl import MTLConfig, MTLTrainer
-from fastmtl.cli import load_dataset
+from fastmtl.registry import load_dataset
 from fastmtl.evaluate import embed, evaluate
 from fastmtl.models import conv4
 from fastmtl.training import AtTrainingSeconds

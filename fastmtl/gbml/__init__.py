@@ -36,14 +36,5 @@ from .protonet import ProtoNet, ProtoNetConfig, prototype_logits
 from .r2d2 import R2D2, R2D2Config, ridge_regression
 
 __all__ = ["MAML", "MAMLConfig", "ANIL", "ANILConfig", "R2D2", "R2D2Config", "ProtoNet",
-           "ProtoNetConfig", "METHODS", "prototype_logits", "ridge_regression",
+           "ProtoNetConfig", "prototype_logits", "ridge_regression",
            "use_batch_stats"]
-
-# `fastmtl train --method NAME`: the trainer, its config class, and fixed config fields.
-METHODS = {
-    "maml": (MAML, MAMLConfig, {}),
-    "fomaml": (MAML, MAMLConfig, {"first_order": True}),
-    "anil": (ANIL, ANILConfig, {}),
-    "r2d2": (R2D2, R2D2Config, {}),
-    "protonet": (ProtoNet, ProtoNetConfig, {}),
-}

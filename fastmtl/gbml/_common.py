@@ -131,6 +131,9 @@ class _BatchStatNorm(nn.Module):
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
         self.num_features, self.eps = bn.num_features, bn.eps
+        # Tasks stacked along the batch of the call in progress (stacked_features sets it
+        # on the backbone's norms for one call): each is normalized on its own.
+        self.stacked_tasks = 1
         # The BatchNorm's own parameters, so state-dict keys stay `<name>.weight/.bias`.
         self.weight, self.bias = bn.weight, bn.bias
 
@@ -138,8 +141,8 @@ class _BatchStatNorm(nn.Module):
         if not _functorch_wrapped(x):
             # Outside torch.func transforms (the per-task loop, plain autograd) the fused op
             # is exact to any order and faster; only under vmap is it wrong (see above).
-            if _stacked[0] > 1 or _nhwc(x):
-                return self._per_task(x, _stacked[0])
+            if self.stacked_tasks > 1 or _nhwc(x):
+                return self._per_task(x, self.stacked_tasks)
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True,
                                 momentum=0.0, eps=self.eps)
         dims = [0] + list(range(2, x.dim()))
@@ -194,10 +197,6 @@ def batch_stat_norm(x: torch.Tensor, weight, bias, eps: float, tasks: int = 1) -
     return y.reshape(n, tasks, c, -1).transpose(0, 1).reshape(x.shape)
 
 
-# How many tasks the backbone call in progress stacks along its batch (stacked_features).
-_stacked = [1]
-
-
 def stacked_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(T, N, ...) images -> (T, N, d) features in ONE call of a backbone shared by the
     tasks, each task normalized with its own batch statistics, as T separate calls would.
@@ -208,11 +207,15 @@ def stacked_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     and R2D2 vectorized), with the fused BatchNorm kernel, which is exact to any order.
     """
     tasks, n = x.shape[:2]
-    before, _stacked[0] = _stacked[0], tasks
+    norms = [m for m in backbone.modules() if isinstance(m, _BatchStatNorm)]
+    before = [m.stacked_tasks for m in norms]
+    for m in norms:
+        m.stacked_tasks = tasks
     try:
         z = backbone(x.flatten(0, 1))
     finally:
-        _stacked[0] = before
+        for m, b in zip(norms, before):
+            m.stacked_tasks = b
     return z.reshape(tasks, n, *z.shape[1:])
 
 

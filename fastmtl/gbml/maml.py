@@ -95,8 +95,11 @@ class MAML(_EpisodicTrainer):
     ``learn_inner_lr``, holds the step sizes in ``.inner_lr``.
 
     Args:
-        backbone: the network to meta-train (its BatchNorms become batch-statistics
-            norms, :func:`use_batch_stats`: the GBML convention); config: default
+        backbone: the network to meta-train. It is changed in place: its BatchNorms
+            become batch-statistics norms (:func:`use_batch_stats`: the GBML convention;
+            their weights are the same tensors), so ``trainer.backbone is backbone`` and
+            the trained module is the one passed in. Pass ``copy.deepcopy(net)`` to keep
+            ``net`` as it was. config: default
             ``MAMLConfig()``; device: None picks this rank's CUDA device, else the CPU.
 
     Raises:

@@ -5,6 +5,13 @@ data set's own repository (brendenlake/omniglot) and read by other few-shot libr
 Folders and archives may be mixed under one root; an image found twice (the two
 "background small" archives both hold Greek and Latin) is kept once, after checking that
 both copies are byte for byte the same.
+
+Which split a ``split`` name selects depends on what the root holds
+(:mod:`fastmtl.data.omniglot_splits`): the whole background set (``images_background``,
+zip or folder) gives its 648 / 163 / 153-character alphabet split, the two small archives
+the 161 / 22 / 59 one, and the ``vinyals-*`` splits need the background and evaluation
+sets together. A container is recognized by its official name (the zip, or the folder
+above the alphabets); one with another name counts by its alphabets.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
+from types import MappingProxyType
 from typing import Sequence
 
 import numpy as np
@@ -20,18 +28,13 @@ from PIL import Image
 
 from .. import checks
 from .base import FewShotDataset
+from .omniglot_splits import (OMNIGLOT_BACKGROUND_ALPHABETS, OMNIGLOT_EVALUATION_ALPHABETS,
+                              OMNIGLOT_FULL_SPLITS, OMNIGLOT_SPLITS, VINYALS_ANGLES,
+                              VINYALS_SPLITS, vinyals_characters)
+from .transforms import with_rotations
 
-__all__ = ["Omniglot", "OMNIGLOT_SPLITS", "OMNIGLOT_MEAN", "OMNIGLOT_STD"]
-
-# A fixed alphabet split of the eight alphabets in the two "background small" archives
-# (242 characters): whole alphabets are held out, so test characters come from scripts the
-# learner never saw. train has 161 characters, val 22, test 59.
-OMNIGLOT_SPLITS: dict[str, list[str]] = {
-    "train": ["Balinese", "Greek", "Japanese_(katakana)", "Korean", "Latin"],
-    "val": ["Early_Aramaic"],
-    "test": ["Sanskrit", "Tagalog"],
-}
-OMNIGLOT_SPLITS["trainval"] = OMNIGLOT_SPLITS["train"] + OMNIGLOT_SPLITS["val"]
+__all__ = ["Omniglot", "OMNIGLOT_SPLITS", "OMNIGLOT_FULL_SPLITS", "OMNIGLOT_MEAN",
+           "OMNIGLOT_STD"]
 
 # Pixel mean/std (strokes bright, scaled to [0, 1]) of all 4,840 images at 28x28, measured
 # once. Fixed constants rather than per-load statistics so that every split and subset of
@@ -41,6 +44,13 @@ OMNIGLOT_MEAN = (0.0843,)
 OMNIGLOT_STD = (0.2393,)
 
 _CHARACTER_DIR = re.compile(r"^character\d+$")
+# Official container names (zip stem or the folder above the alphabets) -> their family.
+_NAMED_FAMILIES = MappingProxyType({
+    "images_background": "background", "images_background_small1": "small",
+    "images_background_small2": "small", "images_evaluation": "evaluation"})
+_SMALL_ALPHABETS = frozenset(OMNIGLOT_SPLITS["trainval"] + OMNIGLOT_SPLITS["test"])
+_BACKGROUND_ONLY = frozenset(OMNIGLOT_BACKGROUND_ALPHABETS) - _SMALL_ALPHABETS
+_EVALUATION = frozenset(OMNIGLOT_EVALUATION_ALPHABETS)
 
 
 class Omniglot(FewShotDataset):
@@ -52,56 +62,55 @@ class Omniglot(FewShotDataset):
         alphabets: the alphabets to load (names as in the archives, e.g.
             ``"Japanese_(katakana)"``); default all found, unless ``split`` is given.
         split: ``"train"``, ``"val"``, ``"test"`` or ``"trainval"``: the alphabets of
-            :data:`OMNIGLOT_SPLITS`. Give ``alphabets`` or ``split``, not both.
+            :data:`OMNIGLOT_FULL_SPLITS` when ``root`` holds the whole background set
+            (``images_background``, zip or folder), else of :data:`OMNIGLOT_SPLITS` (the
+            two small archives); or ``"vinyals-train"``, ``"vinyals-val"``,
+            ``"vinyals-test"``, ``"vinyals-trainval"``: the characters of Vinyals et al.
+            (needs ``images_background`` and ``images_evaluation``), each rotated by 0,
+            90, 180 and 270 degrees as four classes. Give ``alphabets`` or ``split``, not
+            both.
         image_size: side of the square images after resizing (Lanczos, antialiased).
 
-    Classes are named ``"Alphabet/characterNN"`` and sorted by name; labels are 0..C-1.
-    Images are uint8 (N, image_size, image_size), strokes bright (255) on a dark (0)
-    background; ``mean``/``std`` are :data:`OMNIGLOT_MEAN`/:data:`OMNIGLOT_STD`.
-    Decoding every image takes under a second, so nothing is cached on disk.
+    Classes are named ``"Alphabet/characterNN"`` (``"Alphabet/characterNN/rot090"`` in
+    a Vinyals split) and sorted by name; labels are 0..C-1. Images are uint8
+    (N, image_size, image_size), strokes bright (255) on a dark (0) background;
+    ``mean``/``std`` are :data:`OMNIGLOT_MEAN`/:data:`OMNIGLOT_STD`. ``split_family`` says
+    which table ``split`` used: ``"small"``, ``"background"`` or ``"vinyals"`` (None
+    without ``split``). Decoding the 19,280 background images takes a few seconds, so
+    nothing is cached on disk.
 
     Raises:
-        ValueError: no archives or alphabet folders under ``root``, unknown alphabets or
-            split, both ``alphabets`` and ``split``, or a bad ``image_size``.
+        ValueError: no archives or alphabet folders under ``root``, both the whole
+            background set and the small archives under it, unknown alphabets or split,
+            a Vinyals split without the archives it needs, both ``alphabets`` and
+            ``split``, or a bad ``image_size``.
 
     Example:
         >>> import os
         >>> root = os.environ.get("FASTMTL_OMNIGLOT", "../shared/data/omniglot")
         >>> if os.path.isdir(root):            # the data is read where it lies
-        ...     assert len(Omniglot(root, split="val").class_names) == 22
+        ...     val = Omniglot(root, split="val")
+        ...     assert len(val.class_names) == 22 and val.split_family == "small"
     """
 
     def __init__(self, root: str | os.PathLike, alphabets: Sequence[str] | None = None,
                  split: str | None = None, image_size: int = 28):
-        if alphabets is not None and split is not None:
-            raise ValueError("give either alphabets or split, not both")
-        if split is not None and split not in OMNIGLOT_SPLITS:
-            raise ValueError(f"split must be one of {sorted(OMNIGLOT_SPLITS)}, got {split!r}")
-        checks.integer("image_size", image_size, 1)
-        if isinstance(alphabets, str):
-            alphabets = [alphabets]
-        if alphabets is not None and len(alphabets) == 0:
-            raise ValueError("alphabets must name at least one alphabet (or be None for all)")
+        alphabets = _check_arguments(alphabets, split, image_size)
         root_path = Path(root)
         if not root_path.is_dir():
             raise ValueError(f"Omniglot root {str(root)!r} is not an existing folder")
-
         files = _find_images(root_path)
         if not files:
             raise ValueError(f"no Omniglot images found under root {str(root)!r}: expected "
                              "<Alphabet>/characterNN/*.png in folders or .zip archives")
-        available = sorted({key.split("/", 1)[0] for key in files})
-        wanted = OMNIGLOT_SPLITS[split] if split is not None else alphabets
-        if wanted is not None:
-            wanted = list(dict.fromkeys(wanted))
-            unknown = [a for a in wanted if a not in available]
-            if unknown:
-                raise ValueError(f"unknown alphabet(s) {unknown} under root {str(root)!r}; "
-                                 f"available: {available}")
-            chosen = set(wanted)
-            files = {k: v for k, v in files.items() if k.split("/", 1)[0] in chosen}
+        family = _split_family(files, split, str(root))
+        if family == "vinyals":
+            files = _vinyals_files(files, split, str(root))
+            wanted = sorted({key.split("/", 1)[0] for key in files})
         else:
-            wanted = available
+            table = OMNIGLOT_FULL_SPLITS if family == "background" else OMNIGLOT_SPLITS
+            wanted = table[split] if split is not None else alphabets
+            files, wanted = _alphabet_files(files, wanted, str(root))
 
         keys = sorted(files)
         class_names = sorted({k.rsplit("/", 1)[0] for k in keys})
@@ -109,9 +118,122 @@ class Omniglot(FewShotDataset):
         labels = np.fromiter((class_index[k.rsplit("/", 1)[0]] for k in keys), dtype=np.int64,
                              count=len(keys))
         images = _decode_all(keys, files, int(image_size))
+        if family == "vinyals":
+            images, labels, class_names = _rotations(images, labels, class_names)
         super().__init__(images, labels, class_names, OMNIGLOT_MEAN, OMNIGLOT_STD,
                          name=f"omniglot-{split}" if split else "omniglot")
         self.alphabets = sorted(wanted)
+        self.split_family = family
+
+
+def _check_arguments(alphabets, split, image_size) -> list[str] | None:
+    """The checks of :class:`Omniglot`'s arguments, before any file is read; returns
+    ``alphabets`` as a list (or None)."""
+    if alphabets is not None and split is not None:
+        raise ValueError("give either alphabets or split, not both")
+    if split is not None and split not in OMNIGLOT_SPLITS and split not in VINYALS_SPLITS:
+        raise ValueError(f"split must be one of {sorted(OMNIGLOT_SPLITS)} or "
+                         f"{list(VINYALS_SPLITS)}, got {split!r}")
+    checks.integer("image_size", image_size, 1)
+    if isinstance(alphabets, str):
+        alphabets = [alphabets]
+    if alphabets is not None and len(alphabets) == 0:
+        raise ValueError("alphabets must name at least one alphabet (or be None for all)")
+    return None if alphabets is None else list(alphabets)
+
+
+def _alphabet_files(files, wanted, root: str):
+    """``files`` of the ``wanted`` alphabets (all when None) and the alphabets kept."""
+    available = sorted({key.split("/", 1)[0] for key in files})
+    if wanted is None:
+        return files, available
+    wanted = list(dict.fromkeys(wanted))
+    unknown = [a for a in wanted if a not in available]
+    if unknown:
+        raise ValueError(f"unknown alphabet(s) {unknown} under root {root!r}; "
+                         f"available: {available}")
+    chosen = set(wanted)
+    return {k: v for k, v in files.items() if k.split("/", 1)[0] in chosen}, wanted
+
+
+def _split_family(files, split: str | None, root: str) -> str | None:
+    """Which split table ``split`` reads, from what the root holds; a ValueError when the
+    root holds the whole background set and the small archives (the same images twice)."""
+    found: dict[str, set[str]] = {}
+    for key, copies in files.items():
+        for copy in copies:
+            found.setdefault(_family_of(key, copy), set()).add(_container_label(copy))
+    if "background" in found and "small" in found:
+        raise ValueError(f"Omniglot root {root!r} holds both the whole background set "
+                         f"({', '.join(sorted(found['background']))}) and the small subsets "
+                         f"({', '.join(sorted(found['small']))}), the same images twice: "
+                         "keep one of them under root")
+    if split is None:
+        return None
+    if split in VINYALS_SPLITS:
+        return "vinyals"
+    return "background" if "background" in found else "small"
+
+
+def _container(copy: tuple[str, str]) -> str:
+    """The name of what holds the alphabet folder: the folder above it, in a zip or not,
+    else the zip's own name."""
+    source, member = copy
+    if not source:
+        return Path(member).parent.parent.parent.name
+    parts = member.split("/")
+    return parts[-4] if len(parts) >= 4 else Path(source).stem
+
+
+def _container_label(copy: tuple[str, str]) -> str:
+    """How an error names a container: the zip's file name, or the folder."""
+    source, member = copy
+    return Path(source).name if source else str(Path(member).parent.parent.parent)
+
+
+def _family_of(key: str, copy: tuple[str, str]) -> str:
+    """The family of one copy of an image: by its container's official name, else by its
+    alphabet (an alphabet only the whole background set has, or an evaluation one)."""
+    named = _NAMED_FAMILIES.get(_container(copy))
+    if named is not None:
+        return named
+    alphabet = key.split("/", 1)[0]
+    if alphabet in _EVALUATION:
+        return "evaluation"
+    return "background" if alphabet in _BACKGROUND_ONLY else "other"
+
+
+def _vinyals_files(files, split: str, root: str):
+    """``files`` of the characters of a Vinyals split; a ValueError naming the archives
+    that are missing when some of its characters are not under root."""
+    characters = vinyals_characters(split)
+    present = {key.rsplit("/", 1)[0] for key in files}
+    needed: set[str] = set()
+    missing: dict[str, list[str]] = {}
+    for char in characters:
+        archive = ("images_evaluation" if char.split("/", 1)[0] in _EVALUATION
+                   else "images_background")
+        needed.add(archive)
+        if char not in present:
+            missing.setdefault(archive, []).append(char)
+    if missing:
+        detail = "; ".join(f"{name} ({len(chars)} of the split's characters, e.g. "
+                           f"{chars[0]!r})" for name, chars in sorted(missing.items()))
+        raise ValueError(f"split {split!r} needs {' and '.join(sorted(needed))} (zip or "
+                         f"folder) under root {root!r}; missing: {detail}")
+    wanted = set(characters)
+    return {k: v for k, v in files.items() if k.rsplit("/", 1)[0] in wanted}
+
+
+def _rotations(images, labels, class_names):
+    """Each character's rotations as classes of their own, named ``.../rotDDD``, through
+    :func:`fastmtl.data.with_rotations`; class names stay sorted."""
+    rotated = with_rotations(FewShotDataset(images, labels, class_names), VINYALS_ANGLES)
+    names = []
+    for name in rotated.class_names:
+        char, angle = name.rsplit("@", 1)
+        names.append(f"{char}/rot{int(angle):03d}")
+    return rotated.images, rotated.labels, names
 
 
 def _find_images(root: Path) -> dict[str, list[tuple[str, str]]]:

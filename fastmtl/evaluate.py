@@ -14,6 +14,7 @@ them; the gathered results, hence mean and CI, are those of one process.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any
 
@@ -27,9 +28,10 @@ from . import checks
 from . import distributed as _dist
 from .adapt import fit_logistic
 from .data.base import FewShotDataset
+from .data.omniglot_runs import read_one_shot_runs
 from .sampling import EpisodeSampler
 
-__all__ = ["evaluate", "embed", "summary", "check_episodes"]
+__all__ = ["evaluate", "embed", "summary", "check_episodes", "one_shot_runs"]
 
 
 @torch.no_grad()
@@ -187,3 +189,82 @@ def summary(acc: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
     return {"mean": float(acc.mean()), "ci95": ci, "std": std, **settings,
             "accuracies": acc.tolist(), **({"note": "one episode: no confidence interval"}
                                            if len(acc) == 1 else {})}
+
+
+def one_shot_runs(backbone: nn.Module, path: str | os.PathLike, image_size: int = 28,
+                  device: torch.device | str | None = None, C: float = 3.0) -> dict[str, Any]:
+    """Error rates (percent) on the 20 official one-shot runs of Lake et al. (2015).
+
+    Each run is a 20-way one-shot task: 20 training images, one per class, and 20 test
+    images. Two classifiers on the backbone's L2-normalized features: nearest neighbour
+    by cosine similarity (how the literature scores the runs) and the logistic regression
+    of :func:`evaluate` fitted on the training images. The images are decoded as
+    :class:`fastmtl.data.Omniglot`'s (:func:`fastmtl.data.read_one_shot_runs`).
+
+    Args:
+        backbone: the frozen feature extractor, trained at ``image_size``.
+        path: ``all_runs.zip`` of github brendenlake/omniglot
+            (``python/one-shot-classification``), or a zip of the same layout.
+        image_size: side the run images (105 px) are resized to.
+        device: where the backbone runs (None: where its parameters are).
+        C: inverse L2 strength of the logistic regression (the paper: 3).
+
+    Returns:
+        dict with ``nn_error`` and ``logistic_error`` (mean over runs, percent),
+        ``nn_errors`` and ``logistic_errors`` (per run), ``runs`` (names), ``n_runs``,
+        ``n_way``, ``n_test`` (test images per run), ``image_size``, ``C`` and
+        ``logistic_unconverged`` (runs whose head stopped before the tolerance).
+
+    Raises:
+        ValueError: ``backbone`` not a module, ``path`` not a zip with the runs' layout
+            (checked before decoding), a bad ``image_size`` or ``C``.
+
+    Example:
+        >>> import io, zipfile, tempfile, os
+        >>> from PIL import Image, ImageDraw
+        >>> def png(j):                        # class j: a bar at a place of its own
+        ...     im = Image.new("1", (105, 105), 1)
+        ...     ImageDraw.Draw(im).rectangle([10 * j, 0, 10 * j + 9, 104], fill=0)
+        ...     out = io.BytesIO(); im.save(out, "PNG"); return out.getvalue()
+        >>> path = os.path.join(tempfile.mkdtemp(), "runs.zip")
+        >>> with zipfile.ZipFile(path, "w") as zf:
+        ...     lines = []
+        ...     for j in range(1, 4):
+        ...         zf.writestr(f"run01/training/class0{j}.png", png(j))
+        ...         zf.writestr(f"run01/test/item0{j}.png", png(4 - j))
+        ...         lines.append(f"run01/test/item0{j}.png run01/training/class0{4 - j}.png")
+        ...     zf.writestr("run01/class_labels.txt", "\\n".join(lines))
+        >>> r = one_shot_runs(torch.nn.Flatten(), path, image_size=14)
+        >>> r["nn_error"], r["logistic_error"], r["n_way"]
+        (0.0, 0.0, 3)
+    """
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+    checks.integer("image_size", image_size, 1)
+    checks.number("C", C)
+    runs = read_one_shot_runs(path, image_size)
+    nn_err, lr_err, unconverged = _one_shot_errors(embed(backbone, runs.dataset, device=device),
+                                                   runs, C)
+    n_runs, n_way = runs.train_index.shape
+    return {"nn_error": float(nn_err.mean()), "logistic_error": float(lr_err.mean()),
+            "nn_errors": nn_err.tolist(), "logistic_errors": lr_err.tolist(),
+            "runs": list(runs.run_names), "n_runs": n_runs, "n_way": n_way,
+            "n_test": int(runs.test_index.shape[1]), "image_size": int(image_size),
+            "C": C, "logistic_unconverged": unconverged}
+
+
+def _one_shot_errors(z: torch.Tensor, runs, C: float):
+    """Per-run error rates (percent, numpy) of cosine nearest neighbour and of the
+    logistic heads on the normalized features ``z`` of ``runs.dataset``, and the number
+    of runs whose head did not converge."""
+    def rows(index):
+        return z[torch.as_tensor(index, device=z.device)]
+    zs, zq = rows(runs.train_index), rows(runs.test_index)
+    answers = torch.as_tensor(runs.answers, device=z.device)
+    n_runs, n_way = runs.train_index.shape
+    nearest = torch.bmm(zq, zs.transpose(1, 2)).argmax(2)
+    labels = torch.arange(n_way, device=z.device).expand(n_runs, -1)
+    heads = fit_logistic(zs, labels, C=C, n_classes=n_way)
+    nn_err = (nearest != answers).double().mean(1).cpu().numpy() * 100.0
+    lr_err = (heads.predict(zq) != answers).double().mean(1).cpu().numpy() * 100.0
+    return nn_err, lr_err, int((~heads.converged).sum())

@@ -277,7 +277,7 @@ class FewShotClassifier:
             ValueError: not a saved FewShotClassifier, or no way to rebuild its backbone.
         """
         check_readable(path, "classifier")
-        state = safe_load(path, "classifier", "a saved FewShotClassifier")
+        state = safe_load(path, "classifier", "a fastmtl checkpoint (a saved FewShotClassifier)")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"classifier {path!r} is not a saved FewShotClassifier")
         if "module" in state and state.get("backbone") is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -593,12 +594,13 @@ class MTLTrainer(Trainer):
         return {"scale": float(self.learner.log_scale.exp())}
 
 
-def _small_side(backbone: nn.Module, image_shape, fraction: float) -> int:
+def _small_side(backbone: nn.Module, image_shape, fraction: float) -> int | None:
     """The side of the small training images: ``fraction`` of the images' side (rounded)
-    or, where the backbone's features would then have another size (Conv-4 at 84 px: 1,024
-    at 72 px, 1,600 at 84), the nearest larger side at which they keep the full size's
-    (80 px there), so the head table fits both. ValueError if no side below the images'
-    does (one dummy forward per side tried)."""
+    or, where the backbone does not take that side or its features would then have
+    another size (Conv-4 at 84 px: 1,024-d at 72 px, 1,600-d at 84), the nearest larger
+    side that keeps the full size's features (80 px there), so one head table fits both.
+    None, with a warning, where no side below the images' does (Conv-4 at 16 px): the run
+    trains at full size throughout. ValueError if ``fraction`` rounds to the full size."""
     C, H, W = image_shape
     side = max(1, round(fraction * min(H, W)))
     if side >= min(H, W):
@@ -611,9 +613,10 @@ def _small_side(backbone: nn.Module, image_shape, fraction: float) -> int:
                 return s
         except (RuntimeError, ValueError):   # too small for the backbone: try larger
             continue
-    raise ValueError(f"small_images={fraction:g}: the backbone gives {full}-d features at "
-                     f"{H}x{W} and no smaller side from {side} px keeps that size; "
-                     f"small_images=1 trains on full-size images throughout")
+    warnings.warn(f"small_images={fraction:g}: no side from {side} to {min(H, W) - 1} px "
+                  f"gives the backbone's {full}-d features of {H}x{W} images; training at "
+                  f"full size throughout", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def _make_optimizer(cfg: MTLConfig, groups) -> torch.optim.Optimizer:

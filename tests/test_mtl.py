@@ -278,13 +278,34 @@ def test_small_affine_samples_the_same_view_as_a_bilinear_resize(side):
     torch.testing.assert_close(_random_affine(x, u, size=28), _random_affine(x, u))
 
 
-@pytest.mark.parametrize("fraction, needle", [(0.99, "full size"), (1 / 7, "does not take")])
-def test_small_images_the_backbone_cannot_take_fail_before_training(fraction, needle):
+def test_small_images_rounding_to_full_size_fails_before_training():
     data = _glyphs(12, 8)
     cfg = MTLConfig.from_recipe("fast", projector=0, batch_size=16, epochs=1,
-                                small_images=fraction)
+                                small_images=0.99)
     trainer = MTLTrainer(conv4(hidden=8), cfg)
     sides = _input_sides(trainer)
-    with pytest.raises(ValueError, match=f"small_images=.*{needle}"):
+    with pytest.raises(ValueError, match="small_images=.*full size"):
         trainer.fit(data, progress=False)
     assert sides == []
+
+
+@pytest.mark.parametrize("shape, fraction, side", [
+    ((1, 28, 28), 1 / 7, 16),       # 4 px is below Conv-4's 16: the nearest it takes
+    ((3, 84, 84), 0.86, 80),        # 72 px would give 1,024-d features, 84 px 1,600-d
+    ((1, 28, 28), 0.86, 24),        # the recipe's own case: as asked
+])
+def test_small_images_take_the_nearest_side_that_keeps_the_features(shape, fraction, side):
+    from fastmtl.mtl import _small_side
+    assert _small_side(conv4(in_channels=shape[0], hidden=8), shape, fraction) == side
+
+
+def test_small_images_that_cannot_apply_warn_and_train_full_size():
+    """Conv-4 at 16 px: no smaller side keeps its features, so the default recipe trains
+    at full size throughout and says so (a warning), instead of failing."""
+    data = SyntheticGlyphs(12, 8, seed=0, image_size=16)
+    cfg = MTLConfig.from_recipe("fast", projector=0, batch_size=16, epochs=1)
+    trainer = MTLTrainer(conv4(hidden=8), cfg)
+    sides = _input_sides(trainer)
+    with pytest.warns(RuntimeWarning, match="full size throughout"):
+        trainer.fit(data, progress=False)
+    assert set(sides) == {16}

@@ -329,3 +329,31 @@ def test_runs_bad_input(tmp_path):
         one_shot_runs("conv4", good)
     with pytest.raises(ValueError, match="C must be"):
         one_shot_runs(flat, good, C=0)
+
+
+# ------------------------------------------------------------------ the protocols by the CLI
+def test_cli_trains_on_the_vinyals_split_and_scores_the_one_shot_runs(tmp_path, archives,
+                                                                       capsys):
+    """The README's commands for the community protocols, at a tiny budget: train on
+    vinyals-train (both archives under --root), then `fastmtl eval --omniglot-runs`."""
+    import json
+    from fastmtl.cli import main
+    root = _root(tmp_path, archives, "background", "evaluation")
+    ck = tmp_path / "ck"
+    assert main(["train", "--data", "omniglot", "--root", str(root), "--train-split",
+                 "vinyals-train", "--image-size", "16", "--batch-size", "32",
+                 "--max-minutes", "0.03", "--epochs", "1", "--val-episodes", "2",
+                 "--val-queries", "1", "--eval-episodes", "2", "--queries", "1",
+                 "--shots", "1", "--checkpoint-dir", str(ck)]) == 0
+    capsys.readouterr()
+    runs = _runs_zip(tmp_path / "all_runs.zip", n_runs=2, n_way=5, prefix="all_runs/")
+    out = tmp_path / "runs.json"
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
+                 "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "one-shot runs" in said and "nearest neighbour" in said
+    res = json.loads(out.read_text())["results"]
+    assert res["n_runs"] == 2 and 0 <= res["nn_error"] <= 100
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
+                 "--ways", "20"]) == 2
+    assert "--ways has no effect with --omniglot-runs" in capsys.readouterr().err

@@ -1,13 +1,38 @@
 """``fastmtl eval``: a checkpoint's backbone under the logistic-regression protocol."""
 from __future__ import annotations
 
+from .. import checks, registry
 from .. import distributed as _dist
-from .. import registry
 from .._env import machine_info
 from ..checkpoint import load as load_checkpoint
 from ..classifier import backbone_from_checkpoint
-from ._common import (add_eval_flags, check_eval_flags, command_line, evaluate_all, say,
-                      table, write_json)
+from ..evaluate import one_shot_runs
+from ._common import (add_eval_flags, check_eval_flags, command_line, evaluate_all,
+                      parser_defaults, refuse_inert_flags, say, table, write_json)
+
+
+def _one_shot_runs(args, backbone, run) -> int:
+    """Lake et al.'s 20 one-shot runs: error rates, nearest neighbour and logistic."""
+    defaults = parser_defaults(args.parser)
+    refuse_inert_flags(args, defaults, [
+        (f, False, "--omniglot-runs (its 20 runs are fixed 20-way 1-shot tasks)")
+        for f in ("data", "root", "split", "seed", "shots", "ways", "queries", "episodes",
+                  "data_seed")])
+    if args.out:
+        checks.writable_file("--out", args.out)
+    size = args.image_size or run.get("image_size") or 28
+    try:
+        res = one_shot_runs(backbone, args.omniglot_runs, image_size=size)
+    except ValueError as exc:
+        raise ValueError(f"--omniglot-runs: {exc}") from None
+    say(f"Lake et al.'s {res['n_runs']} one-shot runs ({res['n_way']}-way, {size} px): error "
+        f"{res['nn_error']:.2f}% nearest neighbour (cosine), {res['logistic_error']:.2f}% "
+        f"logistic regression (accuracy {100 - res['nn_error']:.2f}% / "
+        f"{100 - res['logistic_error']:.2f}%)")
+    write_json(args.out, {"command": command_line(), "checkpoint": args.checkpoint,
+                          "protocol": "omniglot-one-shot-runs", "runs_file": args.omniglot_runs,
+                          "results": res, "machine": machine_info()})
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -16,6 +41,8 @@ def cmd_eval(args) -> int:
     state = load_checkpoint(args.checkpoint, what="--checkpoint")
     run = state.get("run") or {}
     backbone = backbone_from_checkpoint(state, args.checkpoint)
+    if args.omniglot_runs:
+        return _one_shot_runs(args, backbone, run)
     data_name = args.data or run.get("data")
     if data_name is None:
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not record its data set: "
@@ -44,7 +71,14 @@ def add_parser(sub) -> None:
     p.add_argument("--data", choices=registry.DATASET_NAMES, default=None,
                    help="data set (default: the one the checkpoint was trained on)")
     p.add_argument("--root", default=None, help="folder holding the data set's files")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--split", default="test",
+                   help="split to evaluate on: train, val or test; Omniglot also trainval "
+                        "and the Vinyals split's vinyals-train / -val / -test / -trainval")
     p.add_argument("--seed", type=int, default=0, help="seed of the test episodes")
     add_eval_flags(p, "--episodes", zero_skips=False)
+    p.add_argument("--omniglot-runs", default=None, metavar="ZIP",
+                   help="instead of episodes of a data set: Lake et al.'s 20 official 20-way "
+                        "one-shot runs (all_runs.zip of github brendenlake/omniglot, "
+                        "python/one-shot-classification); prints and writes the error rate "
+                        "of nearest neighbour by cosine and of the logistic protocol")
     p.set_defaults(func=cmd_eval, parser=p)

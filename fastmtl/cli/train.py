@@ -24,6 +24,11 @@ from ._common import (HelpFormatter, add_config_flags, add_eval_flags, add_folde
 
 
 def _load(args, split: str, rotations: bool = False):
+    """``split`` ("val", "test") of the family of --train-split (``vinyals-train``:
+    ``vinyals-val``, ``vinyals-test``)."""
+    family = args.train_split.rpartition("-")[0]
+    if split in ("val", "test") and family:
+        split = f"{family}-{split}"
     return registry.load_dataset(args.data, args.root, split, image_size=args.image_size,
                                  seed=args.data_seed, rotations=rotations,
                                  **folder_kwargs(args))
@@ -37,6 +42,8 @@ def _check_flags(args) -> None:
         ("channels", registry.uses(args.data, "channels"), data),
         ("skip_bad_images", registry.uses(args.data, "skip_bad_images"), data),
         ("data_seed", registry.uses(args.data, "seed"), data),
+        ("train_split", args.data == "omniglot" or not args.train_split.startswith("vinyals"),
+         f"{data} (the Vinyals split is Omniglot's)"),
         ("image_size", registry.uses(args.data, "image_size"),
          f"{data} (its files keep their own size)"),
         ("profile_warmup", bool(args.profile), "no --profile"),
@@ -166,8 +173,11 @@ def _add_run_flags(p) -> None:
     p.add_argument("--root", default=None, help="folder holding the data set's files")
     p.add_argument("--backbone", choices=registry.BACKBONE_NAMES, default="conv4",
                    help="feature extractor")
-    p.add_argument("--train-split", default="train", choices=("train", "trainval"),
-                   help="split to train on")
+    p.add_argument("--train-split", default="train",
+                   choices=("train", "trainval", "vinyals-train", "vinyals-trainval"),
+                   help="split to train on; vinyals-*: Omniglot's Vinyals split (the "
+                        "background and evaluation archives under --root, rotations "
+                        "included), validated and tested on vinyals-val / vinyals-test")
     p.add_argument("--rotations", action=argparse.BooleanOptionalAction, default=False,
                    help="rotations by 90/180/270 degrees as new training classes (Omniglot)")
     p.add_argument("--no-val", action="store_true", help="no validation split")

@@ -53,6 +53,9 @@ def synthetic(root: str | None, split: str, image_size: int | None = None, seed:
 def omniglot(root: str | None, split: str, image_size: int | None = None,
              rotations: bool = False, **_: Any):
     """Omniglot under ``root`` (:class:`fastmtl.data.Omniglot`), 28 px by default."""
+    if rotations and split.startswith("vinyals-"):
+        raise ValueError(f"rotations: split {split!r} already holds each character's four "
+                         f"rotations as classes")
     return _finish(Omniglot(_need_root("omniglot", root), split=split,
                             image_size=image_size or 28), rotations)
 

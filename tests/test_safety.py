@@ -1,0 +1,136 @@
+"""Files users share cannot run code: every entry point that reads a checkpoint or a saved
+classifier refuses a malicious pickle with one line and runs nothing; files written by
+the current format (CLI or Python API) still load and rebuild their backbone."""
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+
+import fastmtl
+from fastmtl import checkpoint
+from fastmtl.cli import main
+
+
+class _Evil:
+    """Unpickling this runs ``os.system(command)`` (when a loader lets it)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.fixture
+def evil(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "method": "mtl",
+                "backbone": _Evil(f"touch {marker}")}, path)
+    # the attack itself works where a loader unpickles freely (so the tests below test
+    # something): loading it with weights_only=False creates the marker
+    probe = tmp_path / "probe.pt"
+    torch.save({"x": _Evil(f"touch {tmp_path / 'probe_ran'}")}, probe)
+    torch.load(probe, weights_only=False)   # noqa: S614 - the test's own file, on purpose
+    assert (tmp_path / "probe_ran").exists()
+    return path, marker
+
+
+def _one_line_refusal(capsys, code):
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "not a fastmtl checkpoint" in err, err
+
+
+def _support(tmp_path):
+    """A support folder of 2 classes of 3 PNGs, and one query image."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "support" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
+                tmp_path / "support" / c / f"{i}.png")
+    return tmp_path / "support", tmp_path / "support" / "a" / "0.png"
+
+
+@pytest.mark.parametrize("entry", ["eval", "train --resume", "adapt"])
+def test_cli_entry_points_run_nothing(evil, entry, tmp_path, capsys):
+    path, marker = evil
+    if entry == "eval":
+        code = main(["eval", "--checkpoint", str(path), "--episodes", "2"])
+    elif entry == "adapt":
+        support, query = _support(tmp_path)
+        code = main(["adapt", "--checkpoint", str(path), "--support", str(support),
+                     "--query", str(query), "--out", str(tmp_path / "p.csv")])
+    else:
+        code = main(["train", "--resume", str(path), "--epochs", "1"])
+    assert not marker.exists()
+    _one_line_refusal(capsys, code)
+
+
+@pytest.mark.parametrize("loader", [
+    lambda p: fastmtl.FewShotClassifier.load(p),
+    lambda p: fastmtl.FewShotClassifier.from_checkpoint(p),
+    lambda p: checkpoint.load(p),
+    lambda p: fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), fastmtl.MTLConfig(
+        epochs=2, tasks_per_step=2, tasks_per_epoch=2, images_per_class=4)).fit(
+        fastmtl.data.SyntheticGlyphs(12, 8), resume=p, progress=False),
+], ids=["FewShotClassifier.load", "FewShotClassifier.from_checkpoint", "checkpoint.load",
+        "MTLTrainer.fit(resume=)"])
+def test_python_entry_points_run_nothing(evil, loader):
+    path, marker = evil
+    with pytest.raises(ValueError, match="not a fastmtl checkpoint") as info:
+        loader(str(path))
+    assert not marker.exists()
+    assert "\n" not in str(info.value)
+
+
+def test_no_loader_in_the_package_unpickles_freely():
+    root = pathlib.Path(fastmtl.__file__).parent
+    hits = [str(p) for p in root.rglob("*.py") if "weights_only=False" in p.read_text()]
+    assert not hits
+
+
+def test_a_checkpoint_of_the_python_api_rebuilds_everywhere(tmp_path, capsys):
+    """A model trained through the API (no CLI) records its backbone's spec, so the CLI's
+    eval and FewShotClassifier.from_checkpoint rebuild it without help."""
+    run = tmp_path / "run"
+    cfg = fastmtl.MTLConfig(epochs=1, tasks_per_step=2, tasks_per_epoch=2, images_per_class=4,
+                            checkpoint_dir=str(run))
+    train = fastmtl.data.SyntheticGlyphs(12, 8, seed=0)
+    trainer = fastmtl.MTLTrainer(fastmtl.models.conv4(in_channels=1, hidden=16), cfg)
+    trainer.run_info = {"data": "synthetic", "image_size": 28, "channels": 1,
+                        "mean": list(train.mean), "std": list(train.std)}
+    trainer.fit(train, progress=False)
+    state = torch.load(run / "last.pt", weights_only=True)      # plain values only
+    assert state["backbone_spec"] == {"name": "conv4", "in_channels": 1, "hidden": 16,
+                                      "out_channels": 64}
+    clf = fastmtl.FewShotClassifier.from_checkpoint(str(run / "best.pt"))
+    assert clf.backbone.spec["hidden"] == 16
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run / "best.pt"), "--episodes", "3",
+                 "--shots", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["episodes"] == 3
+
+
+def test_saved_classifier_of_a_foreign_backbone_needs_the_module(tmp_path):
+    """A backbone that is not a fastmtl model is saved as weights only: loading asks for a
+    fresh module of its architecture, and then round-trips."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 8))
+    clf = fastmtl.FewShotClassifier(net, image_size=28, channels=1, mean=(0.1,), std=(0.3,),
+                                    device="cpu")
+    clf.fit(torch.randn(4, 1, 28, 28), [0, 0, 1, 1])
+    path = str(tmp_path / "clf.pt")
+    clf.save(path)
+    with pytest.raises(ValueError, match="^backbone: .*not a fastmtl model"):
+        fastmtl.FewShotClassifier.load(path)
+    fresh = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 8))
+    back = fastmtl.FewShotClassifier.load(path, backbone=fresh)
+    x = torch.randn(3, 1, 28, 28)
+    assert (back.predict_proba(x) == clf.predict_proba(x)).all()
+    with pytest.raises(ValueError, match="labels: only str, int, float or bool"):
+        clf.fit(torch.randn(4, 1, 28, 28), [(0,), (0,), (1,), (1,)]).save(path)

@@ -121,7 +121,7 @@ def test_step(benchmark, data, method):
 def textbook_conv4(channels_last: bool = False, pool_first: bool = False):
     """Conv-4 as learn2learn's ``ConvBase`` runs it (and fastmtl's did until 2026-12-02):
     blocks conv - BN - ReLU - pool, NCHW; ``channels_last`` / ``pool_first`` give fastmtl's
-    exact speed-ups one at a time (benchmarks/conv4_layout.py). Seeded, so every form
+    exact speed-ups one at a time (benchmarks/experiments/conv4_layout.py). Seeded, so every form
     starts from the same weights."""
     torch.manual_seed(0)
     net = conv4(in_channels=1, channels_last=channels_last)

@@ -14,7 +14,10 @@ modules above it; ``tests/test_architecture.py`` checks it):
 - ``adapt`` -> ``evaluate``: a fresh logistic head per test episode; the protocol.
 - ``training`` -> ``mtl``, ``gbml``: the one training loop; the methods on it.
 - ``compare``, ``classifier``, ``cli``: methods side by side; a user's few-shot
-  classifier; the command line.
+  classifier; the command line (a package of one module a command; nothing imports it).
+
+``registry`` (lowest of all) names the data sets, backbones and methods every entry point
+offers.
 
 Data flows the same way: a dataset gives images, the sampler gives tasks, a trainer
 turns tasks into a backbone, and ``evaluate`` / ``adapt`` fit heads on its features.
@@ -25,10 +28,13 @@ Example:
     >>> cfg.task_sampling
     'all_classes'
 """
-from . import adapt, data, distributed, gbml, models, ops, sampling
+from . import adapt, data, distributed, gbml, models, ops, registry, sampling
+from ._env import keep_freed_memory
+from ._version import __version__
 from .classifier import FewShotClassifier
 from .evaluate import evaluate
 from .mtl import MTLConfig, MTLTrainer
 
-__version__ = "0.1.0"
-__all__ = ["MTLConfig", "MTLTrainer", "FewShotClassifier", "evaluate", "adapt", "data", "distributed", "gbml", "models", "ops", "sampling"]
+__all__ = ["MTLConfig", "MTLTrainer", "FewShotClassifier", "evaluate", "keep_freed_memory",
+           "__version__", "adapt", "data", "distributed", "gbml", "models", "ops", "registry",
+           "sampling"]

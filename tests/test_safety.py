@@ -134,3 +134,19 @@ def test_saved_classifier_of_a_foreign_backbone_needs_the_module(tmp_path):
     assert (back.predict_proba(x) == clf.predict_proba(x)).all()
     with pytest.raises(ValueError, match="labels: only str, int, float or bool"):
         clf.fit(torch.randn(4, 1, 28, 28), [(0,), (0,), (1,), (1,)]).save(path)
+
+
+def test_checkpoints_of_the_previous_release_still_load(tmp_path, capsys):
+    """Before backbones recorded their own spec, the CLI wrote {"name", "in_channels"}
+    only: such a checkpoint rebuilds the default-width backbone and evaluates."""
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "paper", "--epochs", "1", "--tasks-per-epoch", "2",
+                 "--tasks-per-step", "2", "--images-per-class", "4", "--val-episodes", "2",
+                 "--eval-episodes", "0", "--checkpoint-dir", str(run)]) == 0
+    state = torch.load(run / "best.pt", weights_only=True)
+    state["backbone_spec"] = {"name": "conv4", "in_channels": 1}     # the old record
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    assert main(["eval", "--checkpoint", str(old), "--episodes", "3", "--shots", "1"]) == 0
+    clf = fastmtl.FewShotClassifier.from_checkpoint(str(old))
+    assert clf.backbone.spec["hidden"] == 64

@@ -19,6 +19,8 @@ def _data():
 
 def _mtl(**kw):
     cfg = dict(tasks_per_step=1, tasks_per_epoch=4, epochs=3, images_per_class=4, n_way=3)
+    if kw.get("task_sampling") == "all_classes":     # tasks are not drawn: no task settings
+        cfg = dict(epochs=3)
     cfg.update(kw)
     return MTLTrainer(conv4(hidden=8), MTLConfig(**cfg))
 

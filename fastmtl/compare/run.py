@@ -191,7 +191,10 @@ def _step_flops(cls, cfg, make_backbone, train) -> tuple[int, int | None]:
     flops = flops_per_step(cls, cfg, make_backbone, train)
     if getattr(cfg, "small_images", 1.0) >= 1:
         return flops, None
-    full = flops_per_step(cls, dataclasses.replace(cfg, small_images=1.0), make_backbone, train)
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}["small_images_fraction"]
+    full = flops_per_step(cls, dataclasses.replace(cfg, small_images=1.0,
+                                                   small_images_fraction=default),
+                          make_backbone, train)
     return full, flops
 
 

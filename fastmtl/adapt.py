@@ -268,7 +268,7 @@ class _Rows:
     fill: torch.Tensor        # (R, K, K) curvature on directions the iterates never take
     done: torch.Tensor        # (R,) frozen: converged, out of iterations or refused
 
-    def select(self, keep: torch.Tensor) -> "_Rows":
+    def select(self, keep: torch.Tensor) -> _Rows:
         """The rows where ``keep`` is True."""
         return _Rows(**{name: t[keep] for name, t in vars(self).items()})
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["integer", "number", "one_of", "writable_file", "writable_dir"]
 

@@ -11,7 +11,8 @@ any hashable values.
 from __future__ import annotations
 
 import os
-from typing import Any, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ class FewShotClassifier:
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str, head: str = "logistic", C: float = 3.0,
-                        device: torch.device | str | None = None) -> "FewShotClassifier":
+                        device: torch.device | str | None = None) -> FewShotClassifier:
         """A classifier over the backbone of a fastmtl checkpoint (``final.pt``, ...).
 
         Image size, channels and normalization come from the checkpoint's record of its
@@ -139,7 +140,7 @@ class FewShotClassifier:
                    C=C, device=device)
 
     # -- the estimator ----------------------------------------------------------------------
-    def fit(self, images: Sequence[Any], labels: Sequence[Hashable]) -> "FewShotClassifier":
+    def fit(self, images: Sequence[Any], labels: Sequence[Hashable]) -> FewShotClassifier:
         """Fit the head on support ``images`` with ``labels`` (>= 2 classes).
 
         Returns:
@@ -262,7 +263,7 @@ class FewShotClassifier:
 
     @classmethod
     def load(cls, path: str, device: torch.device | str | None = None,
-             backbone: nn.Module | None = None) -> "FewShotClassifier":
+             backbone: nn.Module | None = None) -> FewShotClassifier:
         """A classifier saved by :meth:`save`, head included; read with
         ``weights_only=True``, so the file cannot run code.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 
 from . import checks
 from . import distributed as _dist
+from .config import TrainerConfig, setting
+from .evaluate import evaluate
 from .models import feature_dim
 from .ops import multihead_ce
 from .sampling import EpisodeLoader, assemble, check_fits
-from .evaluate import evaluate
-from .config import TrainerConfig, setting
 from .training import Trainer, backbone_autocast, check_val, epoch_seed, phase
 
 __all__ = ["MTLConfig", "MTLTrainer", "MTLLearner", "RECIPES"]
@@ -162,7 +162,7 @@ class MTLConfig(TrainerConfig):
     backend: str | None = setting(None, "multihead_ce backend (None: fastest for the device)")
 
     @classmethod
-    def from_recipe(cls, recipe: str = "fast", **overrides) -> "MTLConfig":
+    def from_recipe(cls, recipe: str = "fast", **overrides) -> MTLConfig:
         """The config of a named recipe (:data:`RECIPES`) with ``overrides``.
 
         Raises:
@@ -289,7 +289,7 @@ class MTLLearner(nn.Module):
         ((10, 64), ['head', 'log_scale'])
     """
 
-    def __init__(self, backbone: nn.Module, n_classes: int, dim: int, config: "MTLConfig",
+    def __init__(self, backbone: nn.Module, n_classes: int, dim: int, config: MTLConfig,
                  chunking: str, generator: torch.Generator):
         super().__init__()
         self.backbone = backbone

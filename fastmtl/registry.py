@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["DATASETS", "DATASET_NAMES", "BACKBONES", "BACKBONE_NAMES", "METHODS",
            "METHOD_NAMES", "Method", "Dataset", "uses", "resolve", "method", "build_backbone", "load_dataset",

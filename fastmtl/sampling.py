@@ -28,8 +28,8 @@ pinned) channels-first tensor, normalizing on the fly; :class:`EpisodeLoader` yi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -405,7 +405,7 @@ class EpisodeBatch:
     episodes: torch.Tensor
     k_shot: int
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "EpisodeBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EpisodeBatch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return EpisodeBatch(move(self.images), move(self.labels), move(self.tasks),
                             move(self.classes), move(self.episodes), self.k_shot)

@@ -23,8 +23,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -330,16 +331,16 @@ class Callback:
         ...             print(state.step, state.loss)
     """
 
-    def on_train_begin(self, trainer: "Trainer", state: TrainState) -> None:
+    def on_train_begin(self, trainer: Trainer, state: TrainState) -> None:
         pass
 
-    def on_step_end(self, trainer: "Trainer", state: TrainState) -> bool | None:
+    def on_step_end(self, trainer: Trainer, state: TrainState) -> bool | None:
         return None
 
-    def on_epoch_end(self, trainer: "Trainer", state: TrainState) -> bool | None:
+    def on_epoch_end(self, trainer: Trainer, state: TrainState) -> bool | None:
         return None
 
-    def on_train_end(self, trainer: "Trainer", state: TrainState) -> None:
+    def on_train_end(self, trainer: Trainer, state: TrainState) -> None:
         pass
 
 
@@ -357,7 +358,7 @@ class AtTrainingSeconds(Callback):
         >>> cb = AtTrainingSeconds([10, 30, 60], lambda tr, st: print(st.train_seconds))
     """
 
-    def __init__(self, times, fn: Callable[["Trainer", TrainState], Any]):
+    def __init__(self, times, fn: Callable[[Trainer, TrainState], Any]):
         times = [float(t) for t in times]
         if not times or any(not (math.isfinite(t) and t > 0) for t in times) \
                 or any(b <= a for a, b in zip(times, times[1:])):
@@ -396,7 +397,7 @@ class EveryTrainingSeconds(AtTrainingSeconds):
         >>> cb = EveryTrainingSeconds(30.0, lambda tr, st: points.append(st.train_seconds))
     """
 
-    def __init__(self, seconds: float, fn: Callable[["Trainer", TrainState], Any]):
+    def __init__(self, seconds: float, fn: Callable[[Trainer, TrainState], Any]):
         checks.number("seconds", seconds)
         super().__init__([seconds], fn)
         self.seconds = float(seconds)

@@ -13,7 +13,8 @@ from .. import __version__, registry
 from .. import distributed as _dist
 from ..mtl import RECIPES
 from ..training import TrainingDiverged, TrainingInterrupted
-from . import adapt, compare, demo, eval as eval_, train
+from . import adapt, compare, demo, train
+from . import eval as eval_
 from ._common import Parser
 
 __all__ = ["main", "build_parser"]

@@ -9,11 +9,20 @@ from typing import Any
 
 import torch
 
-from .. import checks, compare as cmp, registry
+from .. import checks, registry
+from .. import compare as cmp
 from .._env import keep_freed_memory, machine_info
 from ..checkpoint import atomic_write_json, atomic_write_text
-from ._common import (HelpFormatter, add_folder_flags, command_line, folder_kwargs,
-                      parser_defaults, positive, refuse_inert_flags, say)
+from ._common import (
+    HelpFormatter,
+    add_folder_flags,
+    command_line,
+    folder_kwargs,
+    parser_defaults,
+    positive,
+    refuse_inert_flags,
+    say,
+)
 
 
 def _methods(args) -> list[str]:

@@ -7,8 +7,17 @@ from .._env import machine_info
 from ..checkpoint import load as load_checkpoint
 from ..classifier import backbone_from_checkpoint
 from ..evaluate import one_shot_runs
-from ._common import (add_eval_flags, check_eval_flags, command_line, evaluate_all,
-                      parser_defaults, refuse_inert_flags, say, table, write_json)
+from ._common import (
+    add_eval_flags,
+    check_eval_flags,
+    command_line,
+    evaluate_all,
+    parser_defaults,
+    refuse_inert_flags,
+    say,
+    table,
+    write_json,
+)
 
 
 def _one_shot_runs(args, backbone, run) -> int:

@@ -17,10 +17,24 @@ from ..checkpoint import atomic_save
 from ..checkpoint import load as load_checkpoint
 from ..mtl import RECIPES
 from ..training import ProfileSteps, check_same_run
-from ._common import (HelpFormatter, add_config_flags, add_eval_flags, add_folder_flags,
-                      check_eval_flags, command_line, config_from, evaluate_all,
-                      folder_kwargs, parser_defaults, plot_history, positive,
-                      refuse_inert_flags, say, table, write_json)
+from ._common import (
+    HelpFormatter,
+    add_config_flags,
+    add_eval_flags,
+    add_folder_flags,
+    check_eval_flags,
+    command_line,
+    config_from,
+    evaluate_all,
+    folder_kwargs,
+    parser_defaults,
+    plot_history,
+    positive,
+    refuse_inert_flags,
+    say,
+    table,
+    write_json,
+)
 
 
 def _load(args, split: str, rotations: bool = False):

@@ -3,11 +3,24 @@ from .base import FewShotDataset
 from .folder import IMAGE_EXTENSIONS, ImageFolder, class_folders, image_files, read_image
 from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_STD, Omniglot
 from .omniglot_runs import OneShotRuns, read_one_shot_runs
-from .omniglot_splits import (OMNIGLOT_BACKGROUND_ALPHABETS, OMNIGLOT_EVALUATION_ALPHABETS,
-                              OMNIGLOT_FULL_SPLITS, OMNIGLOT_SPLITS, VINYALS_SPLITS,
-                              vinyals_characters)
-from .pickles import (CIFAR_MEAN, CIFAR_STD, CIFARFS, FC100, IMAGENET_MEAN, IMAGENET_STD,
-                      MiniImageNet, TieredImageNet)
+from .omniglot_splits import (
+    OMNIGLOT_BACKGROUND_ALPHABETS,
+    OMNIGLOT_EVALUATION_ALPHABETS,
+    OMNIGLOT_FULL_SPLITS,
+    OMNIGLOT_SPLITS,
+    VINYALS_SPLITS,
+    vinyals_characters,
+)
+from .pickles import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CIFARFS,
+    FC100,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MiniImageNet,
+    TieredImageNet,
+)
 from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, SyntheticGlyphs
 from .transforms import with_rotations
 

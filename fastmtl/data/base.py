@@ -6,7 +6,7 @@ float tensors built on the fly by :meth:`FewShotDataset.tensor`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ class FewShotDataset:
     def class_sizes(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.n_classes)
 
-    def subset(self, classes: Sequence[int], name: str | None = None) -> "FewShotDataset":
+    def subset(self, classes: Sequence[int], name: str | None = None) -> FewShotDataset:
         """The images of ``classes``, relabelled 0..len(classes)-1 in the given order."""
         classes = np.asarray(classes, dtype=np.int64)
         if classes.size and (classes.min() < 0 or classes.max() >= self.n_classes):

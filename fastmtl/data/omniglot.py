@@ -19,18 +19,24 @@ import io
 import os
 import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from .. import checks
 from .base import FewShotDataset
-from .omniglot_splits import (OMNIGLOT_BACKGROUND_ALPHABETS, OMNIGLOT_EVALUATION_ALPHABETS,
-                              OMNIGLOT_FULL_SPLITS, OMNIGLOT_SPLITS, VINYALS_ANGLES,
-                              VINYALS_SPLITS, vinyals_characters)
+from .omniglot_splits import (
+    OMNIGLOT_BACKGROUND_ALPHABETS,
+    OMNIGLOT_EVALUATION_ALPHABETS,
+    OMNIGLOT_FULL_SPLITS,
+    OMNIGLOT_SPLITS,
+    VINYALS_ANGLES,
+    VINYALS_SPLITS,
+    vinyals_characters,
+)
 from .transforms import with_rotations
 
 __all__ = ["Omniglot", "OMNIGLOT_SPLITS", "OMNIGLOT_FULL_SPLITS", "OMNIGLOT_MEAN",

@@ -31,8 +31,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

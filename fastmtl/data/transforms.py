@@ -1,7 +1,7 @@
 """Data-set level augmentations that change the set of classes."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -48,11 +48,11 @@ from tqdm.auto import tqdm
 from .. import checks
 from .. import distributed as _dist
 from ..config import TrainerConfig, setting
-from ..ops._functorch import is_wrapped
 from ..data.base import FewShotDataset
-from ..evaluate import evaluate as _logistic_evaluate
 from ..evaluate import check_episodes, summary
+from ..evaluate import evaluate as _logistic_evaluate
 from ..models import feature_dim
+from ..ops._functorch import is_wrapped
 from ..sampling import EpisodeSampler, assemble, check_fits
 from ..training import Trainer, backbone_autocast, check_val, full_precision, phase
 
@@ -345,7 +345,7 @@ class _EpisodicTrainer(Trainer):
         self.best_epoch = -1
 
     # -- public ---------------------------------------------------------------------------
-    def build(self, image_shape) -> "_EpisodicTrainer":
+    def build(self, image_shape) -> _EpisodicTrainer:
         """Create the head and other meta-parameters for images of ``image_shape`` (C, H, W).
 
         ``fit`` calls it; call it yourself to use :meth:`meta_loss` or :meth:`evaluate`

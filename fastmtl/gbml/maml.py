@@ -29,8 +29,15 @@ import torch.nn.functional as F
 from .. import checks
 from ..config import setting
 from ..training import phase
-from ._common import (LinearHead, _cross_entropy, _EpisodicConfig, _EpisodicTrainer, _Learner,
-                      _params, _vmap)
+from ._common import (
+    LinearHead,
+    _cross_entropy,
+    _EpisodicConfig,
+    _EpisodicTrainer,
+    _Learner,
+    _params,
+    _vmap,
+)
 from ._stacked import backbone_program, program, stacked_logits
 
 __all__ = ["MAMLConfig", "MAML"]
@@ -66,7 +73,7 @@ class MAMLConfig(_EpisodicConfig):
         checks.number("inner_lr", self.inner_lr)
 
     @classmethod
-    def omniglot(cls, n_way: int = 5, k_shot: int = 1, **overrides) -> "MAMLConfig":
+    def omniglot(cls, n_way: int = 5, k_shot: int = 1, **overrides) -> MAMLConfig:
         """The paper's Omniglot settings: 5-way as the defaults; 20-way five inner steps of
         0.1 (also at test time) and meta-batch 16."""
         base = cls(n_way=n_way, k_shot=k_shot)
@@ -76,7 +83,7 @@ class MAMLConfig(_EpisodicConfig):
         return dataclasses.replace(base, **overrides)
 
     @classmethod
-    def mini_imagenet(cls, k_shot: int = 1, **overrides) -> "MAMLConfig":
+    def mini_imagenet(cls, k_shot: int = 1, **overrides) -> MAMLConfig:
         """The paper's mini-ImageNet settings (use Conv-4 with 32 filters:
         ``conv4(in_channels=3, hidden=32, out_channels=32)``)."""
         tasks_per_step = 4 if k_shot == 1 else 2

@@ -29,9 +29,12 @@ import dataclasses
 import json
 import os
 import pickle
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:  # matplotlib is optional: imported where a plot is drawn
+    from matplotlib.figure import Figure
 
 __all__ = ["FORMAT", "MODEL_KEYS", "atomic_save", "atomic_write_json", "atomic_write_text",
            "atomic_savefig", "check_readable",
@@ -43,6 +46,30 @@ FORMAT = "fastmtl-checkpoint/1"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 MODEL_KEYS = ("format", "method", "config", "backbone_spec", "model", "backbone", "batchnorm",
               "history", "run")
+
+
+class _Trainer(Protocol):
+    """What a checkpoint holds of a trainer: every :class:`fastmtl.training.Trainer` has it
+    (named here by its shape, as this module sits below the trainers)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def config(self) -> Any: ...
+    @property
+    def backbone(self) -> torch.nn.Module: ...
+    @property
+    def learner(self) -> torch.nn.Module | None: ...
+    @property
+    def batchnorm(self) -> str: ...
+    @property
+    def history(self) -> list[dict[str, Any]]: ...
+    @property
+    def run_info(self) -> dict[str, Any] | None: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None: ...
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -100,7 +127,7 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def atomic_savefig(fig, path: str, dpi: int = 110) -> None:
+def atomic_savefig(fig: Figure, path: str, dpi: int = 110) -> None:
     """Save a matplotlib figure to a temporary file beside ``path``, then rename it.
 
     Example:
@@ -136,7 +163,7 @@ def check_readable(path: str, what: str = "checkpoint") -> None:
         raise ValueError(f"{what} {str(path)!r} is not readable")
 
 
-def model_state(trainer) -> dict[str, Any]:
+def model_state(trainer: _Trainer) -> dict[str, Any]:
     """The model part of a checkpoint of ``trainer`` (any fastmtl trainer).
 
     Example:
@@ -155,7 +182,7 @@ def model_state(trainer) -> dict[str, Any]:
             "history": trainer.history, "run": dict(trainer.run_info or {})}
 
 
-def save_training(directory: str, trainer, epoch: int, best: dict[str, Any]) -> None:
+def save_training(directory: str, trainer: _Trainer, epoch: int, best: dict[str, Any]) -> None:
     """Write ``last.pt`` (and ``best.pt`` at the best epoch) and ``history.json``.
 
     The trainers call it after every epoch when ``config.checkpoint_dir`` is set.
@@ -204,9 +231,10 @@ def load(path: str, method: str | None = None, device: torch.device | str = "cpu
     Example:
         >>> import os, tempfile, fastmtl
         >>> run = tempfile.mkdtemp()
-        >>> fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), fastmtl.MTLConfig(
-        ...     tasks_per_step=2, tasks_per_epoch=2, epochs=1, images_per_class=4,
-        ...     checkpoint_dir=run)).fit(fastmtl.data.SyntheticGlyphs(12, 8), progress=False)[0]["epoch"]
+        >>> cfg = fastmtl.MTLConfig(tasks_per_step=2, tasks_per_epoch=2, epochs=1,
+        ...                         images_per_class=4, checkpoint_dir=run)
+        >>> trainer = fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), cfg)
+        >>> trainer.fit(fastmtl.data.SyntheticGlyphs(12, 8), progress=False)[0]["epoch"]
         1
         >>> load(os.path.join(run, "last.pt"), method="mtl", training=True)["method"]
         'mtl'
@@ -249,7 +277,7 @@ def safe_load(path: str, what: str, kind: str, device: torch.device | str = "cpu
         >>> safe_load(path, "checkpoint", "a fastmtl checkpoint")
         Traceback (most recent call last):
         ...
-        ValueError: checkpoint '...evil.pt' is not a fastmtl checkpoint (it holds objects other than tensors and plain values, which fastmtl never unpickles)
+        ValueError: checkpoint '...evil.pt' is not a fastmtl checkpoint (it holds objects ...)
     """
     try:
         return torch.load(path, map_location=device, weights_only=True)

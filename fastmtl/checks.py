@@ -40,8 +40,8 @@ def number(name: str, value: Any, low: float = 0.0, inclusive: bool = False,
     """
     if value is None and optional:
         return value
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value) and (value >= low if inclusive else value > low))
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = real and math.isfinite(value) and (value >= low if inclusive else value > low)
     if not ok:
         raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}"
                          f"{' or None' if optional else ''}, got {value!r}")

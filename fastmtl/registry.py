@@ -23,11 +23,14 @@ import dataclasses
 import importlib
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the annotations only: this module imports no torch at import time
+    from torch import nn
 
 __all__ = ["DATASETS", "DATASET_NAMES", "BACKBONES", "BACKBONE_NAMES", "METHODS",
-           "METHOD_NAMES", "Method", "Dataset", "uses", "resolve", "method", "build_backbone", "load_dataset",
-           "default_config", "compare_settings"]
+           "METHOD_NAMES", "Method", "Dataset", "uses", "resolve", "method", "build_backbone",
+           "load_dataset", "default_config", "compare_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +139,7 @@ def method(name: str) -> tuple[type, type, dict[str, Any]]:
     return resolve(entry.trainer), resolve(entry.config), dict(entry.fixed)
 
 
-def default_config(name: str, recipe: str | None = None, **overrides: Any):
+def default_config(name: str, recipe: str | None = None, **overrides: Any) -> Any:
     """The config method ``name`` trains with by default (MTL: of ``recipe``, default the
     registry's), its fixed fields applied, with ``overrides``; not yet validated.
 
@@ -166,7 +169,7 @@ def compare_settings(name: str) -> dict[str, Any]:
     return dict(METHODS[_known("method", name, METHOD_NAMES)].compare)
 
 
-def build_backbone(spec: Mapping[str, Any] | str, in_channels: int | None = None):
+def build_backbone(spec: Mapping[str, Any] | str, in_channels: int | None = None) -> nn.Module:
     """A fresh backbone from its spec (``backbone.spec`` of a fastmtl model, as
     checkpoints store it) or from a name and ``in_channels``.
 
@@ -190,7 +193,7 @@ def build_backbone(spec: Mapping[str, Any] | str, in_channels: int | None = None
         raise ValueError(f"backbone spec {dict(spec)} does not fit {name}: {exc}") from None
 
 
-def load_dataset(name: str, root: str | None, split: str, **options: Any):
+def load_dataset(name: str, root: str | None, split: str, **options: Any) -> Any:
     """Data set ``name`` (one of :data:`DATASET_NAMES`), ``split`` of it.
 
     ``options`` go to its loader in :mod:`fastmtl.data.named` (``image_size``, ``seed``,

@@ -104,7 +104,7 @@ def renamed_fields(cls: type, values: dict[str, Any], what: str = "") -> dict[st
 class _Renaming(type):
     """Lets a config class take its deprecated field names as keywords (``_renamed``)."""
 
-    def __call__(cls, *args, **kwargs):
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         return super().__call__(*args, **renamed_fields(cls, kwargs))
 
 

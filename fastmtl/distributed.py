@@ -21,13 +21,15 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Iterator
+from types import TracebackType
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["init_from_env", "check_joined", "shutdown", "is_distributed", "rank", "world_size", "is_main",
-           "default_device", "DistributedError"]
+__all__ = ["init_from_env", "check_joined", "shutdown", "is_distributed", "rank", "world_size",
+           "is_main", "default_device", "DistributedError"]
 
 # Seconds a collective may wait for the other ranks before failing (init_process_group's
 # timeout); FASTMTL_DIST_TIMEOUT overrides it. A dead peer is usually noticed at once (its
@@ -62,7 +64,8 @@ def _env_world() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}")
+        raise ValueError(f"WORLD_SIZE must be an integer, got {os.environ['WORLD_SIZE']!r}") \
+            from None
 
 
 def check_joined(what: str = "a trainer") -> None:
@@ -238,15 +241,15 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     home, dev = t.device, _comm_device()
     t = t.to(dev)
     with _collective("gather_rows"):
-        sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world_size())]
-        dist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.int64, device=dev))
-        sizes = [int(s) for s in sizes]
+        counts = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world_size())]
+        dist.all_gather(counts, torch.tensor([t.shape[0]], dtype=torch.int64, device=dev))
+        sizes = [int(s) for s in counts]
         most = max(sizes)
         padded = torch.zeros((most,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         padded[:t.shape[0]] = t
         out = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(home)
+    return torch.cat([o[:s] for o, s in zip(out, sizes, strict=True)]).to(home)
 
 
 def _comm_device() -> torch.device:
@@ -306,30 +309,35 @@ class RunningStatsSync:
         self.before: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def snapshot(self) -> None:
+        """Keep the running statistics before the step's updates (for :meth:`merge`)."""
         if is_distributed():
-            self.before = [(m.running_mean.clone(), m.running_var.clone()) for m in self.norms]
+            self.before = [(mean.clone(), var.clone()) for mean, var in map(_running, self.norms)]
 
     @torch.no_grad()
     def merge(self, updates: int) -> None:
+        """Merge every rank's running statistics after ``updates`` BatchNorm updates each
+        since :meth:`snapshot`, as one process making all of them would have."""
         if not is_distributed() or not self.norms:
             return
         w, deltas = world_size(), []
-        for m, (mean0, var0) in zip(self.norms, self.before):
+        for m, (mean0, var0) in zip(self.norms, self.before, strict=True):
             keep = 1.0 if m.momentum is None else (1.0 - m.momentum) ** updates
-            deltas += [m.running_mean - keep * mean0, m.running_var - keep * var0]
+            mean, var = _running(m)
+            deltas += [mean - keep * mean0, var - keep * var0]
         flat = torch.cat([d.flatten().double() for d in deltas]).to(_comm_device())
         with _collective("BatchNorm running statistics"):
             gathered = [torch.empty_like(flat) for _ in range(w)]
             dist.all_gather(gathered, flat)
         offset = 0
-        for m, (mean0, var0) in zip(self.norms, self.before):
-            for buf, r0 in ((m.running_mean, mean0), (m.running_var, var0)):
+        for m, (mean0, var0) in zip(self.norms, self.before, strict=True):
+            for buf, r0 in zip(_running(m), (mean0, var0), strict=True):
                 n = buf.numel()
                 parts = [g[offset:offset + n].view_as(buf).to(buf.device) for g in gathered]
                 offset += n
                 if m.momentum is None:
                     keep = 1.0
-                    merged = sum(p + r0.double() for p in parts) / w
+                    zero = torch.zeros_like(r0, dtype=torch.float64)
+                    merged = sum((p + r0.double() for p in parts), zero) / w
                 else:
                     keep = (1.0 - m.momentum) ** updates
                     merged = keep ** w * r0.double()
@@ -341,16 +349,25 @@ class RunningStatsSync:
                 m.num_batches_tracked.add_((w - 1) * updates)
 
 
+def _running(m: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(running_mean, running_var) of a BatchNorm that tracks them (the only kind
+    :class:`RunningStatsSync` keeps)."""
+    mean, var = m.running_mean, m.running_var
+    assert mean is not None and var is not None
+    return mean, var
+
+
 class _collective:
     """Turns a failed collective into a :class:`DistributedError` that says what to do."""
 
     def __init__(self, what: str):
         self.what = what
 
-    def __enter__(self):
+    def __enter__(self) -> _collective:
         return self
 
-    def __exit__(self, kind, exc, tb):
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         if exc is not None and is_comm_failure(exc) and not isinstance(exc, DistributedError):
             raise as_distributed_error(exc, self.what) from exc
         return False

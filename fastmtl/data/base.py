@@ -59,8 +59,8 @@ class FewShotDataset:
                              f"[{labels.min()}, {labels.max()}]")
         counts = np.bincount(labels, minlength=n_classes)
         if n_classes and counts.min() == 0:
-            raise ValueError(f"class {int(np.argmin(counts))} ({class_names[int(np.argmin(counts))]!r}) "
-                             "has no images")
+            empty = int(np.argmin(counts))
+            raise ValueError(f"class {empty} ({class_names[empty]!r}) has no images")
         self.images = images
         self.labels = labels
         self.class_names = list(class_names)
@@ -94,14 +94,14 @@ class FewShotDataset:
 
     def subset(self, classes: Sequence[int], name: str | None = None) -> FewShotDataset:
         """The images of ``classes``, relabelled 0..len(classes)-1 in the given order."""
-        classes = np.asarray(classes, dtype=np.int64)
-        if classes.size and (classes.min() < 0 or classes.max() >= self.n_classes):
+        picked = np.asarray(classes, dtype=np.int64)
+        if picked.size and (picked.min() < 0 or picked.max() >= self.n_classes):
             raise ValueError(f"classes must lie in [0, {self.n_classes})")
         remap = np.full(self.n_classes, -1, dtype=np.int64)
-        remap[classes] = np.arange(classes.size)
+        remap[picked] = np.arange(picked.size)
         keep = remap[self.labels] >= 0
         return FewShotDataset(self.images[keep], remap[self.labels[keep]],
-                              [self.class_names[c] for c in classes], self.mean, self.std,
+                              [self.class_names[c] for c in picked], self.mean, self.std,
                               name or self.name)
 
     def tensor(self, index: np.ndarray | torch.Tensor | None = None,

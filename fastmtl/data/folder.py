@@ -30,10 +30,14 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from .base import FewShotDataset
+
+if TYPE_CHECKING:  # Pillow is imported where an image is read
+    from PIL.Image import Image as PILImage
 
 __all__ = ["ImageFolder", "IMAGE_EXTENSIONS", "read_image", "class_folders", "image_files"]
 
@@ -41,7 +45,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 _SPLITS = ("train", "val", "test", "trainval", "all")
 
 
-def read_image(path_or_image, image_size: int, channels: int) -> np.ndarray:
+def read_image(path_or_image: str | os.PathLike | PILImage | np.ndarray, image_size: int,
+               channels: int) -> np.ndarray:
     """One image (a path, a PIL image or a uint8 array) converted as the module says.
 
     Args:
@@ -176,7 +181,8 @@ class ImageFolder(FewShotDataset):
         >>> for name in ("cat", "dog"):
         ...     os.makedirs(os.path.join(root, name))
         ...     for i in range(3):
-        ...         Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(os.path.join(root, name, f"{i}.png"))
+        ...         path = os.path.join(root, name, f"{i}.png")
+        ...         Image.new("RGB", (40, 30), (60 * i, 0, 0)).save(path)
         >>> data = ImageFolder(root, image_size=32, channels=3, cache_dir=False, progress=False)
         >>> data.class_names, data.images.shape
         (['cat', 'dog'], (6, 32, 32, 3))
@@ -186,7 +192,7 @@ class ImageFolder(FewShotDataset):
                  classes: Sequence[str] | None = None, split: str = "all",
                  split_fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
                  nested: bool = False, min_images: int = 1, skip_bad_images: bool = False,
-                 cache_dir: str | os.PathLike | bool | None = None,
+                 cache_dir: str | os.PathLike | Literal[False] | None = None,
                  num_threads: int | None = None, progress: bool = True):
         from .. import checks
         root = Path(root)
@@ -239,7 +245,9 @@ class ImageFolder(FewShotDataset):
         self.split_fractions, self.nested = fractions, nested
 
     @staticmethod
-    def _load(found, image_size, channels, skip_bad, cache_dir, num_threads, progress):
+    def _load(found: list[tuple[str, list[Path]]], image_size: int, channels: int,
+              skip_bad: bool, cache_dir: str | os.PathLike | Literal[False] | None,
+              num_threads: int | None, progress: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
         files = [f for _, fs in found for f in fs]
         labels = np.concatenate([np.full(len(fs), i, dtype=np.int64)
                                  for i, (_, fs) in enumerate(found)])
@@ -256,7 +264,7 @@ class ImageFolder(FewShotDataset):
         ok = np.ones(len(files), dtype=bool)
         errors: list[str] = []
 
-        def one(i):
+        def one(i: int) -> None:
             try:
                 out[i] = read_image(files[i], image_size, channels)
             except ValueError as err:
@@ -295,7 +303,8 @@ class ImageFolder(FewShotDataset):
         return images, labels, names
 
 
-def _split_classes(names: list[str], split: str, fractions, seed: int) -> list[str]:
+def _split_classes(names: list[str], split: str, fractions: Sequence[float],
+                   seed: int) -> list[str]:
     if split == "all":
         return list(names)
     order = np.random.default_rng(seed).permutation(len(names))

@@ -7,11 +7,13 @@ of a folder; ``image_size``: all but the pickled benchmarks, which keep their si
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from .base import FewShotDataset
 from .folder import ImageFolder
 from .omniglot import Omniglot
-from .pickles import CIFARFS, FC100, MiniImageNet, TieredImageNet
+from .pickles import CIFARFS, FC100, MiniImageNet, TieredImageNet, _PickleBenchmark
 from .synthetic import SyntheticGlyphs
 from .transforms import with_rotations
 
@@ -24,7 +26,7 @@ SYNTHETIC_SPLITS = {"train": (0, 240), "val": (240, 280), "test": (280, 400),
                     "trainval": (0, 280)}
 
 
-def _finish(ds, rotations: bool):
+def _finish(ds: FewShotDataset, rotations: bool) -> FewShotDataset:
     return with_rotations(ds) if rotations else ds
 
 
@@ -36,7 +38,7 @@ def _need_root(name: str, root: str | None) -> str:
 
 
 def synthetic(root: str | None, split: str, image_size: int | None = None, seed: int = 0,
-              rotations: bool = False, **_: Any):
+              rotations: bool = False, **_: Any) -> FewShotDataset:
     """The built-in SyntheticGlyphs, split by class ranges (:data:`SYNTHETIC_SPLITS`).
 
     Example:
@@ -51,7 +53,7 @@ def synthetic(root: str | None, split: str, image_size: int | None = None, seed:
 
 
 def omniglot(root: str | None, split: str, image_size: int | None = None,
-             rotations: bool = False, **_: Any):
+             rotations: bool = False, **_: Any) -> FewShotDataset:
     """Omniglot under ``root`` (:class:`fastmtl.data.Omniglot`), 28 px by default."""
     if rotations and split.startswith("vinyals-"):
         raise ValueError(f"rotations: split {split!r} already holds each character's four "
@@ -62,7 +64,7 @@ def omniglot(root: str | None, split: str, image_size: int | None = None,
 
 def folder(root: str | None, split: str, image_size: int | None = None, seed: int = 0,
            rotations: bool = False, channels: int = 3, skip_bad_images: bool = False,
-           **_: Any):
+           **_: Any) -> FewShotDataset:
     """A user's folder of class folders (:class:`fastmtl.data.ImageFolder`), split by class
     with ``seed``, 84 px by default."""
     return _finish(ImageFolder(_need_root("folder", root), image_size=image_size or 84,
@@ -70,8 +72,9 @@ def folder(root: str | None, split: str, image_size: int | None = None, seed: in
                                skip_bad_images=skip_bad_images), rotations)
 
 
-def _pickled(cls, name: str):
-    def load(root: str | None, split: str, rotations: bool = False, **_: Any):
+def _pickled(cls: type[_PickleBenchmark], name: str) -> Callable[..., FewShotDataset]:
+    def load(root: str | None, split: str, rotations: bool = False,
+             **_: Any) -> FewShotDataset:
         return _finish(cls(_need_root(name, root), split), rotations)
     load.__name__ = name
     load.__doc__ = f"{cls.__name__} from its pickles under ``root`` (its own image size)."

@@ -57,6 +57,8 @@ _NAMED_FAMILIES = MappingProxyType({
 _SMALL_ALPHABETS = frozenset(OMNIGLOT_SPLITS["trainval"] + OMNIGLOT_SPLITS["test"])
 _BACKGROUND_ONLY = frozenset(OMNIGLOT_BACKGROUND_ALPHABETS) - _SMALL_ALPHABETS
 _EVALUATION = frozenset(OMNIGLOT_EVALUATION_ALPHABETS)
+# Image key ("Alphabet/characterNN/file.png") -> its copies as (zip or "", member or path).
+_Files = dict[str, list[tuple[str, str]]]
 
 
 class Omniglot(FewShotDataset):
@@ -110,7 +112,9 @@ class Omniglot(FewShotDataset):
             raise ValueError(f"no Omniglot images found under root {str(root)!r}: expected "
                              "<Alphabet>/characterNN/*.png in folders or .zip archives")
         family = _split_family(files, split, str(root))
+        wanted: Sequence[str] | None
         if family == "vinyals":
+            assert split is not None  # the family of a Vinyals split
             files = _vinyals_files(files, split, str(root))
             wanted = sorted({key.split("/", 1)[0] for key in files})
         else:
@@ -132,7 +136,8 @@ class Omniglot(FewShotDataset):
         self.split_family = family
 
 
-def _check_arguments(alphabets, split, image_size) -> list[str] | None:
+def _check_arguments(alphabets: Sequence[str] | None, split: str | None,
+                     image_size: int) -> list[str] | None:
     """The checks of :class:`Omniglot`'s arguments, before any file is read; returns
     ``alphabets`` as a list (or None)."""
     if alphabets is not None and split is not None:
@@ -148,7 +153,8 @@ def _check_arguments(alphabets, split, image_size) -> list[str] | None:
     return None if alphabets is None else list(alphabets)
 
 
-def _alphabet_files(files, wanted, root: str):
+def _alphabet_files(files: _Files, wanted: Sequence[str] | None,
+                    root: str) -> tuple[_Files, list[str]]:
     """``files`` of the ``wanted`` alphabets (all when None) and the alphabets kept."""
     available = sorted({key.split("/", 1)[0] for key in files})
     if wanted is None:
@@ -162,7 +168,7 @@ def _alphabet_files(files, wanted, root: str):
     return {k: v for k, v in files.items() if k.split("/", 1)[0] in chosen}, wanted
 
 
-def _split_family(files, split: str | None, root: str) -> str | None:
+def _split_family(files: _Files, split: str | None, root: str) -> str | None:
     """Which split table ``split`` reads, from what the root holds; a ValueError when the
     root holds the whole background set and the small archives (the same images twice)."""
     found: dict[str, set[str]] = {}
@@ -209,7 +215,7 @@ def _family_of(key: str, copy: tuple[str, str]) -> str:
     return "background" if alphabet in _BACKGROUND_ONLY else "other"
 
 
-def _vinyals_files(files, split: str, root: str):
+def _vinyals_files(files: _Files, split: str, root: str) -> _Files:
     """``files`` of the characters of a Vinyals split; a ValueError naming the archives
     that are missing when some of its characters are not under root."""
     characters = vinyals_characters(split)
@@ -231,7 +237,8 @@ def _vinyals_files(files, split: str, root: str):
     return {k: v for k, v in files.items() if k.rsplit("/", 1)[0] in wanted}
 
 
-def _rotations(images, labels, class_names):
+def _rotations(images: np.ndarray, labels: np.ndarray,
+               class_names: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Each character's rotations as classes of their own, named ``.../rotDDD``, through
     :func:`fastmtl.data.with_rotations`; class names stay sorted."""
     rotated = with_rotations(FewShotDataset(images, labels, class_names), VINYALS_ANGLES)

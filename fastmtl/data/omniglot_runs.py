@@ -15,7 +15,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from .omniglot import OMNIGLOT_MEAN, OMNIGLOT_STD, _decode
 __all__ = ["OneShotRuns", "read_one_shot_runs"]
 
 _LABELS = re.compile(r"^(?P<prefix>(?:.*/)?)(?P<run>run\d+)/class_labels\.txt$")
+# One run: (its name, training members sorted, [(test member, its training member)] sorted).
+_Run = tuple[str, list[str], list[tuple[str, str]]]
 
 
 class OneShotRuns(NamedTuple):
@@ -93,7 +95,7 @@ def read_one_shot_runs(path: str | os.PathLike, image_size: int = 28) -> OneShot
     return _assemble(runs, images)
 
 
-def _check_zip(path) -> str:
+def _check_zip(path: Any) -> str:
     """``path`` as a string if it names a readable zip file; else a ValueError."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a path to the one-shot runs zip, got "
@@ -108,7 +110,7 @@ def _check_zip(path) -> str:
     return path
 
 
-def _layout(zf: zipfile.ZipFile, path: str):
+def _layout(zf: zipfile.ZipFile, path: str) -> list[_Run]:
     """[(run name, training members sorted, [(test member, its training member)] sorted)]
     from every ``runNN/class_labels.txt``, each named member checked to exist."""
     names = set(zf.namelist())
@@ -132,11 +134,12 @@ def _layout(zf: zipfile.ZipFile, path: str):
     return runs
 
 
-def _read_run(zf, names, run, prefix, labels, path):
+def _read_run(zf: zipfile.ZipFile, names: set[str], run: str, prefix: str, labels: str,
+              path: str) -> _Run:
     """One run's members from its ``class_labels.txt`` (paths relative to the zip's run
     folder's parent, as in the official zip, or to the run folder)."""
     text = zf.read(labels).decode("utf-8", errors="replace")
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -144,21 +147,22 @@ def _read_run(zf, names, run, prefix, labels, path):
         if len(fields) != 2:
             raise ValueError(f"path {path!r}: {labels} line {number} is not "
                              f"'<test image> <training image>': {line.strip()!r}")
-        pairs.append(tuple(_member(names, prefix, run, f, path, labels) for f in fields))
+        test, trained = (_member(names, prefix, run, f, path, labels) for f in fields)
+        pairs.append((test, trained))
     if not pairs:
         raise ValueError(f"path {path!r}: {labels} names no images")
     train = sorted({t for _, t in pairs})
     return run, train, sorted(pairs)
 
 
-def _member(names, prefix, run, field, path, labels) -> str:
+def _member(names: set[str], prefix: str, run: str, field: str, path: str, labels: str) -> str:
     for candidate in (prefix + field, f"{prefix}{run}/{field}"):
         if candidate in names:
             return candidate
     raise ValueError(f"path {path!r}: {labels} names {field!r}, which is not in the zip")
 
 
-def _assemble(runs, images: np.ndarray) -> OneShotRuns:
+def _assemble(runs: list[_Run], images: np.ndarray) -> OneShotRuns:
     """The :class:`OneShotRuns` of decoded ``images`` laid out run by run, training
     images first, as :func:`read_one_shot_runs` reads them."""
     n_way, n_test = len(runs[0][1]), len(runs[0][2])

@@ -65,7 +65,9 @@ class _PickleBenchmark(FewShotDataset):
         if not root_path.is_dir():
             raise ValueError(f"{self._title} root {str(root)!r} is not an existing folder")
         parts = ("train", "val") if split == "trainval" else (split,)
-        images, labels, names = [], [], []
+        images: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        names: list[str] = []
         for part in parts:
             part_images, raw_labels, raw_names = self._read_part(root_path, part)
             part_labels, part_names = _relabel(raw_labels, raw_names)
@@ -92,7 +94,7 @@ class _DictPickleBenchmark(_PickleBenchmark):
 
     _files: dict[str, str] = {}
 
-    def _read_part(self, root, part):
+    def _read_part(self, root: Path, part: str) -> tuple[np.ndarray, np.ndarray, dict | None]:
         path = _require(root, [self._files[part]], self._title)
         content = _load_pickle(path)
         if not isinstance(content, dict) or "data" not in content or "labels" not in content:
@@ -194,7 +196,7 @@ class TieredImageNet(_PickleBenchmark):
     _title = "tiered-ImageNet"
     _mean, _std = IMAGENET_MEAN, IMAGENET_STD
 
-    def _read_part(self, root, part):
+    def _read_part(self, root: Path, part: str) -> tuple[np.ndarray, np.ndarray, dict | None]:
         image_path = _require(root, [f"{part}_images.npz", f"{part}_images_png.pkl"],
                               self._title)
         label_path = _require(root, [f"{part}_labels.pkl"], self._title)

@@ -120,8 +120,8 @@ def _random_glyph(rng: np.random.Generator) -> dict:
 def _draw_class(glyph: dict, n: int, size: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``n`` drawings of ``glyph``: stroke points (n, strokes, points, 2), half widths (n,)."""
-    curves = []
-    for points, attach in zip(glyph["controls"], glyph["attach"]):
+    curves: list[np.ndarray] = []
+    for points, attach in zip(glyph["controls"], glyph["attach"], strict=True):
         wobbly = points[None] + rng.normal(0.0, _JITTER, size=(n,) + points.shape)
         if attach is not None:
             # Start on the (already perturbed) earlier stroke, so joins survive the jitter.

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,7 +17,7 @@ __all__ = ["available_backends", "resolve_backend", "triton_kernels", "ALL_BACKE
 ALL_BACKENDS = ("reference", "cpu", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_MAX_N = 64  # kernels.multihead_ce.MAX_N, without importing triton to read it
-_triton_mod = None
+_triton_mod: Any = None  # None: not yet imported; False: unavailable; else the module
 
 
 def _mount_source_kernels() -> None:
@@ -30,19 +31,22 @@ def _mount_source_kernels() -> None:
         return
     spec = importlib.util.spec_from_file_location(
         "fastmtl.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+    assert spec is not None and spec.loader is not None  # a .py file always has both
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastmtl.kernels"] = module
     spec.loader.exec_module(module)
 
 
-def triton_kernels():
-    """fastmtl.kernels.multihead_ce if triton imports, else None.
+def triton_kernels() -> Any:
+    """fastmtl.kernels.multihead_ce if triton imports, else None (``Any``: triton's kernels
+    carry no types).
 
     Imported on first use, not with fastmtl.ops: triton picks compiled or interpreted
     kernels when they are defined, so TRITON_INTERPRET set by a test process must come first.
     """
     global _triton_mod
     if _triton_mod is None:
+        mod: Any
         try:
             _mount_source_kernels()
             mod = importlib.import_module("fastmtl.kernels.multihead_ce")
@@ -74,7 +78,9 @@ def available_backends() -> tuple[str, ...]:
     return tuple(found)
 
 
-def resolve_backend(backend, z, n_way) -> str:
+def resolve_backend(backend: str | None, z: torch.Tensor, n_way: int) -> str:
+    """The backend a call on ``z`` with ``n_way``-way heads runs: ``backend``, checked
+    (a ValueError saying why it cannot run), or the fastest that fits when None."""
     if backend is None:
         if z.is_cuda:
             fits = z.dtype in _TRITON_DTYPES and n_way <= _TRITON_MAX_N

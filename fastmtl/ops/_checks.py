@@ -11,7 +11,8 @@ from ._functorch import plain as _plain
 __all__ = ["NonFiniteError", "check_meta", "check_values", "check_scale", "check_finite"]
 
 
-def check_meta(z, weight, task_classes, sample_task, labels, reduction):
+def check_meta(z: torch.Tensor, weight: torch.Tensor, task_classes: torch.Tensor,
+               sample_task: torch.Tensor, labels: torch.Tensor, reduction: str) -> None:
     """Types, shapes, dtypes and devices: no data is read."""
     for name, t in (("z", z), ("weight", weight), ("task_classes", task_classes),
                     ("sample_task", sample_task), ("labels", labels)):
@@ -49,13 +50,14 @@ def check_meta(z, weight, task_classes, sample_task, labels, reduction):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-def check_values(z, weight, task_classes, sample_task, labels):
+def check_values(z: torch.Tensor, weight: torch.Tensor, task_classes: torch.Tensor,
+                 sample_task: torch.Tensor, labels: torch.Tensor) -> None:
     """Index ranges and non-empty tasks, read back in one host sync."""
     n_samples = z.shape[0]
     C, (T, n) = weight.shape[0], task_classes.shape
     limits = (("task_classes", task_classes, C), ("sample_task", sample_task, T),
               ("labels", labels, n))
-    bad = []
+    bad: list[torch.Tensor] = []
     for _, t, hi in limits:
         lo_hi = torch.aminmax(_plain(t))
         bad.append((lo_hi.min < 0) | (lo_hi.max >= hi))
@@ -63,11 +65,12 @@ def check_values(z, weight, task_classes, sample_task, labels):
     # One bincount for every vmapped copy: copy r's tasks are the bins r*T .. r*T + T-1.
     st = st + torch.arange(st.shape[0], device=st.device).unsqueeze(1) * T
     bad.append((torch.bincount(st.reshape(-1), minlength=st.shape[0] * T) == 0).any())
-    bad = torch.stack(bad).tolist()
-    for (name, _, hi), b in zip(limits, bad):
+    flags = torch.stack(bad).tolist()
+    # flags has one more entry than limits: the last says whether a task has no sample.
+    for (name, _, hi), b in zip(limits, flags, strict=False):
         if b:
             raise ValueError(f"{name} values must lie in [0, {hi})")
-    if bad[-1]:
+    if flags[-1]:
         raise ValueError("every task in task_classes needs at least one sample in sample_task")
 
 
@@ -87,7 +90,8 @@ class NonFiniteError(ValueError):
     """
 
 
-def check_scale(scale):
+def check_scale(scale: float | torch.Tensor) -> None:
+    """A float or a 0-d floating tensor; a finite one if a float."""
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0 or not scale.is_floating_point():
             raise ValueError(f"scale must be a float or a 0-d floating tensor, got a "
@@ -98,7 +102,7 @@ def check_scale(scale):
         raise NonFiniteError(f"scale must be finite, got {scale}")
 
 
-def check_finite(z, weight, scale):
+def check_finite(z: torch.Tensor, weight: torch.Tensor, scale: float | torch.Tensor) -> None:
     """NaN or inf in the features, the rows or a tensor scale: one sum a tensor and one
     host sync (a NaN or inf makes its tensor's sum non-finite; an element-wise test runs
     only then, to tell them from finite values so large that their sum overflows)."""

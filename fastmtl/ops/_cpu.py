@@ -2,21 +2,27 @@
 ``fastmtl._multihead_ce`` (C++/OpenMP), forward and backward."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-try:  # the compiled CPU kernels; absent when the C++ build failed or was skipped
-    from .. import _multihead_ce as cpu_ext
+# The compiled CPU kernels; absent when the C++ build failed or was skipped. Imported by its
+# full name: mypy reads `from .. import _multihead_ce` as an attribute and would not skip it.
+try:
+    import fastmtl._multihead_ce as cpu_ext
 except ImportError:
     cpu_ext = None
 
-__all__ = ["cpu_ext", "cpu_indices", "cpu_forward", "cpu_backward"]
+__all__ = ["cpu_ext", "cpu_indices", "cpu_forward", "cpu_backward", "CpuIndices"]
+
+#: int64 numpy views of (task_classes, sample_task, labels), as the extension takes them.
+CpuIndices = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _cpu_dtype(dtype):
+def _cpu_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _np(t, dtype):
+def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """Zero-copy numpy view of a CPU tensor (a copy only to change dtype or layout).
 
     Written out branch by branch: on small calls these conversions are a visible share
@@ -31,13 +37,15 @@ def _np(t, dtype):
     return t.numpy()
 
 
-def cpu_indices(tc, st, y):
+def cpu_indices(tc: torch.Tensor, st: torch.Tensor, y: torch.Tensor) -> CpuIndices:
     """int64 numpy views of the index tensors: made once per call, shared by the check, the
     forward and the backward (the conversions are a visible share of a small call)."""
     return _np(tc, torch.int64), _np(st, torch.int64), _np(y, torch.int64)
 
 
-def cpu_forward(z, weight, idx, scale, mean):
+def cpu_forward(z: torch.Tensor, weight: torch.Tensor, idx: CpuIndices, scale: float,
+                mean: bool) -> torch.Tensor:
+    """Per-task losses (T,), or their mean (0-d) when ``mean``, in the dtype of ``z``."""
     dt = _cpu_dtype(z.dtype)
     out = torch.empty(() if mean else idx[0].shape[0], dtype=dt)
     cpu_ext.forward(_np(z, dt), _np(weight, dt), *idx, scale, out.numpy(),
@@ -45,7 +53,8 @@ def cpu_forward(z, weight, idx, scale, mean):
     return out if dt == z.dtype else out.to(z.dtype)
 
 
-def cpu_backward(grad, z, weight, idx, scale):
+def cpu_backward(grad: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, idx: CpuIndices,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``grad`` is the upstream gradient: (T,) per task, or 0-d of the mean over tasks."""
     dt = _cpu_dtype(z.dtype)
     (N, d), (T, n) = z.shape, idx[0].shape

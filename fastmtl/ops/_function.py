@@ -7,23 +7,32 @@ vmap's batch into the task dimension (:func:`_fold`).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import Tensor
 
 from ._backends import triton_kernels
-from ._cpu import cpu_backward, cpu_forward, cpu_indices
+from ._cpu import CpuIndices, cpu_backward, cpu_forward, cpu_indices
 from ._functorch import apply_function, is_wrapped
 
 __all__ = ["MultiheadCE", "MultiheadCEGrad"]
 
+# vmap's in_dims of a Function's arguments: the batched dimension of each, or None.
+_InDims = tuple[Any, ...]
 
-def _fused_forward(backend, z, weight, tc, st, y, scale, mean, idx=None):
+
+def _fused_forward(backend: str, z: Tensor, weight: Tensor, tc: Tensor, st: Tensor, y: Tensor,
+                   scale: float, mean: bool, idx: CpuIndices | None = None) -> Tensor:
     if backend == "cpu":
         return cpu_forward(z, weight, idx or cpu_indices(tc, st, y), scale, mean)
     per_task = triton_kernels().forward(z, weight, tc, st, y, scale)
     return (per_task.mean() if mean else per_task).to(z.dtype)
 
 
-def _fused_backward(backend, grad, z, weight, tc, st, y, scale, idx=None):
+def _fused_backward(backend: str, grad: Tensor, z: Tensor, weight: Tensor, tc: Tensor,
+                    st: Tensor, y: Tensor, scale: float,
+                    idx: CpuIndices | None = None) -> tuple[Tensor, Tensor]:
     if backend == "cpu":
         return cpu_backward(grad, z, weight, idx or cpu_indices(tc, st, y), scale)
     T = tc.shape[0]
@@ -31,7 +40,8 @@ def _fused_backward(backend, grad, z, weight, tc, st, y, scale, idx=None):
     return triton_kernels().backward(grad_task, z, weight, tc, st, y, scale)
 
 
-def _fold(info, in_dims, z, weight, tc, st, y, split_weight):
+def _fold(info: Any, in_dims: _InDims, z: Tensor, weight: Tensor, tc: Tensor, st: Tensor,
+          y: Tensor, split_weight: bool) -> tuple[tuple[Tensor, ...], tuple[int, int, int, int]]:
     """Fold vmap's batch into the task dimension: copy b's tasks become tasks b*T .. b*T+T-1
     and, when the weight table is per copy (or ``split_weight``), its rows b*C .. b*C+C-1.
 
@@ -41,7 +51,7 @@ def _fold(info, in_dims, z, weight, tc, st, y, split_weight):
     B = info.batch_size
     z_d, w_d, tc_d, st_d, y_d = in_dims
 
-    def lead(x, dim):
+    def lead(x: Tensor, dim: int | None) -> Tensor:
         return x.movedim(dim, 0) if dim is not None else x.unsqueeze(0).expand(B, *x.shape)
 
     zb, tcb, stb, yb = lead(z, z_d), lead(tc, tc_d).long(), lead(st, st_d).long(), lead(y, y_d)
@@ -64,18 +74,20 @@ class MultiheadCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(z, weight, task_classes, sample_task, labels, scale, backend, mean, idx):
+    def forward(z: Tensor, weight: Tensor, task_classes: Tensor, sample_task: Tensor,
+                labels: Tensor, scale: float, backend: str, mean: bool,
+                idx: CpuIndices | None) -> Tensor:
         return _fused_forward(backend, z, weight, task_classes, sample_task, labels, scale,
                               mean, idx)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         z, weight, task_classes, sample_task, labels, scale, backend, _, idx = inputs
         ctx.save_for_backward(z, weight, task_classes, sample_task, labels)
         ctx.scale, ctx.backend, ctx.idx = scale, backend, idx
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors  # also torch's check that no input changed in place
         if torch.is_grad_enabled() or any(map(is_wrapped, saved)) or is_wrapped(grad):
             # A Function of its own: it carries the vmap rule that vmap(grad(...)) needs
@@ -84,12 +96,15 @@ class MultiheadCE(torch.autograd.Function):
             grad_task = grad.expand(T) / T if grad.dim() == 0 else grad
             grads = apply_function(MultiheadCEGrad, grad_task, *saved, ctx.scale, ctx.backend)
         else:  # plain loss.backward(): skip a second Function's overhead
-            grads = _fused_backward(ctx.backend, grad, *saved, ctx.scale, ctx.idx)
+            z, weight, task_classes, sample_task, labels = saved
+            grads = _fused_backward(ctx.backend, grad, z, weight, task_classes, sample_task,
+                                    labels, ctx.scale, ctx.idx)
         return grads[0], grads[1], None, None, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, z, weight, task_classes, sample_task, labels, scale, backend, mean,
-             idx):
+    def vmap(info: Any, in_dims: _InDims, z: Tensor, weight: Tensor, task_classes: Tensor,
+             sample_task: Tensor, labels: Tensor, scale: float, backend: str, mean: bool,
+             idx: CpuIndices | None) -> tuple[Tensor, int]:
         args, (B, _, T, _) = _fold(info, in_dims[:5], z, weight, task_classes, sample_task,
                                    labels, split_weight=False)
         per_task = MultiheadCE.apply(*args, scale, backend, False, None).view(B, T)
@@ -100,22 +115,25 @@ class MultiheadCEGrad(torch.autograd.Function):
     """(grad z, grad weight) of :class:`MultiheadCE`; first-order only."""
 
     @staticmethod
-    def forward(grad_task, z, weight, task_classes, sample_task, labels, scale, backend):
+    def forward(grad_task: Tensor, z: Tensor, weight: Tensor, task_classes: Tensor,
+                sample_task: Tensor, labels: Tensor, scale: float,
+                backend: str) -> tuple[Tensor, Tensor]:
         return _fused_backward(backend, grad_task, z, weight, task_classes, sample_task, labels,
                                scale)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         pass
 
     @staticmethod
-    def backward(ctx, grad_gz, grad_gw):
+    def backward(ctx: Any, grad_gz: Tensor, grad_gw: Tensor) -> tuple[Tensor | None, ...]:
         raise RuntimeError("multihead_ce: the fused backends ('cpu', 'triton') are first-order "
                            "only; use backend='reference' for higher-order gradients")
 
     @staticmethod
-    def vmap(info, in_dims, grad_task, z, weight, task_classes, sample_task, labels, scale,
-             backend):
+    def vmap(info: Any, in_dims: _InDims, grad_task: Tensor, z: Tensor, weight: Tensor,
+             task_classes: Tensor, sample_task: Tensor, labels: Tensor, scale: float,
+             backend: str) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
         args, (B, N, T, C) = _fold(info, in_dims[1:6], z, weight, task_classes, sample_task,
                                    labels, split_weight=True)
         g = grad_task.movedim(in_dims[0], 0) if in_dims[0] is not None else grad_task.expand(B, T)

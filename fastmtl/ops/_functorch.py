@@ -6,6 +6,8 @@ private APIs and may move: ``tests/test_ops.py::test_private_functorch_api`` cal
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = ["is_wrapped", "plain", "transforms_active", "apply_function"]
@@ -32,7 +34,7 @@ def plain(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def apply_function(fn, *args):
+def apply_function(fn: type[torch.autograd.Function], *args: Any) -> Any:
     """``fn.apply(*args)`` without its per-call ``inspect.signature`` binding when no
     torch.func transform is active and all arguments are given (they always are here).
 
@@ -41,4 +43,5 @@ def apply_function(fn, *args):
     """
     if transforms_active() or any(isinstance(a, torch.Tensor) and is_wrapped(a) for a in args):
         return fn.apply(*args)
-    return super(torch.autograd.Function, fn).apply(*args)
+    # _C._FunctionBase.apply, the C entry point, is left out of torch's stubs.
+    return super(torch.autograd.Function, fn).apply(*args)  # type: ignore[misc]

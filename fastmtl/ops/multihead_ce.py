@@ -43,7 +43,7 @@ from ._functorch import apply_function, is_wrapped
 __all__ = ["multihead_ce", "multihead_ce_reference", "available_backends", "NonFiniteError"]
 
 
-def _constant_scale(scale):
+def _constant_scale(scale: float | torch.Tensor) -> float | None:
     """``scale`` as a Python float, or None when it must stay a tensor (it requires grad,
     or vmap batches it): the fused kernels take it as a constant."""
     if not isinstance(scale, torch.Tensor):
@@ -53,8 +53,10 @@ def _constant_scale(scale):
     return float(scale.item())
 
 
-def multihead_ce_reference(z, weight, task_classes, sample_task, labels, scale=1.0,
-                           reduction="mean"):
+def multihead_ce_reference(z: torch.Tensor, weight: torch.Tensor, task_classes: torch.Tensor,
+                           sample_task: torch.Tensor, labels: torch.Tensor,
+                           scale: float | torch.Tensor = 1.0,
+                           reduction: str = "mean") -> torch.Tensor:
     """Plain PyTorch: one ``z @ weight.T``, a gather of each sample's head, log-softmax.
 
     The float64-checkable reference every fused backend is tested against; differentiable
@@ -78,8 +80,10 @@ def multihead_ce_reference(z, weight, task_classes, sample_task, labels, scale=1
     return per_task.mean() if reduction == "mean" else per_task
 
 
-def multihead_ce(z, weight, task_classes, sample_task, labels, scale=1.0, reduction="mean",
-                 backend=None, check=True):
+def multihead_ce(z: torch.Tensor, weight: torch.Tensor, task_classes: torch.Tensor,
+                 sample_task: torch.Tensor, labels: torch.Tensor,
+                 scale: float | torch.Tensor = 1.0, reduction: str = "mean",
+                 backend: str | None = None, check: bool = True) -> torch.Tensor:
     """Mean (over tasks) of each task's mean cross-entropy; see the module docstring.
 
     Args:

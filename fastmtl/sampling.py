@@ -29,15 +29,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from . import checks
 
-try:
-    from . import _episodes as _cpp
+if TYPE_CHECKING:  # for the annotations: the loader reads any object with those attributes
+    from .data import FewShotDataset
+
+try:  # this form, not `from . import`: mypy treats a missing submodule there as an attribute
+    import fastmtl._episodes as _cpp
 except ImportError:  # extension not built: the numpy reference does the work, slower
     _cpp = None
 
@@ -63,7 +68,7 @@ def _keys(seed: int, episodes: np.ndarray) -> np.ndarray:
     return _mix(s ^ episodes.astype(np.uint64))
 
 
-def _word(keys: np.ndarray, j) -> np.ndarray:
+def _word(keys: np.ndarray, j: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         return _mix(keys + np.uint64(j) * _G)
 
@@ -96,7 +101,7 @@ def _resolve_threads(num_threads: int | None) -> int:
     return _check_int("num_threads", num_threads, 1)
 
 
-def check_fits(labels, n_way: int, need: int, ways_name: str = "n_way",
+def check_fits(labels: npt.ArrayLike, n_way: int, need: int, ways_name: str = "n_way",
                need_name: str = "k_shot + n_query", where: str = "",
                class_names: Sequence[str] | None = None) -> None:
     """ValueError unless ``labels`` hold ``n_way`` classes of at least ``need`` images: the
@@ -110,8 +115,9 @@ def check_fits(labels, n_way: int, need: int, ways_name: str = "n_way",
     _check_counts(classes, counts, n_way, need, ways_name, need_name, where, class_names)
 
 
-def _check_counts(classes, counts, n_way, need, ways_name="n_way",
-                  need_name="k_shot + n_query", where="", class_names=None) -> None:
+def _check_counts(classes: np.ndarray, counts: np.ndarray, n_way: int, need: int,
+                  ways_name: str = "n_way", need_name: str = "k_shot + n_query", where: str = "",
+                  class_names: Sequence[str] | None = None) -> None:
     """:func:`check_fits` on the classes and their counts (``np.unique``'s output)."""
     if n_way > classes.size:
         raise ValueError(f"{ways_name}={n_way} is larger than the number of {where}classes "
@@ -125,7 +131,7 @@ def _check_counts(classes, counts, n_way, need, ways_name="n_way",
                          f"which has {counts[small]} images")
 
 
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(checks.integer(name, value, minimum))
 
 
@@ -161,7 +167,8 @@ class EpisodeSampler:
         ((3, 5), (3, 5, 3))
     """
 
-    def __init__(self, labels, n_way: int, k_shot: int, n_query: int, seed: int = 0,
+    def __init__(self, labels: npt.ArrayLike | torch.Tensor, n_way: int, k_shot: int,
+                 n_query: int, seed: int = 0,
                  backend: str | None = None, num_threads: int | None = None,
                  class_names: Sequence[str] | None = None):
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
@@ -180,6 +187,11 @@ class EpisodeSampler:
         self.backend = _resolve_backend(backend)
         self.num_threads = None if num_threads is None else _resolve_threads(num_threads)
         need = self.k_shot + self.n_query
+        self._core: Any = None  # the C++ sampler, when that backend runs
+        self.classes: np.ndarray
+        self.counts: np.ndarray
+        self.order: np.ndarray
+        self.offsets: np.ndarray
         if self.backend == "cpp":
             try:        # the C++ core counts the classes itself and refuses small ones
                 self._core = _cpp.Sampler(np.ascontiguousarray(labels, dtype=np.int64),
@@ -191,7 +203,6 @@ class EpisodeSampler:
             self.classes, self.counts = self._core.classes, self._core.counts
             self.order, self.offsets = self._core.order, self._core.offsets
             return
-        self._core = None
         self.classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         _check_counts(self.classes, counts, self.n_way, need, class_names=class_names)
         self.order = np.argsort(inverse, kind="stable").astype(np.int64)
@@ -252,7 +263,7 @@ class EpisodeSampler:
 
 # -- batch assembly ------------------------------------------------------------------------
 
-def _as_images(images) -> np.ndarray:
+def _as_images(images: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(images, torch.Tensor):
         if images.device.type != "cpu":
             raise ValueError(f"images must be on the CPU, got device {images.device}")
@@ -267,7 +278,7 @@ def _as_images(images) -> np.ndarray:
     return images
 
 
-def _as_index(index, n_images: int) -> np.ndarray:
+def _as_index(index: npt.ArrayLike | torch.Tensor, n_images: int) -> np.ndarray:
     if isinstance(index, torch.Tensor):
         index = index.detach().cpu().numpy()
     index = np.asarray(index)
@@ -280,7 +291,8 @@ def _as_index(index, n_images: int) -> np.ndarray:
     return index
 
 
-def _channel_stats(value, channels: int, name: str) -> torch.Tensor:
+def _channel_stats(value: float | Sequence[float] | torch.Tensor, channels: int,
+                   name: str) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
     if t.numel() == 1:
         t = t.expand(channels)
@@ -296,7 +308,8 @@ def _lut(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return ((x - mean.view(-1, 1)) / std.view(-1, 1)).contiguous()
 
 
-def _output(out, dtype, shape, normalizing: bool, pin_memory: bool) -> torch.Tensor:
+def _output(out: torch.Tensor | None, dtype: torch.dtype | None, shape: tuple[int, ...],
+            normalizing: bool, pin_memory: bool) -> torch.Tensor:
     """:func:`assemble`'s result tensor: ``out`` checked, or a new one of ``dtype``."""
     if out is not None and not isinstance(out, torch.Tensor):
         raise ValueError(f"out must be a torch.Tensor, got {type(out).__name__}")
@@ -317,8 +330,10 @@ def _output(out, dtype, shape, normalizing: bool, pin_memory: bool) -> torch.Ten
     return out
 
 
-def assemble(images, index, out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-             mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+def assemble(images: np.ndarray | torch.Tensor, index: npt.ArrayLike | torch.Tensor,
+             out: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+             mean: Sequence[float] | torch.Tensor | None = None,
+             std: Sequence[float] | torch.Tensor | None = None,
              pin_memory: bool = False, num_threads: int | None = None,
              backend: str | None = None) -> torch.Tensor:
     """Gather ``images[index]`` into one channels-first tensor, ``index.shape + (C, H, W)``.
@@ -416,10 +431,10 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
 
     Batch ``b`` holds episodes ``start + b * stride`` onwards (``stride`` defaults to
     ``tasks_per_batch``), so a stream is a pure function of (seed, start) and resumes
-    anywhere; a larger stride gives one rank of a distributed run its share of each step. While the caller works on one batch a
-    background thread samples and assembles the next (``prefetch=True``); the C++ work runs
-    without the GIL. With ``device`` set to a CUDA device the images are assembled in pinned
-    memory and copied asynchronously.
+    anywhere; a larger stride gives one rank of a distributed run its share of each step.
+    While the caller works on one batch a background thread samples and assembles the next
+    (``prefetch=True``); the C++ work runs without the GIL. With ``device`` set to a CUDA
+    device the images are assembled in pinned memory and copied asynchronously.
 
     Iterate it directly (it prefetches by itself), or through
     ``DataLoader(loader, batch_size=None)``; with ``num_workers > 0`` each worker takes every
@@ -446,9 +461,10 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         [(4, 5, 3, 1, 28, 28), (4, 5, 3, 1, 28, 28)]
     """
 
-    def __init__(self, dataset, n_way: int, k_shot: int, n_query: int, tasks_per_batch: int,
-                 seed: int, start: int = 0, device: torch.device | str | None = None,
-                 prefetch: bool = True, batches: int | None = None, backend: str | None = None,
+    def __init__(self, dataset: FewShotDataset, n_way: int, k_shot: int, n_query: int,
+                 tasks_per_batch: int, seed: int, start: int = 0,
+                 device: torch.device | str | None = None, prefetch: bool = True,
+                 batches: int | None = None, backend: str | None = None,
                  num_threads: int | None = None, stride: int | None = None):
         super().__init__()
         for attr in ("images", "labels", "mean", "std"):
@@ -502,7 +518,7 @@ class EpisodeLoader(torch.utils.data.IterableDataset):
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmtl-episodes")
         todo = iter(numbers)
 
-        def _next():
+        def _next() -> Future[EpisodeBatch] | None:
             b = next(todo, None)
             return None if b is None else pool.submit(self.batch, b)
 

@@ -1,6 +1,8 @@
 """Backbones: Conv-4 and ResNet-12, plain ``nn.Module``s mapping (B, C, H, W) images to (B, d)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ from .resnet12 import ResNet12, resnet12
 __all__ = ["conv4", "resnet12", "Conv4", "ResNet12", "feature_dim"]
 
 
-def feature_dim(backbone: nn.Module, image_shape) -> int:
+def feature_dim(backbone: nn.Module, image_shape: Sequence[int]) -> int:
     """Feature size d of ``backbone`` for images of shape (C, H, W), by one dummy forward.
 
     The forward runs in eval mode without gradients (running statistics and the DropBlock

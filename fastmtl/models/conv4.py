@@ -1,6 +1,9 @@
 """Conv-4: the four-block convolutional backbone of MAML and Prototypical Networks."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, Literal, Self
+
 import torch
 from torch import nn
 
@@ -54,10 +57,11 @@ class Conv4(nn.Module):
         self.channels_last = channels_last
         # What the backbone is, as plain values: checkpoints store it and
         # fastmtl.registry.build_backbone(spec) rebuilds it (no pickled code).
-        self.spec = {"name": "conv4", "in_channels": in_channels, "hidden": hidden,
-                     "out_channels": out_channels}
+        self.spec: dict[str, Any] = {"name": "conv4", "in_channels": in_channels,
+                                     "hidden": hidden, "out_channels": out_channels}
         widths = [in_channels, hidden, hidden, hidden, out_channels]
-        self.blocks = nn.Sequential(*(_block(a, b) for a, b in zip(widths[:-1], widths[1:])))
+        self.blocks = nn.Sequential(*(_block(a, b)
+                                      for a, b in zip(widths[:-1], widths[1:], strict=True)))
         _init_weights(self)
         self._lay_out()
 
@@ -77,7 +81,8 @@ class Conv4(nn.Module):
                 if m.weight.stride() != torch.empty_like(m.weight, memory_format=fmt).stride():
                     m.weight.data = m.weight.data.to(memory_format=fmt)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any,
+               **kwargs: Any) -> Self:
         # .to(device) / .cuda() / .double(): the weights' layout follows their new device.
         super()._apply(fn, *args, **kwargs)
         self._lay_out()
@@ -133,7 +138,8 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 def _init_weights(net: nn.Module, negative_slope: float = 0.0) -> None:
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
-            nonlinearity = "leaky_relu" if negative_slope else "relu"
+            nonlinearity: Literal["leaky_relu", "relu"] = ("leaky_relu" if negative_slope
+                                                            else "relu")
             nn.init.kaiming_normal_(m.weight, a=negative_slope, mode="fan_out",
                                     nonlinearity=nonlinearity)
         elif isinstance(m, nn.BatchNorm2d):

@@ -13,6 +13,9 @@ Under ``torch.vmap`` in training mode, dropout and DropBlock sample random masks
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,14 +53,14 @@ class ResNet12(nn.Module):
         torch.Size([2, 16])
     """
 
-    def __init__(self, in_channels: int = 3, channels=(64, 160, 320, 640),
+    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
                  drop_rate: float = 0.1, dropblock_size: int = 5, avg_pool: bool = True, *,
                  dropblock_ramp: int = 40_000):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        if len(channels) != 4 or min(channels) < 1 or in_channels < 1:
+        widths = tuple(int(c) for c in channels)
+        if len(widths) != 4 or min(widths) < 1 or in_channels < 1:
             raise ValueError(f"channels must be four positive widths and in_channels >= 1, "
-                             f"got channels={channels}, in_channels={in_channels}")
+                             f"got channels={widths}, in_channels={in_channels}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         if dropblock_size < 1 or dropblock_ramp < 0:
@@ -66,10 +69,11 @@ class ResNet12(nn.Module):
         self.in_channels = in_channels
         self.avg_pool = avg_pool
         # What the backbone is, as plain values (see Conv4.spec).
-        self.spec = {"name": "resnet12", "in_channels": in_channels, "channels": list(channels),
-                     "drop_rate": drop_rate, "dropblock_size": dropblock_size,
-                     "avg_pool": avg_pool, "dropblock_ramp": dropblock_ramp}
-        widths = (in_channels,) + channels
+        self.spec: dict[str, Any] = {
+            "name": "resnet12", "in_channels": in_channels, "channels": list(widths),
+            "drop_rate": drop_rate, "dropblock_size": dropblock_size, "avg_pool": avg_pool,
+            "dropblock_ramp": dropblock_ramp}
+        widths = (in_channels,) + widths
         self.layers = nn.Sequential(*(
             _ResBlock(widths[i], widths[i + 1], drop_rate,
                       _DropBlock(drop_rate, dropblock_size, dropblock_ramp) if i >= 2 else None)
@@ -79,7 +83,9 @@ class ResNet12(nn.Module):
     @property
     def dropblock_step(self) -> int:
         """Training forward calls seen by the DropBlock ramp; settable (e.g. to resume)."""
-        return self.layers[-1].dropblock.step
+        last = self.layers[-1]
+        assert isinstance(last, _ResBlock) and last.dropblock is not None  # layers 3 and 4 drop
+        return last.dropblock.step
 
     @dropblock_step.setter
     def dropblock_step(self, step: int) -> None:
@@ -95,7 +101,8 @@ class ResNet12(nn.Module):
         return x.flatten(1)
 
 
-def resnet12(in_channels: int = 3, channels=(64, 160, 320, 640), drop_rate: float = 0.1,
+def resnet12(in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
+             drop_rate: float = 0.1,
              dropblock_size: int = 5, avg_pool: bool = True, *,
              dropblock_ramp: int = 40_000) -> ResNet12:
     """The RFS/MetaOptNet ResNet-12 backbone (see :class:`ResNet12` and the module notes).
@@ -169,7 +176,7 @@ class _DropBlock(nn.Module):
         # A tensor rather than a dict so state-dict idioms (v.clone(), assert_close) work.
         return torch.tensor(self.step, dtype=torch.int64)
 
-    def set_extra_state(self, state) -> None:
+    def set_extra_state(self, state: Any) -> None:
         self.step = int(state)
 
     def extra_repr(self) -> str:

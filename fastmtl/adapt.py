@@ -57,9 +57,11 @@ Details that keep it exact and robust:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from . import checks
 
@@ -69,6 +71,10 @@ __all__ = ["LogisticHeads", "fit_logistic"]
 _CHUNK_BYTES = 1 << 28
 _MAX_HALVINGS = 40
 _ARMIJO = 1e-4
+# One point of the objective: (objective, softmax, penalty image, coef 1), see _evaluate.
+_Point = tuple[Tensor, Tensor, Tensor, Tensor]
+# The last Newton step: (coef, its image, step, its image, objective, slope), see _newton.
+_Step = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @dataclass(eq=False)
@@ -102,7 +108,7 @@ class LogisticHeads:
         """(E, Q, d) query features -> (E, Q) predicted labels (int64)."""
         return self._scores(z_query).argmax(1)
 
-    def _scores(self, z_query):
+    def _scores(self, z_query: Tensor) -> Tensor:
         """Logits laid out (E, n_classes, Q): with few classes, the product this way round
         runs about twice as fast on a CPU as (E, Q, d) @ (E, d, n_classes)."""
         if not isinstance(z_query, torch.Tensor) or z_query.dim() != 3:
@@ -162,18 +168,19 @@ def fit_logistic(z_support: torch.Tensor, y_support: torch.Tensor, C: float = 3.
     parts = [_fit_chunk(x[lo:lo + chunk], y[lo:lo + chunk], float(C), n_classes,
                         int(max_iter), float(tol)) for lo in range(0, E, chunk)]
     weight, bias, n_iter, converged = (p[0] if len(p) == 1 else torch.cat(p)
-                                       for p in zip(*parts))
+                                       for p in zip(*parts, strict=True))
     return LogisticHeads(weight.to(z_support.dtype), bias.to(z_support.dtype), n_iter,
                          converged)
 
 
-def _describe(t) -> str:
+def _describe(t: object) -> str:
     if isinstance(t, torch.Tensor):
         return f"shape {tuple(t.shape)}"
     return type(t).__name__
 
 
-def _check_support(z, y, n_classes):
+def _check_support(z: Tensor, y: Tensor,
+                   n_classes: int | None) -> tuple[Tensor, Tensor, int]:
     if not isinstance(z, torch.Tensor) or z.dim() != 3:
         raise ValueError(f"z_support must be a 3-D tensor (E, S, d), got {_describe(z)}")
     if not z.is_floating_point():
@@ -204,7 +211,8 @@ def _check_support(z, y, n_classes):
     return x, y, int(n_classes)
 
 
-def _fit_chunk(x, y, C, n_classes, max_iter, tol):
+def _fit_chunk(x: Tensor, y: Tensor, C: float, n_classes: int, max_iter: int,
+               tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     E, S, d = x.shape
     f64 = torch.float64
     onehot = torch.nn.functional.one_hot(y, n_classes).transpose(1, 2).to(f64)
@@ -273,7 +281,8 @@ class _Rows:
         return _Rows(**{name: t[keep] for name, t in vars(self).items()})
 
 
-def _newton(gram_aug, labels, onehot, present, c, spread, max_iter, tol):
+def _newton(gram_aug: Tensor, labels: Tensor, onehot: Tensor, present: Tensor, c: Tensor,
+            spread: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
     """Newton-CG on one coefficient matrix per episode, coef (E, K, S).
 
     With P1 = 1 1^T / S the projector on constants, P = I - P1 and k = spread / S, coef
@@ -292,7 +301,8 @@ def _newton(gram_aug, labels, onehot, present, c, spread, max_iter, tol):
     n_iter = torch.zeros(E, dtype=torch.int64, device=dev)
     converged = torch.zeros(E, dtype=torch.bool, device=dev)
     rows = _first_rows(gram_aug, labels, onehot, present, c, spread, tol)
-    gnorm0 = last = None
+    gnorm0: Tensor | None = None
+    last: _Step | None = None
     for it in range(max_iter + 1):
         point = _evaluate(rows.coef, rows.coef_img, rows.mask, rows.labels, rows.c, rows.k)
         if last is not None:
@@ -333,7 +343,8 @@ def _newton(gram_aug, labels, onehot, present, c, spread, max_iter, tol):
     return coef, n_iter, converged
 
 
-def _first_rows(gram_aug, labels, onehot, present, c, spread, tol) -> _Rows:
+def _first_rows(gram_aug: Tensor, labels: Tensor, onehot: Tensor, present: Tensor, c: Tensor,
+                spread: Tensor, tol: float) -> _Rows:
     E, K, S = onehot.shape
     dev = onehot.device
     coef = torch.zeros(E, K, S, dtype=onehot.dtype, device=dev)
@@ -350,7 +361,7 @@ def _first_rows(gram_aug, labels, onehot, present, c, spread, tol) -> _Rows:
                  done=torch.zeros(E, dtype=torch.bool, device=dev))
 
 
-def _gradient(rows: _Rows, prob, pen_img, csum):
+def _gradient(rows: _Rows, prob: Tensor, pen_img: Tensor, csum: Tensor) -> tuple[Tensor, Tensor]:
     """The gradient and its image stacked (2, R, K, S), and its norm over (W, b)."""
     S = rows.coef.shape[-1]
     resid = prob - rows.onehot
@@ -365,7 +376,7 @@ def _gradient(rows: _Rows, prob, pen_img, csum):
     return grad2, gnorm
 
 
-def _evaluate(co, img, mask, lab, c, k):
+def _evaluate(co: Tensor, img: Tensor, mask: Tensor, lab: Tensor, c: Tensor, k: Tensor) -> _Point:
     """Objective, softmax, penalty image coef K_c and coef 1 at one point."""
     logits = img + mask
     top = logits.amax(1, keepdim=True)
@@ -378,7 +389,8 @@ def _evaluate(co, img, mask, lab, c, k):
     return f, e / total, pen_img, csum
 
 
-def _backtrack(last, co, img, point, mask, lab, c, k):
+def _backtrack(last: _Step, co: Tensor, img: Tensor, point: _Point, mask: Tensor, lab: Tensor,
+               c: Tensor, k: Tensor) -> tuple[Tensor, Tensor, _Point, Tensor]:
     """Armijo backtracking of the last Newton step (taken whole); returns the accepted
     point and where no step size passed (those stay where they were)."""
     co0, img0, step, step_img, f0, slope = last
@@ -399,7 +411,8 @@ def _backtrack(last, co, img, point, mask, lab, c, k):
     return co, img, point, t == 0
 
 
-def _pcg(gram32, gram64, prob, fill, c, k, grad2, target2, frozen):
+def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, k: Tensor,
+         grad2: Tensor, target2: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
     """Preconditioned CG for the Newton step: H step = -grad to ||residual||^2 <= target2.
 
     grad2 stacks the gradient and its image, (2, E, K, S); frozen episodes get a zero
@@ -446,7 +459,8 @@ def _pcg(gram32, gram64, prob, fill, c, k, grad2, target2, frozen):
     return x, x @ gram64
 
 
-def _hessian_product(p2, prob, c3, shift, gram32):
+def _hessian_product(p2: Tensor, prob: Tensor, c3: Tensor, shift: Tensor,
+                     gram32: Tensor) -> Tensor:
     """H p and its image for a direction p stacked with its image, (2, E, K, S)."""
     p, p_img = p2[0], p2[1]
     u = prob * p_img
@@ -457,7 +471,8 @@ def _hessian_product(p2, prob, c3, shift, gram32):
     return hp2
 
 
-def _preconditioner(prob, fill, c3, k3):
+def _preconditioner(prob: Tensor, fill: Tensor, c3: Tensor,
+                    k3: Tensor) -> Callable[[Tensor], Tensor]:
     """The CG preconditioner, as a function of a stacked (2, E, K, S) vector.
 
     It replaces every support point's softmax Hessian by their mean and K_c by a multiple
@@ -478,7 +493,7 @@ def _preconditioner(prob, fill, c3, k3):
     pre_w2 = pre_w.repeat(2, 1, 1)
     pre_diff2 = ((pre_b - pre_w) / S).repeat(2, 1, 1)
 
-    def precondition(v2):
+    def precondition(v2: Tensor) -> Tensor:
         flat = v2.view(2 * E, K, S)
         return torch.baddbmm(pre_diff2 @ flat.sum(-1, keepdim=True), pre_w2, flat).view(
             2, E, K, S)

@@ -28,7 +28,7 @@ from . import checks
 from . import distributed as _dist
 from .adapt import fit_logistic
 from .data.base import FewShotDataset
-from .data.omniglot_runs import read_one_shot_runs
+from .data.omniglot_runs import OneShotRuns, read_one_shot_runs
 from .sampling import EpisodeSampler
 
 __all__ = ["evaluate", "embed", "summary", "check_episodes", "one_shot_runs"]
@@ -135,7 +135,9 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
                              n_query=n_query, seed=seed, C=C))
 
 
-def _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C, chunk, progress):
+def _accuracies(features: torch.Tensor, sampler: EpisodeSampler, n_way: int, k_shot: int,
+                n_query: int, episodes: int, C: float, chunk: int,
+                progress: bool) -> tuple[np.ndarray, int]:
     """Per-episode accuracies (percent, numpy) of this rank's episode chunks, gathered, and
     the number of episodes whose head did not converge."""
     ys = torch.arange(n_way, device=features.device).repeat_interleave(k_shot)
@@ -144,8 +146,8 @@ def _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C, chunk, p
     unconverged = 0
     for lo, count in tqdm(list(_dist.chunks(episodes, chunk)), desc=f"{n_way}-way {k_shot}-shot",
                           leave=False, disable=not progress or not _dist.is_main()):
-        _, index = sampler.episodes(lo, count)
-        index = torch.as_tensor(index, device=features.device)
+        _, picked = sampler.episodes(lo, count)
+        index = torch.as_tensor(picked, device=features.device)
         zs = features[index[:, :, :k_shot].reshape(count, -1)]
         zq = features[index[:, :, k_shot:].reshape(count, -1)]
         heads = fit_logistic(zs, ys.expand(count, -1), C=C, n_classes=n_way)
@@ -155,7 +157,7 @@ def _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C, chunk, p
     return acc, unconverged
 
 
-def check_episodes(n_way, k_shot, n_query, episodes) -> None:
+def check_episodes(n_way: int, k_shot: int, n_query: int, episodes: int) -> None:
     """ValueError naming the first of the test-episode arguments out of range.
 
     Example:
@@ -253,11 +255,12 @@ def one_shot_runs(backbone: nn.Module, path: str | os.PathLike, image_size: int 
             "C": C, "logistic_unconverged": unconverged}
 
 
-def _one_shot_errors(z: torch.Tensor, runs, C: float):
+def _one_shot_errors(z: torch.Tensor, runs: OneShotRuns,
+                     C: float) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-run error rates (percent, numpy) of cosine nearest neighbour and of the
     logistic heads on the normalized features ``z`` of ``runs.dataset``, and the number
     of runs whose head did not converge."""
-    def rows(index):
+    def rows(index: np.ndarray) -> torch.Tensor:
         return z[torch.as_tensor(index, device=z.device)]
     zs, zq = rows(runs.train_index), rows(runs.test_index)
     answers = torch.as_tensor(runs.answers, device=z.device)

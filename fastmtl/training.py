@@ -25,7 +25,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -35,14 +36,14 @@ from tqdm.auto import tqdm
 from . import checkpoint as _ckpt
 from . import checks
 from . import distributed as _dist
+from .config import TrainerConfig
 from .data.base import FewShotDataset
 from .ops import NonFiniteError
 from .sampling import check_fits
 
 __all__ = ["Trainer", "TrainState", "TrainingInterrupted", "TrainingDiverged", "Callback",
            "AtTrainingSeconds", "EveryTrainingSeconds", "ProfileSteps", "TrainingClock",
-           "check_same_run",
-           "check_val", "epoch_seed", "format_record", "phase"]
+           "check_same_run", "check_val", "epoch_seed", "format_record", "phase"]
 
 
 # -- small shared pieces ---------------------------------------------------------------------
@@ -71,7 +72,7 @@ def format_record(r: dict[str, Any]) -> str:
     return s
 
 
-def check_val(val, cfg) -> None:
+def check_val(val: FewShotDataset | None, cfg: TrainerConfig) -> None:
     """A validation set must hold the episodes ``cfg.val_*`` describe (None: no validation).
 
     Raises:
@@ -112,9 +113,9 @@ class phase:
     def __init__(self, name: str):
         self.name = name
         self.nvtx = torch.cuda.is_available()
-        self.rf = None
+        self.rf: torch.autograd.profiler.record_function | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         if self.nvtx:
             torch.cuda.nvtx.range_push(self.name)
         # A record_function costs ~10 us even with no profiler, and a GBML per-task loop
@@ -123,7 +124,7 @@ class phase:
             self.rf = torch.autograd.profiler.record_function(self.name)
             self.rf.__enter__()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.rf is not None:
             self.rf.__exit__(*exc)
             self.rf = None
@@ -133,7 +134,8 @@ class phase:
 
 
 
-def backbone_autocast(precision: str, device: torch.device):
+def backbone_autocast(precision: str,
+                      device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The context a trainer runs its backbone in: bfloat16 autocast for ``"bf16"`` (on
     CUDA, and on the CPU where autocast supports the ops), nothing for ``"fp32"``. Heads
     and losses leave it (:func:`full_precision`) and run in float32."""
@@ -142,7 +144,7 @@ def backbone_autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def full_precision(device_type: str):
+def full_precision(device_type: str) -> torch.autocast:
     """Autocast off: heads and losses inside a ``"bf16"`` backbone context run as given."""
     return torch.autocast(device_type=device_type, enabled=False)
 
@@ -201,28 +203,28 @@ class TrainingInterrupted(Exception):
 class _SignalStop:
     """While active (main thread only), SIGINT/SIGTERM set ``signum`` instead of raising."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum = 0
-        self._old = {}
+        self._old: dict[int, Any] = {}    # signal -> the handler it had
 
-    def __enter__(self):
+    def __enter__(self) -> _SignalStop:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum:        # a second Ctrl-C: stop now
             signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
-def check_same_run(saved: dict[str, Any], config, path: str) -> None:
+def check_same_run(saved: dict[str, Any], config: TrainerConfig, path: str) -> None:
     """ValueError if ``config`` changes a setting of the checkpointed run that a resume
     cannot honour (anything but :data:`RESUMABLE_CHANGES`), naming each.
 
@@ -270,14 +272,15 @@ class TrainingClock:
     def seconds(self) -> float:
         return time.perf_counter() - self._t0 - self._paused
 
-    def paused(self):
+    def paused(self) -> contextlib.AbstractContextManager[None]:
+        """A context whose time is kept off the clock."""
         clock = self
 
         class _Pause:
-            def __enter__(self):
+            def __enter__(self) -> None:
                 self.t = time.perf_counter()
 
-            def __exit__(self, *exc):
+            def __exit__(self, *exc: object) -> None:
                 clock._paused += time.perf_counter() - self.t
         return _Pause()
 
@@ -358,10 +361,10 @@ class AtTrainingSeconds(Callback):
         >>> cb = AtTrainingSeconds([10, 30, 60], lambda tr, st: print(st.train_seconds))
     """
 
-    def __init__(self, times, fn: Callable[[Trainer, TrainState], Any]):
+    def __init__(self, times: Iterable[float], fn: Callable[[Trainer, TrainState], Any]):
         times = [float(t) for t in times]
         if not times or any(not (math.isfinite(t) and t > 0) for t in times) \
-                or any(b <= a for a, b in zip(times, times[1:])):
+                or any(b <= a for a, b in zip(times, times[1:], strict=False)):
             raise ValueError(f"times must be increasing positive seconds, got {times!r}")
         self.times, self.fn = times, fn
         self.last_fired_step = -1
@@ -369,22 +372,22 @@ class AtTrainingSeconds(Callback):
     def _next_after(self, seconds: float) -> float:
         return next((t for t in self.times if t > seconds), math.inf)
 
-    def on_train_begin(self, trainer, state):
+    def on_train_begin(self, trainer: Trainer, state: TrainState) -> None:
         self.next = self._next_after(state.train_seconds)
 
-    def on_step_end(self, trainer, state):
+    def on_step_end(self, trainer: Trainer, state: TrainState) -> bool | None:
         if state.train_seconds < self.next:
             return None
         self.next = self._next_after(state.train_seconds)
         return self._fire(trainer, state)
 
-    def on_train_end(self, trainer, state):
+    def on_train_end(self, trainer: Trainer, state: TrainState) -> None:
         if self.last_fired_step != state.step:
             state.extra["final"] = True
             self._fire(trainer, state)
             state.extra.pop("final", None)
 
-    def _fire(self, trainer, state):
+    def _fire(self, trainer: Trainer, state: TrainState) -> Any:
         self.last_fired_step = state.step
         return self.fn(trainer, state)
 
@@ -424,18 +427,18 @@ class ProfileSteps(Callback):
         checks.integer("warmup", warmup, 0)
         checks.integer("steps", steps, 1)
         self.directory, self.warmup, self.steps = directory, warmup, steps
-        self._prof = None
+        self._prof: torch.profiler.profile | None = None
         self.written: list[str] = []
         self.missed: str | None = None
 
-    def _start(self):
+    def _start(self) -> None:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
                                          if torch.cuda.is_available() else [])
         self._prof = profile(activities=acts, record_shapes=True)
         self._prof.__enter__()
 
-    def on_train_begin(self, trainer, state):
+    def on_train_begin(self, trainer: Trainer, state: TrainState) -> None:
         planned = trainer.planned_steps() - state.step
         if planned < self.warmup + self.steps:
             raise ValueError(f"profile: needs {self.warmup + self.steps} steps ({self.warmup} "
@@ -445,22 +448,23 @@ class ProfileSteps(Callback):
         if self.warmup == 0:
             self._start()
 
-    def on_step_end(self, trainer, state):
+    def on_step_end(self, trainer: Trainer, state: TrainState) -> bool | None:
         if self._prof is None and state.step == self._first and not self.written:
             self._start()
         elif self._prof is not None and state.step >= self._first + self.steps:
             self._finish()
         return None
 
-    def on_train_end(self, trainer, state):
+    def on_train_end(self, trainer: Trainer, state: TrainState) -> None:
         if self._prof is not None:      # the run ended early: what was recorded
             self._finish()
         elif not self.written:          # ended (time budget) before profiling began
             self.missed = (f"profile: the run ended after {state.step} steps, before step "
                            f"{self._first + 1} where profiling was to begin; nothing written")
 
-    def _finish(self):
+    def _finish(self) -> None:
         prof, self._prof = self._prof, None
+        assert prof is not None  # called while profiling
         prof.__exit__(None, None, None)
         os.makedirs(self.directory, exist_ok=True)
         trace = os.path.join(self.directory, "trace.json")
@@ -491,14 +495,29 @@ class Trainer:
         >>> cfg = fastmtl.MTLConfig(tasks_per_step=2, tasks_per_epoch=4, epochs=1,
         ...                         images_per_class=4)
         >>> trainer = fastmtl.MTLTrainer(fastmtl.models.conv4(hidden=8), cfg)
+        >>> at_once = AtTrainingSeconds([1e-6], lambda tr, st: seen.append(st.step))
         >>> _ = trainer.fit(fastmtl.data.SyntheticGlyphs(12, 8), progress=False,
-        ...                 callbacks=[AtTrainingSeconds([1e-6], lambda tr, st: seen.append(st.step))])
+        ...                 callbacks=[at_once])
         >>> seen[0] >= 1
         True
     """
 
     method = "trainer"
     learner: nn.Module | None = None
+    # Set by every subclass's __init__ (config, device, backbone, batchnorm) or ``_setup``
+    # (optimizer, scheduler), and by ``fit`` (history, best_epoch).
+    config: TrainerConfig
+    device: torch.device
+    backbone: nn.Module
+    batchnorm: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    history: list[dict[str, Any]]
+    best_epoch: int
+    _params: list[torch.Tensor]
+    _progress_of: tuple[TrainingClock, TrainState, int] | None
+    _signals: _SignalStop
+    _allow_changed: bool
     # What the caller knows of the run (data set, split, image size), set per trainer
     # (``trainer.run_info = {...}``): stored in every checkpoint, so `fastmtl eval` can
     # rebuild the data a checkpoint was trained on. None: nothing recorded.
@@ -558,7 +577,7 @@ class Trainer:
             torch.manual_seed(self.config.seed)
             return self._run(train, val, resume, progress, list(callbacks))
 
-    def prepare(self, train: FewShotDataset, epoch: int = 0) -> Iterable:
+    def prepare(self, train: FewShotDataset, epoch: int = 0) -> Iterable[Any]:
         """Set up training on ``train`` as ``fit`` does, without running it; returns the
         batches of ``epoch`` for :meth:`train_step` (for benchmarks and profiling).
 
@@ -572,29 +591,29 @@ class Trainer:
         self.scheduler = None
         self._setup(train)
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.learner.train()
+        self._built_learner().train()
         return self._epoch_batches(train, epoch, self._steps_per_epoch())
 
-    def train_step(self, batch) -> tuple[float, float, int]:
+    def train_step(self, batch: Any) -> tuple[float, float, int]:
         """One optimizer step on a batch from :meth:`prepare`: (loss, accuracy, images)."""
         return self._train_step(batch)
 
     # -- what a method supplies -----------------------------------------------------------
-    def _prepare_fit(self, train, val) -> None:
+    def _prepare_fit(self, train: FewShotDataset, val: FewShotDataset | None) -> None:
         raise NotImplementedError
 
-    def _setup(self, train) -> None:
+    def _setup(self, train: FewShotDataset) -> None:
         """Create ``self.learner``'s parameters, ``self.optimizer``, ``self.scheduler``."""
         raise NotImplementedError
 
-    def _epoch_batches(self, train, epoch: int, steps: int) -> Iterable:
+    def _epoch_batches(self, train: FewShotDataset, epoch: int, steps: int) -> Iterable[Any]:
         raise NotImplementedError
 
-    def _train_step(self, batch) -> tuple[float, float, int]:
+    def _train_step(self, batch: Any) -> tuple[float, float, int]:
         """One optimizer step: (loss, accuracy in [0, 1], images used) of this rank."""
         raise NotImplementedError
 
-    def _validate(self, val) -> dict[str, Any]:
+    def _validate(self, val: FewShotDataset) -> dict[str, Any]:
         raise NotImplementedError
 
     def _steps_per_epoch(self) -> int:
@@ -605,6 +624,11 @@ class Trainer:
 
     def _record_extra(self) -> dict[str, Any]:
         return {}
+
+    def _built_learner(self) -> nn.Module:
+        """``learner``, which ``_setup`` has built by the time the loop uses it."""
+        assert self.learner is not None, "_setup builds the learner"
+        return self.learner
 
     def _before_step(self) -> None:
         """Per-step scheduling, before the optimizer step (see :meth:`run_fraction`)."""
@@ -638,14 +662,15 @@ class Trainer:
         with phase("optimizer"):
             self.optimizer.step()
 
-    def _run(self, train, val, resume, progress, callbacks):
+    def _run(self, train: FewShotDataset, val: FewShotDataset | None, resume: str | None,
+             progress: bool, callbacks: list[Callback]) -> list[dict[str, Any]]:
         cfg = self.config
         main = _dist.is_main()
         progress = progress and main
         self.scheduler = None
         self._setup(train)
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        best = {"score": -math.inf, "epoch": -1, "state": None}
+        best: dict[str, Any] = {"score": -math.inf, "epoch": -1, "state": None}
         self.history, start_epoch = [], 0
         if resume is not None:
             start_epoch, best = self._load(resume)
@@ -692,16 +717,17 @@ class Trainer:
         for cb in callbacks:
             cb.on_train_end(self, state)
         if val is not None and best["state"] is not None:
-            self.learner.load_state_dict(best["state"])
+            self._built_learner().load_state_dict(best["state"])
         self.best_epoch = best["epoch"]
         return self.history
 
-    def _keep_epoch(self, record, best, stale, show: bool, save: bool):
+    def _keep_epoch(self, record: dict[str, Any], best: dict[str, Any], stale: int, show: bool,
+                    save: bool) -> tuple[dict[str, Any], int]:
         """Append the epoch's record, track the best epoch, print and checkpoint it."""
         self.history.append(record)
         if record["_score"] > best["score"]:
             best = {"score": record["_score"], "epoch": record["epoch"],
-                    "state": copy.deepcopy(self.learner.state_dict())}
+                    "state": copy.deepcopy(self._built_learner().state_dict())}
             stale = 0
         else:
             stale += 1
@@ -712,14 +738,19 @@ class Trainer:
             self._save(record["epoch"], best)
         return best, stale
 
-    def _run_epoch(self, train, val, epoch, steps, state, clock, callbacks, progress):
+    def _run_epoch(self, train: FewShotDataset, val: FewShotDataset | None, epoch: int,
+                   steps: int, state: TrainState, clock: TrainingClock,
+                   callbacks: list[Callback],
+                   progress: bool) -> tuple[dict[str, Any] | None, bool]:
         """Trains one epoch; returns (its record or None if no step ran, stop)."""
         cfg = self.config
         # Every random stream restarts from (seed, epoch): a resumed run repeats an
         # uninterrupted one exactly (episodes are already a function of their number).
         torch.manual_seed(epoch_seed(cfg.seed, epoch))
-        self.learner.train()
-        losses, accs, images = [], [], 0
+        self._built_learner().train()
+        losses: list[float] = []
+        accs: list[float] = []
+        images = 0
         bar = tqdm(self._epoch_batches(train, epoch, steps), total=steps, leave=False,
                    desc=f"{self.method} epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         stop = False
@@ -734,8 +765,8 @@ class Trainer:
             late = cfg.max_minutes is not None and seconds > 60 * cfg.max_minutes
             # One small all-reduce: every rank logs the global figures, and all stop
             # together when any rank's clock runs out (rank clocks differ).
-            loss, acc, late_v, n_images = _dist.average([loss, acc, float(late), n_images])
-            n_images = int(round(n_images * _dist.world_size()))
+            loss, acc, late_v, images_v = _dist.average([loss, acc, float(late), n_images])
+            n_images = int(round(images_v * _dist.world_size()))
             losses.append(loss)
             accs.append(acc)
             images += n_images
@@ -757,6 +788,13 @@ class Trainer:
                 break
         if not losses:
             return None, True
+        return self._epoch_record(epoch, losses, accs, images, val, state, clock), stop
+
+    def _epoch_record(self, epoch: int, losses: list[float], accs: list[float], images: int,
+                      val: FewShotDataset | None, state: TrainState,
+                      clock: TrainingClock) -> dict[str, Any]:
+        """The record of an epoch that ran steps, validated (``_score``: what the best
+        epoch is chosen by), after the method's end-of-epoch scheduling."""
         record = {"epoch": epoch + 1, "steps": len(losses), "images": images,
                   "train_loss": float(np.mean(losses)), "train_acc": 100.0 * float(np.mean(accs)),
                   "lr": self.optimizer.param_groups[0]["lr"], **self._record_extra()}
@@ -770,12 +808,12 @@ class Trainer:
         record["elapsed_s"] = clock.seconds()
         state.train_seconds = record["elapsed_s"]
         record["_score"] = score
-        return record, stop
+        return record
 
     def _end_run(self) -> None:
         pass
 
-    def _diverged(self, epoch: int, step: int, loss: float):
+    def _diverged(self, epoch: int, step: int, loss: float) -> NoReturn:
         directory = self.config.checkpoint_dir
         last = os.path.join(directory, "last.pt") if directory else None
         where = (f"the last good checkpoint is {last} (epoch {self.history[-1]['epoch']})"
@@ -785,7 +823,7 @@ class Trainer:
                                f"{step} of epoch {epoch + 1}; stopped. {where}; try a lower "
                                f"learning rate or grad_clip")
 
-    def _interrupted(self, epoch: int):
+    def _interrupted(self, epoch: int) -> NoReturn:
         directory = self.config.checkpoint_dir
         last = os.path.join(directory, "last.pt") if directory else None
         saved = self.history[-1]["epoch"] if self.history else 0
@@ -809,7 +847,7 @@ class Trainer:
                            what="resume")
         if not getattr(self, "_allow_changed", False):
             check_same_run(state.get("config", {}), self.config, path)
-        _ckpt.load_learner(self.learner, state, path)
+        _ckpt.load_learner(self._built_learner(), state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])

@@ -26,9 +26,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from . import checks
 from . import distributed as _dist
 from .config import TrainerConfig, setting
+from .data.base import FewShotDataset
 from .evaluate import evaluate
 from .models import feature_dim
 from .ops import multihead_ce
@@ -149,10 +152,10 @@ class MTLConfig(TrainerConfig):
         1.0, "progressive resizing: the side of the training images over the first "
              "small_images_fraction of the run, as a fraction of their own (0.86: 24 of 28 "
              "pixels, rounded; where the backbone's feature size would change, the nearest "
-             "larger side that keeps it, e.g. 80 of 84 for Conv-4); the augmentation samples them at that size (a bilinear resize "
-             "without it), so a step costs about its square of the full-size convolutions "
-             "while the features form; test images keep their size; 1: full size "
-             "throughout (the paper)")
+             "larger side that keeps it, e.g. 80 of 84 for Conv-4); the augmentation samples "
+             "them at that size (a bilinear resize without it), so a step costs about its "
+             "square of the full-size convolutions while the features form; test images keep "
+             "their size; 1: full size throughout (the paper)")
     small_images_fraction: float = setting(
         0.067, "with small_images, the fraction of the run trained on small images (the "
              "cosine schedule's fraction: the clock over max_minutes or the steps over the "
@@ -162,7 +165,7 @@ class MTLConfig(TrainerConfig):
     backend: str | None = setting(None, "multihead_ce backend (None: fastest for the device)")
 
     @classmethod
-    def from_recipe(cls, recipe: str = "fast", **overrides) -> MTLConfig:
+    def from_recipe(cls, recipe: str = "fast", **overrides: Any) -> MTLConfig:
         """The config of a named recipe (:data:`RECIPES`) with ``overrides``.
 
         Raises:
@@ -182,14 +185,14 @@ class MTLConfig(TrainerConfig):
         # A recipe value that the overrides leave without effect (its lr_schedule changed,
         # say) goes back to the default: only what the caller set is checked for effect.
         inert = {name for name, _ in cfg.inert_fields()} - set(overrides)
-        reset = {f.name: f.default for f in dataclasses.fields(cls)
+        reset: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(cls)
                  if f.name in inert and f.name in RECIPES[recipe]}
         return dataclasses.replace(cfg, **reset) if reset else cfg
 
     def inert_fields(self) -> list[tuple[str, str]]:
         """Fields without effect under the other settings (see
         :meth:`fastmtl.config.TrainerConfig.inert_fields`)."""
-        out = []
+        out: list[tuple[str, str]] = []
         if self.task_sampling == "all_classes":
             out += [(n, "task_sampling='all_classes'") for n in
                     ("n_way", "images_per_class", "tasks_per_step", "tasks_per_epoch")]
@@ -241,8 +244,8 @@ class MTLConfig(TrainerConfig):
             checks.number(name, getattr(self, name))
 
 
-def _random_affine(x: torch.Tensor, u: torch.Tensor, rotate=10.0, scale=0.1,
-                   shift=0.1, size: int | None = None) -> torch.Tensor:
+def _random_affine(x: torch.Tensor, u: torch.Tensor, rotate: float = 10.0, scale: float = 0.1,
+                   shift: float = 0.1, size: int | None = None) -> torch.Tensor:
     """Per-image random rotation (degrees), isotropic scale and shift (fraction of size).
 
     ``u`` (B, 4) uniform in [0, 1), one row per image: drawn for the whole step and sliced,
@@ -295,7 +298,7 @@ class MTLLearner(nn.Module):
         self.backbone = backbone
         self.config, self.chunking = config, chunking
         p = next(backbone.parameters())
-        self.projector = None
+        self.projector: nn.Sequential | None = None
         if config.projector:
             self.projector = _projector(dim, config.projector, config.projector_dim, generator)
             self.projector.to(device=p.device, dtype=p.dtype)
@@ -305,7 +308,8 @@ class MTLLearner(nn.Module):
             torch.tensor(math.log(config.scale), device=p.device, dtype=p.dtype),
             requires_grad=config.learn_scale)
 
-    def _init_head(self, n_classes, dim, gen, device, dtype) -> nn.Parameter:
+    def _init_head(self, n_classes: int, dim: int, gen: torch.Generator, device: torch.device,
+                   dtype: torch.dtype) -> nn.Parameter:
         # Kaiming-uniform for a (C, d) linear layer, scaled by sqrt(C / n) as the official
         # code does (its head is a C-way layer of which each task uses n rows). A cosine
         # head only uses the rows' directions.
@@ -336,7 +340,10 @@ class MTLLearner(nn.Module):
             return z * self.log_scale.exp(), w
         return (z * self.config.scale if self.config.scale != 1.0 else z), w
 
-    def forward(self, x, task_classes, sample_task, labels, n_tasks):
+    def forward(self, x: torch.Tensor, task_classes: torch.Tensor, sample_task: torch.Tensor,
+                labels: torch.Tensor,
+                n_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step's loss, and the scaled features and head rows it came from."""
         with phase("backbone"), backbone_autocast(self.config.precision, x.device):
             z = self.features(x, n_tasks)
         z = z.to(self.head.dtype)           # heads and losses in the learner's precision
@@ -351,10 +358,10 @@ class MTLLearner(nn.Module):
 
 def _projector(dim: int, hidden: int, out: int, gen: torch.Generator) -> nn.Sequential:
     """Linear - BatchNorm - ReLU - Linear, initialized as nn.Linear is, from ``gen``."""
-    net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                        nn.Linear(hidden, out))
+    first, last = nn.Linear(dim, hidden), nn.Linear(hidden, out)
+    net = nn.Sequential(first, nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), last)
     with torch.no_grad():
-        for layer in (net[0], net[3]):
+        for layer in (first, last):
             nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=gen)
             bound = 1.0 / math.sqrt(layer.in_features)
             nn.init.uniform_(layer.bias, -bound, bound, generator=gen)
@@ -392,6 +399,8 @@ class MTLTrainer(Trainer):
 
     method = "mtl"
     batchnorm = "running"
+    config: MTLConfig
+    learner: MTLLearner | None
 
     def __init__(self, backbone: nn.Module, config: MTLConfig | None = None,
                  device: torch.device | str | None = None):
@@ -402,8 +411,8 @@ class MTLTrainer(Trainer):
         _dist.check_joined()
         self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = backbone.to(self.device)
-        self.learner: MTLLearner | None = None
-        self.history: list[dict[str, Any]] = []
+        self.learner = None
+        self.history = []
         self.best_epoch = -1
         # steps taken on small images (config.small_images), over every fit of this
         # trainer: their FLOPs differ from a full-size step's (fastmtl.compare counts both)
@@ -414,7 +423,7 @@ class MTLTrainer(Trainer):
         """The per-class head table (C, d), once ``fit`` has built it."""
         return None if self.learner is None else self.learner.head
 
-    def evaluate(self, dataset, n_way: int = 5, k_shot: int = 1, n_query: int = 15,
+    def evaluate(self, dataset: FewShotDataset, n_way: int = 5, k_shot: int = 1, n_query: int = 15,
                  episodes: int = 600, seed: int = 0, progress: bool = True) -> dict[str, Any]:
         """The paper's test protocol on the trained backbone: a logistic-regression head
         fitted per seeded episode (:func:`fastmtl.evaluate`, which this calls).
@@ -457,7 +466,11 @@ class MTLTrainer(Trainer):
     def _dtype(self) -> torch.dtype:
         return next(self.backbone.parameters()).dtype
 
-    def _prepare_fit(self, train, val) -> None:
+    def _built_learner(self) -> MTLLearner:
+        assert self.learner is not None, "_setup builds the learner"
+        return self.learner
+
+    def _prepare_fit(self, train: FewShotDataset, val: FewShotDataset | None) -> None:
         cfg = self.config
         self._n_train = len(train)
         self._has_val = val is not None
@@ -469,11 +482,11 @@ class MTLTrainer(Trainer):
             check_fits(train.labels, cfg.n_way, cfg.images_per_class, need_name="images_per_class",
                        where="training ", class_names=train.class_names)
         check_val(val, cfg)
-        self._small_side = None
+        self._small_side: int | None = None
         if cfg.small_images < 1:
             self._small_side = _small_side(self.backbone, train.image_shape, cfg.small_images)
 
-    def _setup(self, train) -> None:
+    def _setup(self, train: FewShotDataset) -> None:
         cfg = self.config
         self._offset, self._T_local = _dist.shard(cfg.tasks_per_step, "tasks_per_step")
         self._gen = torch.Generator().manual_seed(cfg.seed)
@@ -485,7 +498,7 @@ class MTLTrainer(Trainer):
             shared += list(self.learner.projector.parameters())
         scale = [self.learner.log_scale] if cfg.learn_scale else []
         if cfg.head_lr_scale == 1.0:      # one group, as the paper's optimizer has it
-            groups = [{"params": shared + [self.learner.head] + scale}]
+            groups: list[dict[str, Any]] = [{"params": shared + [self.learner.head] + scale}]
         else:
             groups = [{"params": shared + scale},
                       {"params": [self.learner.head], "lr": cfg.lr * cfg.head_lr_scale}]
@@ -519,7 +532,7 @@ class MTLTrainer(Trainer):
             return max(1, self._n_train // self.config.batch_size)
         return max(1, self.config.tasks_per_epoch // self.config.tasks_per_step)
 
-    def _epoch_batches(self, train, epoch, steps):
+    def _epoch_batches(self, train: FewShotDataset, epoch: int, steps: int) -> Iterable[Any]:
         cfg = self.config
         self._gen.manual_seed(epoch_seed(cfg.seed, epoch))
         if cfg.task_sampling == "all_classes":
@@ -531,7 +544,7 @@ class MTLTrainer(Trainer):
                              start=epoch * steps * T + self._offset, stride=T,
                              device=self.device, batches=steps)
 
-    def _train_step(self, batch) -> tuple[float, float, int]:
+    def _train_step(self, batch: Any) -> tuple[float, float, int]:
         cfg = self.config
         if cfg.task_sampling == "all_classes":
             x, labels = batch
@@ -560,7 +573,7 @@ class MTLTrainer(Trainer):
             loss.backward()
         self._apply_gradients()
         # BatchNorm forwards a step: one per task chunk, or one for the batch.
-        self._bn_sync.merge(self._T_local if self.learner.chunking == "task" else 1)
+        self._bn_sync.merge(self._T_local if self._built_learner().chunking == "task" else 1)
         with torch.no_grad():
             heads = w[classes]                                               # (T, n, d)
             logits = torch.bmm(zs.view(self._T_local, x.shape[0] // self._T_local, -1),
@@ -568,7 +581,7 @@ class MTLTrainer(Trainer):
             acc = (logits.argmax(-1).view(-1) == labels).float().mean().item()
         return loss.item(), acc, x.shape[0]
 
-    def _validate(self, val):
+    def _validate(self, val: FewShotDataset) -> dict[str, Any]:
         # Validation is the test protocol itself (split across ranks).
         cfg = self.config
         return evaluate(self.backbone, val, n_way=cfg.val_ways, k_shot=cfg.val_shots,
@@ -583,18 +596,18 @@ class MTLTrainer(Trainer):
         run = getattr(self, "_progress_of", None)
         if run is not None and run[1].step < cfg.warmup_steps:
             factor *= (run[1].step + 1) / cfg.warmup_steps
-        for group, lr in zip(self.optimizer.param_groups, self._base_lrs):
+        for group, lr in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = lr * factor
 
-    def _end_epoch(self, record, score, has_val) -> None:
+    def _end_epoch(self, record: dict[str, Any], score: float, has_val: bool) -> None:
         if self.config.lr_schedule == "plateau":
             self._plateau.step(score if has_val else record["train_loss"])
 
-    def _record_extra(self):
-        return {"scale": float(self.learner.log_scale.exp())}
+    def _record_extra(self) -> dict[str, Any]:
+        return {"scale": float(self._built_learner().log_scale.exp())}
 
 
-def _small_side(backbone: nn.Module, image_shape, fraction: float) -> int | None:
+def _small_side(backbone: nn.Module, image_shape: Sequence[int], fraction: float) -> int | None:
     """The side of the small training images: ``fraction`` of the images' side (rounded)
     or, where the backbone does not take that side or its features would then have
     another size (Conv-4 at 84 px: 1,024-d at 72 px, 1,600-d at 84), the nearest larger
@@ -619,7 +632,7 @@ def _small_side(backbone: nn.Module, image_shape, fraction: float) -> int | None
     return None
 
 
-def _make_optimizer(cfg: MTLConfig, groups) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: MTLConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True,
                                weight_decay=cfg.weight_decay)
@@ -627,7 +640,9 @@ def _make_optimizer(cfg: MTLConfig, groups) -> torch.optim.Optimizer:
     return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _supervised_batches(train, order, batch_size, rows, steps, device):
+def _supervised_batches(train: FewShotDataset, order: np.ndarray, batch_size: int, rows: slice,
+                        steps: int,
+                        device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of ``batch_size`` images in ``order`` (this rank's ``rows`` of each), labels."""
     labels = torch.as_tensor(train.labels)
     for s in range(steps):

@@ -7,10 +7,10 @@ the backbone (ANIL, ProtoNet, R2D2) it runs once for all of them, stacked, each 
 with its own BatchNorm statistics; MAML on a Conv-4 runs every task's own weights side by
 side as channel groups of one network (grouped convolutions, one fused BatchNorm); on
 other backbones a task is a pure function of the weights (``torch.func.functional_call``,
-inner steps with ``torch.func.grad``) and ``torch.func.vmap`` runs it over all tasks. ``config.vectorize=False`` runs the same math as a
-per-task loop, and ``None`` (the default) picks the form measured faster for the method
-and device (:meth:`MAML.vectorized`). Every trainer has the shape of
-:class:`fastmtl.MTLTrainer`::
+inner steps with ``torch.func.grad``) and ``torch.func.vmap`` runs it over all tasks.
+``config.vectorize=False`` runs the same math as a per-task loop, and ``None`` (the
+default) picks the form measured faster for the method and device
+(:meth:`MAML.vectorized`). Every trainer has the shape of :class:`fastmtl.MTLTrainer`::
 
     trainer = fastmtl.gbml.MAML(fastmtl.models.conv4(), fastmtl.gbml.MAMLConfig())
     history = trainer.fit(train, val)                 # checkpoints, tqdm, exact resume

@@ -37,6 +37,7 @@ shows progress and writes checkpoints; evaluation splits its episodes across ran
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -158,7 +159,8 @@ class _BatchStatNorm(nn.Module):
     def _per_task(self, x: torch.Tensor, tasks: int) -> torch.Tensor:
         """``tasks`` equal tasks stacked along the batch, each with its own statistics: the
         tasks' channels side by side as channels of one fused batch_norm call."""
-        w, b = self.weight, self.bias
+        w: torch.Tensor | None = self.weight
+        b: torch.Tensor | None = self.bias
         if tasks > 1:
             w = None if w is None else w.repeat(tasks)
             b = None if b is None else b.repeat(tasks)
@@ -172,7 +174,8 @@ def _nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def batch_stat_norm(x: torch.Tensor, weight, bias, eps: float, tasks: int = 1) -> torch.Tensor:
+def batch_stat_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float, tasks: int = 1) -> torch.Tensor:
     """Batch-statistics normalization of ``tasks`` equal tasks stacked along the batch of
     ``x`` (N, C, ...), each (task, channel) with its own statistics, in one fused
     ``F.batch_norm`` call; ``weight`` / ``bias``: (tasks * C,) or None.
@@ -214,7 +217,7 @@ def stacked_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     try:
         z = backbone(x.flatten(0, 1))
     finally:
-        for m, b in zip(norms, before):
+        for m, b in zip(norms, before, strict=True):
             m.stacked_tasks = b
     return z.reshape(tasks, n, *z.shape[1:])
 
@@ -244,12 +247,13 @@ def use_batch_stats(module: nn.Module) -> nn.Module:
 class _MetaLoss(nn.Module):
     """The learner with a meta-loss function as its forward: the unit DDP wraps."""
 
-    def __init__(self, model: nn.Module, loss_fn):
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, xs, ys, xq, yq):
+    def forward(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_fn(xs, ys, xq, yq)
 
 
@@ -278,7 +282,8 @@ class _Learner(nn.Module):
 
 
 # -- functional helpers used by the methods -------------------------------------------------
-def _vmap(fn, in_dims, chunk_size=None):
+def _vmap(fn: Callable[..., Any], in_dims: Any,
+          chunk_size: int | None = None) -> Callable[..., Any]:
     # randomness="different": dropout/DropBlock draw an independent mask per task.
     return torch.func.vmap(fn, in_dims=in_dims, chunk_size=chunk_size, randomness="different")
 
@@ -287,13 +292,14 @@ def _params(module: nn.Module) -> dict[str, torch.Tensor]:
     return dict(module.named_parameters())
 
 
-def _labels(n_way: int, per_class: int, count: int, device) -> torch.Tensor:
+def _labels(n_way: int, per_class: int, count: int, device: torch.device) -> torch.Tensor:
     """Episode labels (count, n_way * per_class), class-major as the sampler orders images."""
     return torch.arange(n_way, device=device).repeat_interleave(per_class).expand(count, -1)
 
 
 def _episodes(dataset: FewShotDataset, sampler: EpisodeSampler, first: int, count: int,
-              device, dtype) -> tuple[torch.Tensor, ...]:
+              device: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Support/query images and labels of episodes first..first+count-1, task-major."""
     _, index = sampler.episodes(first, count)
     k, n = sampler.k_shot, sampler.n_way
@@ -314,6 +320,9 @@ class _EpisodicTrainer(Trainer):
     method = "episodic"
     batchnorm = "batch-statistics"
     own_adaptation = True
+    config: _EpisodicConfig
+    # The module whose state is the model (``.backbone``, ``.head``): None until built.
+    learner: _Learner | None
     _config_class = _EpisodicConfig
     # Test episodes vmapped at once by `evaluate` when the config sets no chunk_size.
     _eval_chunk = 50
@@ -340,22 +349,22 @@ class _EpisodicTrainer(Trainer):
         self.device = torch.device(device) if device is not None else _dist.default_device()
         self.backbone = use_batch_stats(backbone).to(self.device)
         self._ddp: nn.Module | None = None
-        self.model: _Learner | None = None
-        self.history: list[dict[str, Any]] = []
+        self.learner = None
+        self.history = []
         self.best_epoch = -1
 
     # -- public ---------------------------------------------------------------------------
-    def build(self, image_shape) -> _EpisodicTrainer:
+    def build(self, image_shape: Sequence[int]) -> _EpisodicTrainer:
         """Create the head and other meta-parameters for images of ``image_shape`` (C, H, W).
 
         ``fit`` calls it; call it yourself to use :meth:`meta_loss` or :meth:`evaluate`
         before (or without) training. Initialization is seeded by ``config.seed``.
         """
-        if self.model is None:
+        if self.learner is None:
             dim = feature_dim(self.backbone, image_shape)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self.config.seed)
-                self.model = self._make_model(dim).to(self.device)
+                self.learner = self._make_model(dim).to(self.device)
         return self
 
     def vectorized(self) -> bool:
@@ -398,8 +407,9 @@ class _EpisodicTrainer(Trainer):
 
         The episodes are those of :func:`fastmtl.evaluate` with the same arguments, so the
         two protocols can be compared episode by episode. In a distributed run every rank
-        must call it: the ranks share the episodes and all return the full result. Returns the same dict (``mean``
-        and ``ci95`` in percent, ``std``, ``accuracies``, the settings) plus ``protocol``.
+        must call it: the ranks share the episodes and all return the full result. Returns
+        the same dict (``mean`` and ``ci95`` in percent, ``std``, ``accuracies``, the
+        settings) plus ``protocol``.
         """
         if not isinstance(dataset, FewShotDataset):
             raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")
@@ -409,7 +419,7 @@ class _EpisodicTrainer(Trainer):
             self.build(dataset.image_shape)
         sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed)
         chunk = self.config.chunk_size or self._eval_chunk
-        dtype = next(self.model.parameters()).dtype
+        dtype = next(self._built_learner().parameters()).dtype
         accs = [torch.zeros(0, dtype=torch.float64, device=self.device)]
         with torch.no_grad():
             for lo, count in tqdm(list(_dist.chunks(episodes, chunk)),
@@ -423,12 +433,20 @@ class _EpisodicTrainer(Trainer):
                                  n_query=n_query, seed=seed, protocol=self._protocol()))
 
     @property
-    def learner(self) -> _Learner | None:
-        """The module whose state is the model (``model``), as the training core names it."""
-        return self.model
+    def model(self) -> _Learner | None:
+        """The learner (``.backbone``, ``.head``): ``learner``, the training core's name."""
+        return self.learner
+
+    @model.setter
+    def model(self, learner: _Learner | None) -> None:
+        self.learner = learner
 
     # -- the Trainer hooks ----------------------------------------------------------------
-    def _prepare_fit(self, train, val) -> None:
+    def _built_learner(self) -> _Learner:
+        assert self.learner is not None, "build() makes the learner"
+        return self.learner
+
+    def _prepare_fit(self, train: FewShotDataset, val: FewShotDataset | None) -> None:
         cfg = self.config
         check_fits(train.labels, cfg.n_way, cfg.k_shot + cfg.n_query, where="training ",
                    class_names=train.class_names)
@@ -439,22 +457,23 @@ class _EpisodicTrainer(Trainer):
                                        cfg.seed)
         self.build(train.image_shape)
 
-    def _setup(self, train) -> None:
+    def _setup(self, train: FewShotDataset) -> None:
         cfg = self.config
         self._offset, self._T_local = _dist.shard(cfg.tasks_per_step, "tasks_per_step")
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self._built_learner().parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = (torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_decay_every,
                                                           cfg.lr_decay)
                           if cfg.lr_decay_every else None)
-        self._ddp = (_dist.wrap(_MetaLoss(self.model, self.meta_loss), self.device)
+        self._ddp = (_dist.wrap(_MetaLoss(self._built_learner(), self.meta_loss), self.device)
                      if _dist.is_distributed() else None)
         self._dtype = params[0].dtype
 
     def _steps_per_epoch(self) -> int:
         return max(1, self.config.tasks_per_epoch // self.config.tasks_per_step)
 
-    def _epoch_batches(self, train, epoch, steps):
+    def _epoch_batches(self, train: FewShotDataset, epoch: int,
+                       steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
         T = self.config.tasks_per_step
         for step in range(steps):
             first = (epoch * steps + step) * T + self._offset
@@ -463,7 +482,7 @@ class _EpisodicTrainer(Trainer):
                                   self._dtype)
             yield batch
 
-    def _train_step(self, batch) -> tuple[float, float, int]:
+    def _train_step(self, batch: Any) -> tuple[float, float, int]:
         xs, ys, xq, yq = batch
         self.optimizer.zero_grad(set_to_none=True)
         loss, acc = self._step(xs, ys, xq, yq)
@@ -479,15 +498,18 @@ class _EpisodicTrainer(Trainer):
     def _make_model(self, dim: int) -> _Learner:
         raise NotImplementedError
 
-    def _vmapped(self, xs, ys, xq, yq) -> tuple[torch.Tensor, torch.Tensor]:
+    def _vmapped(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                 yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-task query losses (T,), query logits (T, Q, n)), vectorized over tasks."""
         raise NotImplementedError
 
-    def _looped(self, xs, ys, xq, yq) -> tuple[torch.Tensor, torch.Tensor]:
+    def _looped(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The same as ``_vmapped``, one task at a time."""
         raise NotImplementedError
 
-    def _predict(self, xs, ys, xq, n_way: int) -> torch.Tensor:
+    def _predict(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                 n_way: int) -> torch.Tensor:
         """Query logits (E, Q, n_way) of test episodes after the method's own adaptation."""
         raise NotImplementedError
 
@@ -507,7 +529,8 @@ class _EpisodicTrainer(Trainer):
         return True
 
     # -- internals ------------------------------------------------------------------------
-    def _check_batch(self, xs, ys, xq, yq) -> None:
+    def _check_batch(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                     yq: torch.Tensor) -> None:
         for name, t, dims in (("xs", xs, 5), ("ys", ys, 2), ("xq", xq, 5), ("yq", yq, 2)):
             if not isinstance(t, torch.Tensor) or t.dim() != dims:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -518,7 +541,8 @@ class _EpisodicTrainer(Trainer):
             raise ValueError(f"labels must match images: xs {tuple(xs.shape)} with ys "
                              f"{tuple(ys.shape)}, xq {tuple(xq.shape)} with yq {tuple(yq.shape)}")
 
-    def _step(self, xs, ys, xq, yq) -> tuple[float, float]:
+    def _step(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+              yq: torch.Tensor) -> tuple[float, float]:
         """One meta-gradient, accumulated over chunks of tasks; returns (loss, accuracy)."""
         T = xs.shape[0]
         # The per-task loop backpropagates each task as it goes (learn2learn's pattern: one
@@ -530,8 +554,9 @@ class _EpisodicTrainer(Trainer):
             sl = slice(lo, lo + chunk)
             # Distributed, gradients are all-reduced once, in the last chunk's backward.
             last = lo + chunk >= T
-            sync = self._ddp.no_sync() if self._ddp is not None and not last else \
-                contextlib.nullcontext()
+            ddp = self._ddp
+            sync = ddp.no_sync() if isinstance(ddp, nn.parallel.DistributedDataParallel) \
+                and not last else contextlib.nullcontext()
             with sync:
                 fn = self.meta_loss if self._ddp is None else self._ddp
                 with backbone_autocast(self.config.precision, xs.device):
@@ -545,8 +570,9 @@ class _EpisodicTrainer(Trainer):
 
     def _validate(self, val: FewShotDataset) -> dict[str, Any]:
         cfg = self.config
-        kwargs = dict(n_way=cfg.val_ways, k_shot=cfg.val_shots, n_query=cfg.val_queries,
-                      episodes=cfg.val_episodes, seed=cfg.seed, progress=False)
+        kwargs: dict[str, Any] = dict(n_way=cfg.val_ways, k_shot=cfg.val_shots,
+                                      n_query=cfg.val_queries, episodes=cfg.val_episodes,
+                                      seed=cfg.seed, progress=False)
         if cfg.val_protocol == "own":
             return self.evaluate(val, **kwargs)
         return _logistic_evaluate(self.backbone, val, device=self.device, **kwargs)
@@ -560,37 +586,44 @@ class _FeatureHeadTrainer(_EpisodicTrainer):
     over tasks.
     """
 
-    def _head_logits(self, zs, ys, zq, n_way: int) -> torch.Tensor:
+    def _head_logits(self, zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor,
+                     n_way: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def _split_features(self, xs, xq, vectorize: bool):
+    def _split_features(self, xs: torch.Tensor, xq: torch.Tensor,
+                        vectorize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         S = xs.shape[1]
         x = torch.cat([xs, xq], 1)
         with phase("backbone"):
             if vectorize:
-                z = stacked_features(self.model.backbone, x)
+                z = stacked_features(self._built_learner().backbone, x)
             else:
-                z = torch.stack([self.model.backbone(xt) for xt in x])
+                z = torch.stack([self._built_learner().backbone(xt) for xt in x])
         return z[:, :S], z[:, S:]
 
-    def _full_precision_head(self, zs, ys, zq, n_way):
-        dtype = next(self.model.parameters()).dtype
+    def _full_precision_head(self, zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor,
+                             n_way: int) -> torch.Tensor:
+        dtype = next(self._built_learner().parameters()).dtype
         with full_precision(zs.device.type):
             return self._head_logits(zs.to(dtype), ys, zq.to(dtype), n_way)
 
-    def _losses(self, xs, ys, xq, yq, vectorize):
+    def _losses(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
+                vectorize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         zs, zq = self._split_features(xs, xq, vectorize)
         logits = self._full_precision_head(zs, ys, zq, self.config.n_way)
         with full_precision(logits.device.type):
             return _cross_entropy(logits, yq), logits
 
-    def _vmapped(self, xs, ys, xq, yq):
+    def _vmapped(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                 yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._losses(xs, ys, xq, yq, True)
 
-    def _looped(self, xs, ys, xq, yq):
+    def _looped(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._losses(xs, ys, xq, yq, False)
 
-    def _predict(self, xs, ys, xq, n_way):
+    def _predict(self, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor,
+                 n_way: int) -> torch.Tensor:
         zs, zq = self._split_features(xs, xq, self.vectorized())
         return self._full_precision_head(zs, ys, zq, n_way)
 

@@ -32,6 +32,9 @@ Supported learners: :class:`fastmtl.models.Conv4` (the MAML backbone) under a
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,13 +62,15 @@ def program(model: nn.Module) -> list[tuple[str, str, nn.Module]] | None:
     return backbone_program(getattr(model, "backbone", None))
 
 
-def backbone_program(backbone) -> list[tuple[str, str, nn.Module]] | None:
+def backbone_program(backbone: nn.Module | None) -> list[tuple[str, str, nn.Module]] | None:
     """:func:`program`'s part for the backbone: a Conv4 of plain blocks (conv without
     groups, batch-statistics norm, max-pool, ReLU), else None."""
     if type(backbone) is not Conv4:
         return None
-    ops = []
+    ops: list[tuple[str, str, nn.Module]] = []
     for i, block in enumerate(backbone.blocks):
+        if not isinstance(block, nn.Sequential):
+            return None
         for j, m in enumerate(block):
             prefix = f"backbone.blocks.{i}.{j}"
             if (type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
@@ -82,13 +87,13 @@ def backbone_program(backbone) -> list[tuple[str, str, nn.Module]] | None:
     return ops
 
 
-def stacked_logits(ops, fast: dict[str, torch.Tensor], x: torch.Tensor,
-                   channels_last: bool) -> torch.Tensor:
+def stacked_logits(ops: Sequence[tuple[str, str, Any]], fast: dict[str, torch.Tensor],
+                   x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """(T, N, C, H, W) images, per-task weights ``fast`` (name -> (T, *shape)) ->
     (T, N, n_way) logits, each task through its own weights and batch statistics.
 
     Args:
-        ops: :func:`program` of the learner.
+        ops: :func:`program` of the learner (each module of the type its kind names).
         fast: every parameter of the learner, stacked over the T tasks.
         x: the T tasks' images, N each.
         channels_last: run the activations channels-last (as Conv4 does on the CPU).
@@ -104,9 +109,9 @@ def stacked_logits(ops, fast: dict[str, torch.Tensor], x: torch.Tensor,
             h = F.conv2d(h, w, None if b is None else b.reshape(-1), m.stride, m.padding,
                          m.dilation, groups=T)
         elif kind == "norm":
-            w, b = fast.get(prefix + ".weight"), fast.get(prefix + ".bias")
-            h = batch_stat_norm(h, None if w is None else w.reshape(-1),
-                                None if b is None else b.reshape(-1), m.eps)
+            nw, nb = fast.get(prefix + ".weight"), fast.get(prefix + ".bias")
+            h = batch_stat_norm(h, None if nw is None else nw.reshape(-1),
+                                None if nb is None else nb.reshape(-1), m.eps)
         elif kind == "pool":
             h = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         else:

@@ -14,10 +14,12 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+from torch import Tensor
 
 from ..config import setting
 from ..training import phase
-from ._common import _params, stacked_features
+from ._common import _Learner, _params, stacked_features
 from .maml import MAML, MAMLConfig
 
 __all__ = ["ANILConfig", "ANIL"]
@@ -63,18 +65,25 @@ class ANIL(MAML):
     def _protocol(self) -> str:
         return f"{self.method}: {self.config.test_inner_steps} head steps per test episode"
 
-    def _adapted(self, model=None) -> dict[str, torch.Tensor]:
-        return _params((model or self.model).head)
+    def _adapted(self, model: _Learner | None = None) -> dict[str, Tensor]:
+        return _params(_head(model or self._built_learner()))
 
-    def _logits(self, fast, inputs):
-        return torch.func.functional_call(self.model.head, fast, (inputs,))
+    def _logits(self, fast: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        return torch.func.functional_call(_head(self._built_learner()), fast, (inputs,))
 
-    def _task_inputs(self, xs, xq, vectorized: bool, detach: bool = False):
+    def _task_inputs(self, xs: Tensor, xq: Tensor, vectorized: bool,
+                     detach: bool = False) -> tuple[Tensor, Tensor]:
         """Each task's support and query features (two batches, per-task statistics);
         ``detach``: computed without a graph (test-time adaptation)."""
-        backbone = self.model.backbone
+        backbone = self._built_learner().backbone
         with phase("backbone"), torch.no_grad() if detach else contextlib.nullcontext():
             if vectorized:      # one call for all supports, one for all queries
                 return stacked_features(backbone, xs), stacked_features(backbone, xq)
             return (torch.stack([backbone(x) for x in xs]),
                     torch.stack([backbone(x) for x in xq]))
+
+
+def _head(learner: _Learner) -> nn.Module:
+    """The learner's head, the weights ANIL adapts (its learner always has one)."""
+    assert learner.head is not None
+    return learner.head

@@ -20,14 +20,18 @@ support and query forwarded separately (see :mod:`fastmtl.gbml`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import checks
 from ..config import setting
+from ..models import Conv4
 from ..training import phase
 from ._common import (
     LinearHead,
@@ -41,6 +45,10 @@ from ._common import (
 from ._stacked import backbone_program, program, stacked_logits
 
 __all__ = ["MAMLConfig", "MAML"]
+
+_Weights = dict[str, Tensor]                # parameter name -> (stacked) weights
+_Lrs = dict[str, Tensor | float]            # parameter name -> inner-loop step size
+_Ops = list[tuple[str, str, nn.Module]]     # a learner as fastmtl.gbml._stacked runs it
 
 
 @dataclass
@@ -73,7 +81,7 @@ class MAMLConfig(_EpisodicConfig):
         checks.number("inner_lr", self.inner_lr)
 
     @classmethod
-    def omniglot(cls, n_way: int = 5, k_shot: int = 1, **overrides) -> MAMLConfig:
+    def omniglot(cls, n_way: int = 5, k_shot: int = 1, **overrides: Any) -> MAMLConfig:
         """The paper's Omniglot settings: 5-way as the defaults; 20-way five inner steps of
         0.1 (also at test time) and meta-batch 16."""
         base = cls(n_way=n_way, k_shot=k_shot)
@@ -83,12 +91,13 @@ class MAMLConfig(_EpisodicConfig):
         return dataclasses.replace(base, **overrides)
 
     @classmethod
-    def mini_imagenet(cls, k_shot: int = 1, **overrides) -> MAMLConfig:
+    def mini_imagenet(cls, k_shot: int = 1, **overrides: Any) -> MAMLConfig:
         """The paper's mini-ImageNet settings (use Conv-4 with 32 filters:
         ``conv4(in_channels=3, hidden=32, out_channels=32)``)."""
         tasks_per_step = 4 if k_shot == 1 else 2
         base = cls(n_way=5, k_shot=k_shot, n_query=15, inner_steps=5, inner_lr=0.01,
-                   test_inner_steps=10, tasks_per_step=tasks_per_step, tasks_per_epoch=100 * tasks_per_step)
+                   test_inner_steps=10, tasks_per_step=tasks_per_step,
+                   tasks_per_epoch=100 * tasks_per_step)
         return dataclasses.replace(base, **overrides)
 
 
@@ -125,6 +134,9 @@ class MAML(_EpisodicTrainer):
     _config_class = MAMLConfig
     # The vectorized form runs stacked (fastmtl.gbml._stacked) where the learner allows it.
     _stack = True
+    config: MAMLConfig
+    _ops: _Ops | None       # program() of _ops_of, the learner it was read from
+    _ops_of: nn.Module
 
     def __init__(self, backbone: nn.Module, config: MAMLConfig | None = None,
                  device: torch.device | str | None = None):
@@ -151,29 +163,33 @@ class MAML(_EpisodicTrainer):
                              "(the logistic protocol, fastmtl.evaluate, takes any n_way)")
 
     # -- what is adapted, and how ------------------------------------------------------------
-    def _adapted(self, model=None) -> dict[str, torch.Tensor]:
+    def _adapted(self, model: _Learner | None = None) -> _Weights:
         """The weights the inner loop adapts (MAML: all of the learner's)."""
-        model = model or self.model
+        model = model or self._built_learner()
         return {k: v for k, v in _params(model).items() if not k.startswith("inner_lr.")}
 
-    def _step_sizes(self, names) -> dict[str, torch.Tensor | float]:
+    def _step_sizes(self, names: Iterable[str]) -> _Lrs:
         if self.config.learn_inner_lr:
-            return dict(zip(names, self.model.inner_lr))
+            sizes = self._built_learner().inner_lr
+            assert isinstance(sizes, nn.ParameterList)   # _make_model's, one per adapted weight
+            return dict(zip(names, sizes, strict=True))
         return {k: self.config.inner_lr for k in names}
 
     # -- one task, as pure functions of the weights --------------------------------------
     # A task's "inputs" are its images (MAML) or its backbone features (ANIL, which
     # overrides these three and _task_inputs); everything below is written once.
-    def _support_loss(self, fast, inputs, ys):
+    def _support_loss(self, fast: _Weights, inputs: Tensor, ys: Tensor) -> Tensor:
         return F.cross_entropy(self._logits(fast, inputs), ys)
 
-    def _logits(self, fast, inputs):
-        return torch.func.functional_call(self.model, fast, (inputs,))
+    def _logits(self, fast: _Weights, inputs: Tensor) -> Tensor:
+        return torch.func.functional_call(self._built_learner(), fast, (inputs,))
 
-    def _task_inputs(self, xs, xq, vectorized: bool, detach: bool = False):
+    def _task_inputs(self, xs: Tensor, xq: Tensor, vectorized: bool,
+                     detach: bool = False) -> tuple[Tensor, Tensor]:
         return xs, xq
 
-    def _inner_loop(self, fast, lrs, inputs, ys, steps, first_order, looped=False):
+    def _inner_loop(self, fast: _Weights, lrs: _Lrs, inputs: Tensor, ys: Tensor, steps: int,
+                    first_order: bool, looped: bool = False) -> _Weights:
         """``steps`` SGD steps of one task on its support loss (the only inner loop).
 
         ``looped``: ``torch.autograd.grad`` (``create_graph`` for second order), for the
@@ -183,7 +199,8 @@ class MAML(_EpisodicTrainer):
             if looped:
                 loss = self._support_loss(fast, inputs, ys)
                 grads = dict(zip(fast, torch.autograd.grad(loss, list(fast.values()),
-                                                           create_graph=not first_order)))
+                                                           create_graph=not first_order),
+                                 strict=True))
             else:
                 grads = torch.func.grad(self._support_loss)(fast, inputs, ys)
                 if first_order:
@@ -191,17 +208,18 @@ class MAML(_EpisodicTrainer):
             fast = {k: w - lrs[k] * grads[k] for k, w in fast.items()}
         return fast
 
-    def _outer_loss(self, fast, inputs, yq):
+    def _outer_loss(self, fast: _Weights, inputs: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         logits = self._logits(fast, inputs)
         return F.cross_entropy(logits, yq), logits
 
-    def _adapt_and_score(self, s, ys, q, yq, vectorized: bool):
+    def _adapt_and_score(self, s: Tensor, ys: Tensor, q: Tensor, yq: Tensor,
+                         vectorized: bool) -> tuple[Tensor, Tensor]:
         """Per-task query losses (T,) and logits (T, Q, n) after the inner loop."""
         cfg = self.config
         params = self._adapted()
         lrs = self._step_sizes(params)
 
-        def inner(s, ys):
+        def inner(s: Tensor, ys: Tensor) -> _Weights:
             return self._inner_loop(params, lrs, s, ys, cfg.inner_steps, cfg.first_order,
                                     looped=not vectorized)
 
@@ -210,7 +228,8 @@ class MAML(_EpisodicTrainer):
                 fast = _vmap(inner, (0, 0))(s, ys)
             with phase("outer_loss"):
                 return _vmap(self._outer_loss, (0, 0, 0))(fast, q, yq)
-        losses, all_logits = [], []
+        losses: list[Tensor] = []
+        all_logits: list[Tensor] = []
         for t in range(s.shape[0]):       # the textbook form, one task at a time
             with phase("inner_loop"):
                 fast = inner(s[t], ys[t])
@@ -238,7 +257,7 @@ class MAML(_EpisodicTrainer):
             return self._stack and backbone_program(self.backbone) is not None
         return super().vectorized()
 
-    def _program(self):
+    def _program(self) -> _Ops | None:
         """The learner as :func:`program` runs it, or None: vmap (another backbone, ANIL,
         or ``_stack`` turned off, as the tests do to check vmap)."""
         if not self._stack or self.model is None:
@@ -247,12 +266,14 @@ class MAML(_EpisodicTrainer):
             self._ops, self._ops_of = program(self.model), self.model
         return self._ops
 
-    def _stacked(self, ops, fast, x):
-        backbone = self.model.backbone      # a Conv4: program() admits no other
+    def _stacked(self, ops: _Ops, fast: _Weights, x: Tensor) -> Tensor:
+        backbone = self._built_learner().backbone
+        assert isinstance(backbone, Conv4)  # program() admits no other
         backbone.check_input(x[0])
         return stacked_logits(ops, fast, x, backbone.runs_channels_last(x.device))
 
-    def _stacked_inner(self, ops, fast, lrs, xs, ys, steps, first_order):
+    def _stacked_inner(self, ops: _Ops, fast: _Weights, lrs: _Lrs, xs: Tensor, ys: Tensor,
+                       steps: int, first_order: bool) -> _Weights:
         """The inner loop of all tasks at once; ``fast`` holds (T, ...) weights."""
         for _ in range(steps):
             logits = self._stacked(ops, fast, xs)
@@ -261,10 +282,11 @@ class MAML(_EpisodicTrainer):
             loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="sum")
             grads = torch.autograd.grad(loss / ys.shape[1], list(fast.values()),
                                         create_graph=not first_order)
-            fast = {k: w - lrs[k] * g for (k, w), g in zip(fast.items(), grads)}
+            fast = {k: w - lrs[k] * g for (k, w), g in zip(fast.items(), grads, strict=True)}
         return fast
 
-    def _stacked_adapt_and_score(self, ops, xs, ys, xq, yq):
+    def _stacked_adapt_and_score(self, ops: _Ops, xs: Tensor, ys: Tensor, xq: Tensor,
+                                 yq: Tensor) -> tuple[Tensor, Tensor]:
         cfg = self.config
         params = self._adapted()
         lrs = self._step_sizes(params)
@@ -276,18 +298,18 @@ class MAML(_EpisodicTrainer):
             return _cross_entropy(logits, yq), logits
 
     # -- hooks ------------------------------------------------------------------------------
-    def _vmapped(self, xs, ys, xq, yq):
+    def _vmapped(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         ops = self._program()
         if ops is not None:
             return self._stacked_adapt_and_score(ops, xs, ys, xq, yq)
         s, q = self._task_inputs(xs, xq, vectorized=True)
         return self._adapt_and_score(s, ys, q, yq, vectorized=True)
 
-    def _looped(self, xs, ys, xq, yq):
+    def _looped(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Tensor]:
         s, q = self._task_inputs(xs, xq, vectorized=False)
         return self._adapt_and_score(s, ys, q, yq, vectorized=False)
 
-    def _predict(self, xs, ys, xq, n_way):
+    def _predict(self, xs: Tensor, ys: Tensor, xq: Tensor, n_way: int) -> Tensor:
         params = {k: v.detach() for k, v in self._adapted().items()}
         lrs = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
                for k, v in self._step_sizes(params).items()}
@@ -302,7 +324,7 @@ class MAML(_EpisodicTrainer):
             return self._stacked(ops, {k: v.detach() for k, v in fast.items()}, xq)
         s, q = self._task_inputs(xs, xq, vectorized, detach=True)
 
-        def one(s, ys, q):
+        def one(s: Tensor, ys: Tensor, q: Tensor) -> Tensor:
             fast = self._inner_loop(params, lrs, s, ys, steps, True)
             return self._logits(fast, q)
 

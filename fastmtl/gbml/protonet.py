@@ -102,5 +102,6 @@ class ProtoNet(_FeatureHeadTrainer):
     def _make_model(self, dim: int) -> _Learner:
         return _Learner(self.backbone)
 
-    def _head_logits(self, zs, ys, zq, n_way):
+    def _head_logits(self, zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor,
+                     n_way: int) -> torch.Tensor:
         return prototype_logits(zs, ys, zq, n_way)

@@ -96,7 +96,9 @@ class _RidgeHead(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         self.bias = nn.Parameter(torch.tensor(float(bias)))
 
-    def logits(self, zs, ys, zq, n_way):
+    def logits(self, zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor,
+               n_way: int) -> torch.Tensor:
+        """(T, Q, n_way) query logits of the ridge-regression head fitted per task."""
         w = ridge_regression(zs, ys, n_way, self.log_lam.exp())
         return self.log_scale.exp() * (zq @ w) + self.bias
 
@@ -133,5 +135,8 @@ class R2D2(_FeatureHeadTrainer):
         head = _RidgeHead(cfg.lam_init, cfg.scale_init, cfg.bias_init, cfg.learn_lam)
         return _Learner(self.backbone, head).to(next(self.backbone.parameters()).dtype)
 
-    def _head_logits(self, zs, ys, zq, n_way):
-        return self.model.head.logits(zs, ys, zq, n_way)
+    def _head_logits(self, zs: torch.Tensor, ys: torch.Tensor, zq: torch.Tensor,
+                     n_way: int) -> torch.Tensor:
+        head = self._built_learner().head
+        assert isinstance(head, _RidgeHead)  # _make_model's
+        return head.logits(zs, ys, zq, n_way)

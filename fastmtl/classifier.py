@@ -115,7 +115,8 @@ class FewShotClassifier:
         self.image_size, self.channels, self.head, self.C = image_size, channels, head, C
         self.batch_size = batch_size
         self.classes_: np.ndarray | None = None
-        self._weight = self._bias = None
+        self._weight: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -146,18 +147,18 @@ class FewShotClassifier:
         Returns:
             self.
         """
-        labels = list(labels)
-        if len(labels) != len(images):
+        values: list[Any] = list(labels)
+        if len(values) != len(images):
             raise ValueError(f"labels must have one entry per image: {len(images)} images, "
-                             f"{len(labels)} labels")
+                             f"{len(values)} labels")
         try:
-            classes = sorted(set(labels))
+            classes = sorted(set(values))
         except TypeError:
-            classes = list(dict.fromkeys(labels))
+            classes = list(dict.fromkeys(values))
         if len(classes) < 2:
             raise ValueError(f"labels must name at least 2 classes, got {classes}")
         index = {c: i for i, c in enumerate(classes)}
-        y = torch.tensor([index[v] for v in labels], device=self.device)
+        y = torch.tensor([index[v] for v in values], device=self.device)
         z = self.features(images)
         if self.head == "logistic":
             heads = fit_logistic(z[None], y[None], C=self.C, n_classes=len(classes))
@@ -171,7 +172,7 @@ class FewShotClassifier:
 
     def decision_function(self, images: Sequence[Any]) -> torch.Tensor:
         """Class scores (N, n_classes), columns in the order of ``classes_``."""
-        if self._weight is None:
+        if self._weight is None or self._bias is None:
             raise ValueError("call fit(support_images, labels) before predicting")
         z = self.features(images)
         dtype = torch.promote_types(z.dtype, self._weight.dtype)
@@ -185,7 +186,10 @@ class FewShotClassifier:
 
     def predict(self, images: Sequence[Any]) -> np.ndarray:
         """The most probable class of each image (labels as given to ``fit``)."""
-        return self.classes_[self.decision_function(images).argmax(1).cpu().numpy()]
+        scores = self.decision_function(images)
+        classes = self.classes_
+        assert classes is not None  # set with the head, by fit or load
+        return classes[scores.argmax(1).cpu().numpy()]
 
     def features(self, images: Sequence[Any]) -> torch.Tensor:
         """L2-normalized backbone features (N, d) of ``images``, in batches, eval mode."""

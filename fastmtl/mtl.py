@@ -609,23 +609,33 @@ class MTLTrainer(Trainer):
 
 def _small_side(backbone: nn.Module, image_shape: Sequence[int], fraction: float) -> int | None:
     """The side of the small training images: ``fraction`` of the images' side (rounded)
-    or, where the backbone does not take that side or its features would then have
-    another size (Conv-4 at 84 px: 1,024-d at 72 px, 1,600-d at 84), the nearest larger
-    side that keeps the full size's features (80 px there), so one head table fits both.
+    or, where the backbone's features would then have another size (Conv-4 at 84 px:
+    1,024-d at 72 px, 1,600-d at 84), the nearest larger side that keeps the full size's
+    features (80 px there), so one head table fits both.
     None, with a warning, where no side below the images' does (Conv-4 at 16 px): the run
-    trains at full size throughout. ValueError if ``fraction`` rounds to the full size."""
+    trains at full size throughout. ValueError if ``fraction`` rounds to the full size or
+    gives images too small for the backbone."""
     C, H, W = image_shape
     side = max(1, round(fraction * min(H, W)))
     if side >= min(H, W):
         raise ValueError(f"small_images={fraction:g} of the training images' side "
                          f"({min(H, W)} px) rounds to the full size: no smaller images")
     full = feature_dim(backbone, image_shape)
+    too_small = False
     for s in range(side, min(H, W)):
         try:
             if feature_dim(backbone, (C, s, s)) == full:
-                return s
+                break
         except (RuntimeError, ValueError):   # too small for the backbone: try larger
-            continue
+            too_small = too_small or s == side
+    else:
+        s = 0
+    if s and too_small:      # a side works, but the one asked for is far below it
+        raise ValueError(f"small_images={fraction:g}: {side}x{side} images are too small for "
+                         f"the backbone; the smallest side it takes with the full size's "
+                         f"features is {s} px (small_images >= {s / min(H, W):.2f})")
+    if s:
+        return s
     warnings.warn(f"small_images={fraction:g}: no side from {side} to {min(H, W) - 1} px "
                   f"gives the backbone's {full}-d features of {H}x{W} images; training at "
                   f"full size throughout", RuntimeWarning, stacklevel=3)

@@ -137,3 +137,9 @@ def test_small_side_keeps_the_feature_size():
     from fastmtl.models import conv4
     assert _small_side(conv4(3), (3, 84, 84), 0.86) == 80
     assert _small_side(conv4(1), (1, 28, 28), 0.86) == 24
+    # a side far below what the backbone takes is refused, not silently raised to 16 px
+    with pytest.raises(ValueError, match=r"small_images=0.15: 4x4 .* 16 px"):
+        _small_side(conv4(1), (1, 28, 28), 0.15)
+    # where no smaller side works at all (Conv-4 at 16 px) the run trains at full size
+    with pytest.warns(RuntimeWarning, match="full size throughout"):
+        assert _small_side(conv4(1), (1, 16, 16), 0.86) is None

@@ -9,6 +9,7 @@ together; ``fastmtl compare --resume`` and ``fastmtl merge`` both check it
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,12 @@ COMPARABLE = ("data", "root", "image_size", "data_seed", "backbone", "rotations"
               "budget_minutes", "eval_every", "shots", "ways", "queries", "episodes",
               "recipe", "settings_overrides")
 
+_Result = dict[str, Any]                    # one method's entry of compare.json's results
+_Reach = tuple[float, float] | None         # (seconds, FLOPs) of a crossing, None: never
 
-def differences(a: dict[str, Any], b: dict[str, Any], keys=COMPARABLE) -> list[str]:
+
+def differences(a: dict[str, Any], b: dict[str, Any],
+                keys: Iterable[str] = COMPARABLE) -> list[str]:
     """The settings of :data:`COMPARABLE` (or ``keys``) in which payloads ``a`` and ``b``
     differ; a key absent from both (a run written before it was recorded) is equal.
 
@@ -34,20 +39,30 @@ def differences(a: dict[str, Any], b: dict[str, Any], keys=COMPARABLE) -> list[s
     return [k for k in keys if a.get(k) != b.get(k)]
 
 
-def curve(result, shot: str, protocol: str):
+def curve(result: _Result, shot: str,
+          protocol: str) -> tuple[list[float], list[float], list[float]]:
+    """(training seconds, FLOPs, mean accuracy) of each evaluation point of ``result`` that
+    measured ``protocol`` at ``shot`` shots.
+
+    Example:
+        >>> curve({"points": [{"train_seconds": 10, "flops": 1e9,
+        ...                    "accuracy": {"1": {"logistic": {"mean": 80.0}}}}]}, "1", "logistic")
+        ([10], [1000000000.0], [80.0])
+    """
     pts = [p for p in result["points"] if protocol in p["accuracy"][shot]]
     return ([p["train_seconds"] for p in pts], [p["flops"] for p in pts],
             [p["accuracy"][shot][protocol]["mean"] for p in pts])
 
 
-def _first_reach(result, shot, protocol, target):
-    for t, f, a in zip(*curve(result, shot, protocol)):
+def _first_reach(result: _Result, shot: str, protocol: str, target: float) -> _Reach:
+    for t, f, a in zip(*curve(result, shot, protocol), strict=True):
         if a >= target:
             return t, f
     return None
 
 
-def _first_reach_interpolated(result, shot, protocol, target):
+def _first_reach_interpolated(result: _Result, shot: str, protocol: str,
+                              target: float) -> _Reach:
     """Like :func:`_first_reach`, the crossing placed by linear interpolation between the
     evaluation before it and the first at or above the target (at the first point, that
     point: nothing is known before it)."""
@@ -62,27 +77,29 @@ def _first_reach_interpolated(result, shot, protocol, target):
     return None
 
 
-def _at_time(result, shot, protocol, seconds):
+def _at_time(result: _Result, shot: str, protocol: str, seconds: float) -> float | None:
     """Accuracy at the last evaluation point at or before ``seconds`` of training."""
     best = None
-    for t, _, a in zip(*curve(result, shot, protocol)):
+    for t, _, a in zip(*curve(result, shot, protocol), strict=True):
         if t <= seconds + 1e-9:
             best = a
     return best
 
 
-def _ratio(a, b, i: int):
+def _ratio(a: _Reach, b: _Reach, i: int) -> float | None:
     """a[i] / b[i] for (seconds, FLOPs) pairs, None where either is missing or zero."""
     return a[i] / b[i] if a and b and b[i] > 0 else None
 
 
-def _mtl_vs(ref, b, res, shot, protocol, ref_best):
+def _mtl_vs(ref: _Result, b: str, res: _Result, shot: str, protocol: str,
+            ref_best: float) -> dict[str, Any] | None:
     """How soon MTL (``ref``) reaches baseline ``b``'s best - 1 under ``protocol``."""
     times, _, accs = curve(res, shot, protocol)
     if not accs:
         return None
     target = max(accs) - 1.0
     tb, tm = _first_reach(res, shot, protocol, target), _first_reach(ref, shot, "logistic", target)
+    assert tb is not None  # the baseline reaches its own best - 1
     tbi = _first_reach_interpolated(res, shot, protocol, target)
     tmi = _first_reach_interpolated(ref, shot, "logistic", target)
     mtl_at = _at_time(ref, shot, "logistic", times[-1])
@@ -97,10 +114,13 @@ def _mtl_vs(ref, b, res, shot, protocol, ref_best):
             "equal_time_seconds": times[-1]}
 
 
-def _baseline_vs(ref, b, res, shot, ref_best):
+def _baseline_vs(ref: _Result, b: str, res: _Result, shot: str,
+                 ref_best: float) -> dict[str, Any]:
     """How soon baseline ``b`` reaches MTL's best - 1 (logistic protocol)."""
     target = ref_best - 1.0
-    tm, tb = _first_reach(ref, shot, "logistic", target), _first_reach(res, shot, "logistic", target)
+    tm = _first_reach(ref, shot, "logistic", target)
+    tb = _first_reach(res, shot, "logistic", target)
+    assert tm is not None  # MTL reaches its own best - 1
     tmi = _first_reach_interpolated(ref, shot, "logistic", target)
     tbi = _first_reach_interpolated(res, shot, "logistic", target)
     return {"baseline": b, "target": target, "mtl_seconds": tm[0], "mtl_flops": tm[1],
@@ -180,7 +200,7 @@ def _mean_point(points: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _check_mergeable(payloads) -> tuple[list, list[str]]:
+def _check_mergeable(payloads: Sequence[dict[str, Any]]) -> tuple[list[Any], list[str]]:
     """(seeds, methods) of runs :func:`merge_runs` can average; ValueError otherwise."""
     if not isinstance(payloads, (list, tuple)) or len(payloads) < 2:
         raise ValueError(f"payloads: merging needs two or more runs, got "
@@ -207,9 +227,9 @@ def _check_mergeable(payloads) -> tuple[list, list[str]]:
     return seeds, methods
 
 
-def _mean_result(runs: list[dict[str, Any]], seeds: list) -> dict[str, Any]:
+def _mean_result(runs: list[dict[str, Any]], seeds: list[Any]) -> dict[str, Any]:
     """One method's result from its runs: the mean curve and the mean totals."""
-    points = [_mean_point(list(pts)) for pts in zip(*(r["points"] for r in runs))]
+    points = [_mean_point(list(pts)) for pts in zip(*(r["points"] for r in runs), strict=True)]
     return {"settings": runs[0].get("settings"), "seeds": seeds, "points": points,
             **{k: sum(r[k] for r in runs) / len(runs)
                for k in ("flops_per_step", "images_per_step", "train_seconds",

@@ -201,7 +201,7 @@ def forward(z, weight, task_classes, sample_task, labels, scale: float, *, block
     _require()
     z, weight = z.contiguous(), weight.contiguous()
     tc, y = task_classes.long().contiguous(), labels.long().contiguous()
-    (N, d), (T, n) = z.shape, tc.shape
+    (_, d), (T, n) = z.shape, tc.shape
     BM, BN, BD = block_sizes(n, d, block_m, block_d)
     counts, order, blocks, valid, task, n_blocks = _plan(sample_task, T, BM)
     loss = torch.empty(n_blocks, dtype=torch.float32, device=z.device)
@@ -220,7 +220,7 @@ def backward(grad_task, z, weight, task_classes, sample_task, labels, scale: flo
     _require()
     z, weight = z.contiguous(), weight.contiguous()
     tc, y = task_classes.long().contiguous(), labels.long().contiguous()
-    (N, d), (T, n), C = z.shape, tc.shape, weight.shape[0]
+    (_, d), (T, n), C = z.shape, tc.shape, weight.shape[0]
     BM, BN, BD = block_sizes(n, d, block_m, block_d)
     counts, order, blocks, valid, task, n_blocks = _plan(sample_task, T, BM)
     coef = (grad_task.float() * float(scale) / counts).contiguous()

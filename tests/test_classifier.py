@@ -8,10 +8,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import omniglot_root
 from PIL import Image
 
 import fastmtl
-from conftest import omniglot_root
 from fastmtl.adapt import fit_logistic
 from fastmtl.cli import main
 from fastmtl.data import ImageFolder, SyntheticGlyphs

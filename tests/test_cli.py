@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import omniglot_root
 
 from fastmtl.cli import main
-
-from conftest import omniglot_root
 
 
 @pytest.mark.parametrize("sub", [[], ["demo"], ["train"], ["eval"]])

@@ -169,7 +169,8 @@ def test_merge_averages_runs_point_by_point(run, tmp_path):
                     ra, rb = pa["accuracy"][shot][prot], pb["accuracy"][shot][prot]
                     assert r["mean"] == pytest.approx(ra["mean"] + 1.0)
                     assert r["per_seed"] == pytest.approx([ra["mean"], rb["mean"]])
-                    assert r["ci95"] == pytest.approx((ra["ci95"] ** 2 + rb["ci95"] ** 2) ** 0.5 / 2)
+                    both = (ra["ci95"] ** 2 + rb["ci95"] ** 2) ** 0.5 / 2
+                    assert r["ci95"] == pytest.approx(both)
     # The tables are those of the mean curves, and each run's own are those compare wrote.
     from fastmtl.compare import speedup_tables
     assert merged["tables"] == json.loads(json.dumps(speedup_tables(merged["results"])))
@@ -198,7 +199,8 @@ def test_merge_bad_runs_fail_in_one_line(run, tmp_path, change, needle):
     proc = subprocess.run([sys.executable, "-m", "fastmtl", *args, "--out", str(tmp_path / "m")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("fastmtl merge: error: runs") and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("fastmtl merge: error: runs")
+    assert len(proc.stderr.splitlines()) == 1
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m" / "compare.json").exists()
 

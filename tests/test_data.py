@@ -9,13 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import omniglot_root
 from PIL import Image
 
-from fastmtl.data import (CIFAR_MEAN, CIFARFS, FC100, IMAGENET_MEAN, OMNIGLOT_SPLITS,
-                          FewShotDataset, MiniImageNet, Omniglot, SyntheticGlyphs,
-                          TieredImageNet, with_rotations)
-
-from conftest import omniglot_root
+from fastmtl.data import (
+    CIFAR_MEAN,
+    CIFARFS,
+    FC100,
+    IMAGENET_MEAN,
+    OMNIGLOT_SPLITS,
+    FewShotDataset,
+    MiniImageNet,
+    Omniglot,
+    SyntheticGlyphs,
+    TieredImageNet,
+    with_rotations,
+)
 
 SMALL1, SMALL2 = "images_background_small1.zip", "images_background_small2.zip"
 ALL_ALPHABETS = {"Balinese", "Early_Aramaic", "Greek", "Japanese_(katakana)", "Korean",

@@ -53,7 +53,8 @@ def _train(kind: str, checkpoint_dir=None, resume=None, epochs=None, seed=None):
     train, val, test = _data()
     if kind == "mtl":
         cfg = dataclasses.replace(MTL_CFG, checkpoint_dir=checkpoint_dir,
-                                  epochs=epochs or MTL_CFG.epochs, seed=MTL_CFG.seed if seed is None else seed)
+                                  epochs=epochs or MTL_CFG.epochs,
+                                  seed=MTL_CFG.seed if seed is None else seed)
         # float64, as for MAML below: float32 rounding (channels-last convolutions) grows
         # past the tolerance through Adam in a few steps.
         trainer = fastmtl.MTLTrainer(_backbone(torch.float64), cfg, device="cpu")
@@ -140,7 +141,8 @@ def _launch(world, kind, out_dir, kill_at_step=None, checkpoint_dir=None, resume
 def _assert_same(a: dict, b: dict, what: str):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} {k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{what} {k}: {m}")
 
 
 def _assert_history_same(h1, h2):

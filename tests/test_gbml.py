@@ -10,17 +10,26 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import omniglot_root
 from torch.func import functional_call
 
 import fastmtl
-from fastmtl.data import SyntheticGlyphs
 from fastmtl import registry
-from fastmtl.gbml import (ANIL, MAML, R2D2, ANILConfig, MAMLConfig, ProtoNet,
-                          ProtoNetConfig, R2D2Config, prototype_logits, ridge_regression,
-                          use_batch_stats)
+from fastmtl.data import SyntheticGlyphs
+from fastmtl.gbml import (
+    ANIL,
+    MAML,
+    R2D2,
+    ANILConfig,
+    MAMLConfig,
+    ProtoNet,
+    ProtoNetConfig,
+    R2D2Config,
+    prototype_logits,
+    ridge_regression,
+    use_batch_stats,
+)
 from fastmtl.models import conv4
-
-from conftest import omniglot_root
 
 GBML = [m for m in registry.METHOD_NAMES if registry.METHODS[m].recipe is None]
 
@@ -268,14 +277,16 @@ def test_stacked_features_equal_one_call_per_task(tasks, n, hw, channels_last):
     if tasks > 1:                   # other tasks' images do not reach task 0's features
         x2 = x.detach().clone()
         x2[1:] = 3 * x2[1:] + 1
-        torch.testing.assert_close(stacked_features(net, x2)[0], z[0].detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(stacked_features(net, x2)[0], z[0].detach(), rtol=1e-12,
+                                   atol=1e-12)
     # and the norms are back to one batch afterwards
     torch.testing.assert_close(net(x[0].detach()), ref[0].detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_batchnorm_keeps_tasks_apart():
     net = _net()
-    tr = MAML(net, MAMLConfig(n_way=3, inner_lr=0.3, inner_steps=2, vectorize=True)).build((1, 8, 8))
+    cfg = MAMLConfig(n_way=3, inner_lr=0.3, inner_steps=2, vectorize=True)
+    tr = MAML(net, cfg).build((1, 8, 8))
     # No BatchNorm (hence no running statistics) is left in the trainer's backbone.
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
     assert not any("running" in k for k in net.state_dict())

@@ -25,7 +25,8 @@ def test_gpu_check_cpu_mode_writes_every_section(tmp_path):
     assert all("error" not in s for s in sections.values()), \
         {k: s.get("error") for k, s in sections.items()}
     cases = sections["correctness"]["cases"]
-    assert {c["dtype"] for c in cases} == {"float32", "bfloat16"} and all(c["passed"] for c in cases)
+    assert {c["dtype"] for c in cases} == {"float32", "bfloat16"}
+    assert all(c["passed"] for c in cases)
     ops = {r["op"] for r in sections["op_speed"]["rows"] if "ms_fwd_bwd" in r}
     assert {"triton", "eager_reference", "gather_bmm"} <= ops
     assert any(op.startswith("compiled_reference") for op in ops)

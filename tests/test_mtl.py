@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import omniglot_root
 
 from fastmtl import MTLConfig, MTLTrainer, evaluate
 from fastmtl.data import SyntheticGlyphs
 from fastmtl.models import conv4
 from fastmtl.ops import multihead_ce
-
-from conftest import omniglot_root
 
 
 class _Tiny(nn.Module):

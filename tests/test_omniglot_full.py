@@ -11,16 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import omniglot_root
 from PIL import Image
 
-from fastmtl.data import (OMNIGLOT_BACKGROUND_ALPHABETS, OMNIGLOT_EVALUATION_ALPHABETS,
-                          OMNIGLOT_FULL_SPLITS, OMNIGLOT_SPLITS, VINYALS_SPLITS, Omniglot,
-                          vinyals_characters)
+from fastmtl.data import (
+    OMNIGLOT_BACKGROUND_ALPHABETS,
+    OMNIGLOT_EVALUATION_ALPHABETS,
+    OMNIGLOT_FULL_SPLITS,
+    OMNIGLOT_SPLITS,
+    VINYALS_SPLITS,
+    Omniglot,
+    vinyals_characters,
+)
 from fastmtl.data.omniglot import _alphabet_files, _find_images, _split_family
 from fastmtl.data.omniglot_runs import read_one_shot_runs
 from fastmtl.evaluate import one_shot_runs
-
-from conftest import omniglot_root
 
 SIDE = 8            # the fake images' side: read at this size, nothing is resized
 DRAWERS = 2
@@ -249,13 +254,15 @@ def _runs_zip(path: Path, n_runs=3, n_way=5, prefix="", shuffle_seed=0, lines=No
                 bar = np.full((105, 105), 255, np.uint8)
                 bar[:, j * width:(j + 1) * width] = 0
                 img = Image.fromarray(bar).convert("1")
-                out = io.BytesIO(); img.save(out, "PNG")
+                out = io.BytesIO()
+                img.save(out, "PNG")
                 zf.writestr(f"{prefix}{run}/training/class{j + 1:02d}.png", out.getvalue())
             for k in range(n_way):
                 bar = np.full((105, 105), 255, np.uint8)
                 j = answer[k]
                 bar[10:95, j * width:(j + 1) * width] = 0       # drawn a little shorter
-                out = io.BytesIO(); Image.fromarray(bar).convert("1").save(out, "PNG")
+                out = io.BytesIO()
+                Image.fromarray(bar).convert("1").save(out, "PNG")
                 zf.writestr(f"{prefix}{run}/test/item{k + 1:02d}.png", out.getvalue())
             text = lines if lines is not None else "".join(
                 f"{run}/test/item{k + 1:02d}.png {run}/training/class{answer[k] + 1:02d}.png\n"
@@ -337,6 +344,7 @@ def test_cli_trains_on_the_vinyals_split_and_scores_the_one_shot_runs(tmp_path, 
     """The README's commands for the community protocols, at a tiny budget: train on
     vinyals-train (both archives under --root), then `fastmtl eval --omniglot-runs`."""
     import json
+
     from fastmtl.cli import main
     root = _root(tmp_path, archives, "background", "evaluation")
     ck = tmp_path / "ck"

@@ -133,8 +133,8 @@ def test_own_images_at_84px_rgb_with_the_default_recipe(tmp_path):
 
 
 def test_small_side_keeps_the_feature_size():
-    from fastmtl.mtl import _small_side
     from fastmtl.models import conv4
+    from fastmtl.mtl import _small_side
     assert _small_side(conv4(3), (3, 84, 84), 0.86) == 80
     assert _small_side(conv4(1), (1, 28, 28), 0.86) == 24
     # a side far below what the backbone takes is refused, not silently raised to 16 px

@@ -46,8 +46,8 @@ def _one_line_refusal(capsys, code):
 
 def _support(tmp_path):
     """A support folder of 2 classes of 3 PNGs, and one query image."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (tmp_path / "support" / c).mkdir(parents=True)

@@ -17,7 +17,7 @@ from .analysis import curve
 __all__ = ["markdown", "plot"]
 
 
-def _fmt(x, spec=".1f", none="-", suffix=""):
+def _fmt(x: float | None, spec: str = ".1f", none: str = "-", suffix: str = "") -> str:
     return none if x is None else format(x, spec) + suffix
 
 
@@ -63,10 +63,11 @@ def markdown(payload: dict[str, Any]) -> str:
     """The comparison as Markdown (the text of ``compare.md``) from ``payload``, the
     contents of ``compare.json``: per-method figures, then the speed-up tables."""
     tables = payload["tables"]
+    machine = payload["machine"]
+    cuda = f", {machine['cuda_device']}" if "cuda_device" in machine else ""
     lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
              f"{payload['budget_minutes']:g} min of training each", "",
-             f"Machine: {payload['machine'].get('cpu')}, {payload['machine'].get('torch_threads')} "
-             f"threads{', ' + payload['machine']['cuda_device'] if 'cuda_device' in payload['machine'] else ''}. "
+             f"Machine: {machine.get('cpu')}, {machine.get('torch_threads')} threads{cuda}. "
              f"Test: {payload['ways']}-way, {payload['queries']} queries a class, "
              f"{payload['episodes']} episodes a point (the same for every method and point), "
              f"logistic-regression protocol unless marked *own*.", "",
@@ -85,7 +86,8 @@ def markdown(payload: dict[str, Any]) -> str:
         for r in t["mtl_vs_baselines"]:
             name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
             mtl = (f"{r['mtl_seconds']:.0f} ({r['mtl_flops'] / 1e12:.2f})"
-                   if r["mtl_seconds"] is not None else f"not reached (MTL best {r['mtl_best']:.1f})")
+                   if r["mtl_seconds"] is not None
+                   else f"not reached (MTL best {r['mtl_best']:.1f})")
             lines.append(f"| {name} | {r['target']:.1f} | {r['baseline_seconds']:.0f} "
                          f"({r['baseline_flops'] / 1e12:.2f}) | {mtl} | "
                          f"{_fmt(r['speedup_time'], '.1f', suffix='x')} | "
@@ -120,8 +122,8 @@ def _per_seed_markdown(payload: dict[str, Any]) -> list[str]:
                   + " | smallest |", "|---" * (3 + len(per_seed)) + "|"]
         for i, r in enumerate(t["mtl_vs_baselines"]):
             runs = [tables[shot]["mtl_vs_baselines"][i] for tables in per_seed]
-            cells = [f"{_fmt(x['speedup_time'], suffix='x')} ({_fmt(x['speedup_flops'], suffix='x')})"
-                     for x in [r] + runs]
+            cells = [f"{_fmt(x['speedup_time'], suffix='x')} "
+                     f"({_fmt(x['speedup_flops'], suffix='x')})" for x in [r] + runs]
             times = [x["speedup_time"] for x in runs]
             low = "-" if None in times else f"{min(times):.1f}x"
             name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
@@ -146,7 +148,9 @@ def plot(payload: dict[str, Any], path: str) -> None:
     shots = [str(s) for s in payload["shots"]]
     fig = Figure(figsize=(5.5 * len(shots), 7.5))
     axes = fig.subplots(2, len(shots), squeeze=False)
-    colors = dict(zip(registry.METHOD_NAMES, rcParams["axes.prop_cycle"].by_key()["color"]))
+    # the colour cycle is longer than the methods: each method its own, in registry order
+    colors = dict(zip(registry.METHOD_NAMES, rcParams["axes.prop_cycle"].by_key()["color"],
+                      strict=False))
     for j, shot in enumerate(shots):
         for m, r in payload["results"].items():
             if r["points"]:
@@ -164,7 +168,8 @@ def plot(payload: dict[str, Any], path: str) -> None:
     atomic_savefig(fig, path, dpi=110)
 
 
-def _plot_method(axes, method: str, pts: list[dict[str, Any]], shot: str, color) -> None:
+def _plot_method(axes: Any, method: str, pts: list[dict[str, Any]], shot: str,
+                 color: str | None) -> None:
     """One method's curves on the time axis and the FLOP axis of one shot column."""
     acc = np.array([p["accuracy"][shot]["logistic"]["mean"] for p in pts])
     ci = np.array([p["accuracy"][shot]["logistic"]["ci95"] for p in pts])

@@ -18,24 +18,32 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import checks, registry
-from ..config import renamed_fields
+from ..config import TrainerConfig, renamed_fields
+from ..data import FewShotDataset
 from ..evaluate import embed, evaluate
 from ..sampling import check_fits
-from ..training import AtTrainingSeconds, Callback, EveryTrainingSeconds
+from ..training import AtTrainingSeconds, Callback, EveryTrainingSeconds, Trainer, TrainState
+
+if TYPE_CHECKING:
+    from torch.utils.flop_counter import FlopCounterMode
+
+# A trainer class of the registry: built as ``cls(backbone, config)``.
+TrainerClass = Callable[..., Trainer]
 
 __all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_step",
            "run_method"]
 
 
 def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int = 0,
-               budget_minutes: float | None = None, recipe: str | None = None):
+               budget_minutes: float | None = None,
+               recipe: str | None = None) -> tuple[TrainerClass, TrainerConfig]:
     """(trainer class, config) of ``method`` with its comparison settings and ``overrides``.
 
     The comparison settings are the registry's (:func:`fastmtl.registry.compare_settings`;
@@ -81,7 +89,8 @@ def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int =
     return cls, cfg
 
 
-def check_data(method: str, cfg, train, test, shots, ways: int, queries: int) -> None:
+def check_data(method: str, cfg: TrainerConfig, train: FewShotDataset, test: FewShotDataset,
+               shots: Sequence[int], ways: int, queries: int) -> None:
     """ValueError unless ``train`` holds ``method``'s tasks and ``test`` the test episodes."""
     need_ways, need_images = cfg.task_needs()
     try:
@@ -131,14 +140,14 @@ def _peak_memory(device: torch.device) -> int:
 
 
 class _StopAfter(Callback):
-    def __init__(self, steps: int):
+    def __init__(self, steps: int) -> None:
         self.steps = steps
 
-    def on_step_end(self, trainer, state):
+    def on_step_end(self, trainer: Trainer, state: TrainState) -> bool:
         return state.step >= self.steps
 
 
-def flop_counter():
+def flop_counter() -> FlopCounterMode:
     """``torch.utils.flop_counter.FlopCounterMode`` (no display) with the weight gradient of
     grouped convolutions counted right.
 
@@ -158,13 +167,15 @@ def flop_counter():
     """
     from torch.utils.flop_counter import FlopCounterMode, conv_backward_flop
 
-    def backward(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
-                 transposed, output_padding, groups, output_mask, out_shape, **kwargs):
-        def part(mask):
-            # torch's formula, as registered (it takes the output as out_val)
-            return conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,
-                                      dilation, transposed, output_padding, groups, mask,
-                                      out_val=out_shape)
+    def backward(grad_out_shape: Any, x_shape: Any, w_shape: Any, bias: Any, stride: Any,
+                 padding: Any, dilation: Any, transposed: bool, output_padding: Any,
+                 groups: int, output_mask: list[bool], out_shape: Any, **kwargs: Any) -> int:
+        def part(mask: list[bool]) -> int:
+            # torch's formula, as registered: its decorator takes the output as out_val,
+            # which its own signature (out_shape) does not show
+            return int(conv_backward_flop(  # type: ignore[call-arg]
+                grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation,
+                transposed, output_padding, groups, mask, out_val=out_shape))
         total = part([output_mask[0], False, False])
         if output_mask[1]:
             total += part([False, True, False]) // groups
@@ -174,7 +185,8 @@ def flop_counter():
                            custom_mapping={torch.ops.aten.convolution_backward: backward})
 
 
-def flops_per_step(cls, cfg, make_backbone: Callable[[], torch.nn.Module], train) -> int:
+def flops_per_step(cls: TrainerClass, cfg: TrainerConfig,
+                   make_backbone: Callable[[], torch.nn.Module], train: FewShotDataset) -> int:
     """FLOPs of one real training step of ``cls(cfg)`` (forward, backward, update), counted
     by :func:`flop_counter`."""
     torch.manual_seed(cfg.seed)
@@ -186,7 +198,9 @@ def flops_per_step(cls, cfg, make_backbone: Callable[[], torch.nn.Module], train
     return int(counter.get_total_flops())
 
 
-def _step_flops(cls, cfg, make_backbone, train) -> tuple[int, int | None]:
+def _step_flops(cls: TrainerClass, cfg: Any,
+                make_backbone: Callable[[], torch.nn.Module],
+                train: FewShotDataset) -> tuple[int, int | None]:
     """FLOPs of a full step and, for MTL with progressive resizing, of a step on small
     images (a fresh trainer's first step is one of them; None without it)."""
     flops = flops_per_step(cls, cfg, make_backbone, train)
@@ -199,22 +213,23 @@ def _step_flops(cls, cfg, make_backbone, train) -> tuple[int, int | None]:
     return full, flops
 
 
-def _flops(trainer, state, flops: int, small_flops: int | None) -> int:
+def _flops(trainer: Trainer, state: TrainState, flops: int, small_flops: int | None) -> int:
     """FLOPs of ``state.step`` steps: full-size steps at ``flops``, and with progressive
     resizing the trainer's ``small_image_steps`` at ``small_flops``."""
     if small_flops is None:
         return state.step * flops
-    small = trainer.small_image_steps
+    small = int(trainer.small_image_steps)  # type: ignore[attr-defined]  # MTLTrainer's
     return small * small_flops + (state.step - small) * flops
 
 
-def _evaluate_point(trainer, method, test, shots, ways, queries, episodes, seed):
-    out = {}
+def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int], ways: int,
+                    queries: int, episodes: int, seed: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     feats = embed(trainer.backbone, test, progress=False)
     for k in shots:
-        res = {"logistic": evaluate(trainer.backbone, test, n_way=ways, k_shot=k,
-                                    n_query=queries, episodes=episodes, seed=seed,
-                                    features=feats, progress=False)}
+        res: dict[str, dict[str, Any]] = {"logistic": evaluate(
+            trainer.backbone, test, n_way=ways, k_shot=k, n_query=queries, episodes=episodes,
+            seed=seed, features=feats, progress=False)}
         if trainer.own_adaptation and trainer.supports_ways(ways):
             res["own"] = trainer.evaluate(test, n_way=ways, k_shot=k, n_query=queries,
                                           episodes=episodes, seed=seed, progress=False)
@@ -222,8 +237,10 @@ def _evaluate_point(trainer, method, test, shots, ways, queries, episodes, seed)
     return out
 
 
-def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
-               shots, ways: int, queries: int, episodes: int, seed: int,
+def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
+               make_backbone: Callable[[], torch.nn.Module], train: FewShotDataset,
+               test: FewShotDataset, *, eval_every: float | Sequence[float],
+               shots: Sequence[int], ways: int, queries: int, episodes: int, seed: int,
                bar: tqdm | None = None) -> dict[str, Any]:
     """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s."""
     flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
@@ -233,19 +250,20 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
     _reset_peak(device)
     points: list[dict[str, Any]] = []
     eval_seconds = [0.0]
-    budget = 60.0 * cfg.max_minutes
+    budget = 60.0 * cfg.max_minutes if cfg.max_minutes is not None else float("inf")
 
     peak = [0]
 
-    def at_point(tr, state):
+    def at_point(tr: Trainer, state: TrainState) -> None:
         # The peak of training since the last evaluation; evaluation's own memory is reset
         # away after it, so the figure is training's.
         peak[0] = max(peak[0], _peak_memory(device))
         t0 = time.perf_counter()
         if bar is not None:
             bar.set_description(f"{method}: evaluating")
-        acc = _evaluate_point(tr, method, test, shots, ways, queries, episodes, seed)
-        tr.learner.train()
+        acc = _evaluate_point(tr, test, shots, ways, queries, episodes, seed)
+        if tr.learner is not None:
+            tr.learner.train()
         _reset_peak(device)
         spent = time.perf_counter() - t0
         eval_seconds[0] += spent
@@ -261,7 +279,7 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
             bar.refresh()
 
     class _Bar(Callback):
-        def on_step_end(self, tr, state):
+        def on_step_end(self, tr: Trainer, state: TrainState) -> None:
             if bar is not None and state.step % 10 == 0:
                 bar.n = min(budget, state.train_seconds)
                 bar.set_postfix(left=f"{max(0.0, budget - state.train_seconds):.0f}s",
@@ -269,8 +287,11 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
                 bar.refresh()
 
     t0 = time.perf_counter()
-    timer = (AtTrainingSeconds(eval_every, at_point) if isinstance(eval_every, (list, tuple))
-             else EveryTrainingSeconds(eval_every, at_point))
+    timer: Callback
+    if isinstance(eval_every, (list, tuple)):
+        timer = AtTrainingSeconds(eval_every, at_point)
+    else:
+        timer = EveryTrainingSeconds(cast(float, eval_every), at_point)
     history = trainer.fit(train, progress=False, callbacks=[timer, _Bar()])
     wall = time.perf_counter() - t0
     return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops,
@@ -283,7 +304,9 @@ def run_method(method: str, cfg, cls, make_backbone, train, test, *, eval_every,
             if points else 0, "epochs": len(history), "history": history}
 
 
-def _check_compare_args(methods, budget_minutes, eval_every, episodes, settings) -> None:
+def _check_compare_args(methods: Sequence[str], budget_minutes: float,
+                        eval_every: float | Sequence[float], episodes: int,
+                        settings: dict[str, dict[str, Any]] | None) -> None:
     """ValueError naming the first bad argument of :func:`compare`, before any work."""
     if not methods:
         raise ValueError("methods: name at least one method")
@@ -302,8 +325,9 @@ def _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
         raise ValueError(f"settings: unknown method(s) {unknown}")
 
 
-def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], *,
-            budget_minutes: float, eval_every: float, shots=(1, 5), ways: int = 5,
+def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
+            make_backbone: Callable[[], torch.nn.Module], *, budget_minutes: float,
+            eval_every: float | Sequence[float], shots: Sequence[int] = (1, 5), ways: int = 5,
             queries: int = 15, episodes: int = 300, seed: int = 0,
             settings: dict[str, dict[str, Any]] | None = None, recipe: str | None = None,
             done: dict[str, Any] | None = None,
@@ -340,7 +364,7 @@ def compare(methods, train, test, make_backbone: Callable[[], torch.nn.Module], 
     methods = list(methods)
     _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
     settings = settings or {}
-    configs = {}
+    configs: dict[str, tuple[TrainerClass, TrainerConfig]] = {}
     for m in methods:
         cls, cfg = config_for(m, settings.get(m), seed, budget_minutes,
                               recipe if registry.METHODS[m].recipe else None)

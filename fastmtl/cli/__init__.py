@@ -35,7 +35,7 @@ def build_parser(method: str = "mtl", recipe: str = "fast") -> argparse.Argument
     return parser
 
 
-def _resume_hint(args, argv: list[str], exc) -> str:
+def _resume_hint(args: argparse.Namespace, argv: list[str], exc: TrainingInterrupted) -> str:
     """The command that continues an interrupted run, or why there is none."""
     if args.command == "compare":
         return (f"methods finished so far are in {os.path.join(args.out, 'compare.json')}; "
@@ -69,7 +69,7 @@ def _method_arg(argv: list[str]) -> tuple[str, str]:
     return known.method, known.recipe
 
 
-def _dispatch(args, argv: list[str]) -> tuple[int, bool]:
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> tuple[int, bool]:
     """(exit code, whether the command returned normally) of ``args``' command."""
     try:
         return args.func(args), True

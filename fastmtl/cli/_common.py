@@ -6,12 +6,18 @@ import dataclasses
 import math
 import sys
 import typing
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import checks, registry
 from .. import distributed as _dist
 from ..checkpoint import atomic_savefig, atomic_write_json
-from ..config import field_help
+from ..config import TrainerConfig, field_help
+
+if TYPE_CHECKING:  # for the annotations only: evaluate_all imports its modules when run
+    from torch import nn
+
+    from ..data.base import FewShotDataset
 
 
 def command_line() -> str:
@@ -24,7 +30,7 @@ def parser_defaults(parser: argparse.ArgumentParser) -> dict[str, Any]:
     return {a.dest: a.default for a in parser._actions if a.dest != "help"}
 
 
-def say(*args, **kwargs) -> None:
+def say(*args: object, **kwargs: Any) -> None:
     """print, on rank 0 only (every rank of a distributed run runs the CLI)."""
     if _dist.is_main():
         print(*args, **kwargs)
@@ -69,7 +75,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_all(backbone, test, shots, ways, queries, episodes, seed, progress=True):
+def evaluate_all(backbone: nn.Module, test: FewShotDataset, shots: Iterable[int], ways: int,
+                 queries: int, episodes: int, seed: int,
+                 progress: bool = True) -> list[dict[str, Any]]:
     from ..evaluate import embed, evaluate
     progress = progress and _dist.is_main()
     feats = embed(backbone, test, progress=progress)
@@ -83,7 +91,8 @@ def evaluate_all(backbone, test, shots, ways, queries, episodes, seed, progress=
 
 
 # -- config flags -------------------------------------------------------------------------
-def add_config_flags(parser: argparse.ArgumentParser, defaults, fixed=()) -> None:
+def add_config_flags(parser: argparse._ActionsContainer, defaults: TrainerConfig,
+                     fixed: Collection[str] = ()) -> None:
     cls = type(defaults)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -110,15 +119,16 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, fixed=()) -> Non
 
 
 class _DeprecatedFlag(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
         new = "--" + self.dest.replace("_", "-")
         print(f"fastmtl: {option_string} is deprecated and goes in the next release; use "
               f"{new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
-def _optional(kind):
-    def parse(text: str):
+def _optional(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         return None if text.lower() in ("none", "off", "") else kind(text)
     parse.__name__ = kind.__name__
     return parse
@@ -127,14 +137,15 @@ def _optional(kind):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends ``(default: ...)`` to a flag's help unless the help already says it."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if "(default:" in text or "%(default)" in text:
             return text
         return super()._get_help_string(action)
 
 
-def config_from(args, parser_defaults: dict[str, Any], method: str, recipe: str):
+def config_from(args: argparse.Namespace, parser_defaults: dict[str, Any], method: str,
+                recipe: str) -> TrainerConfig:
     """The config of ``method`` from the flags: the registry's default (MTL: of
     ``recipe``) with the settings the user changed, so only those are checked for effect
     (``TrainerConfig.inert_fields``)."""
@@ -148,7 +159,8 @@ def config_from(args, parser_defaults: dict[str, Any], method: str, recipe: str)
     return cfg
 
 
-def refuse_inert_flags(args, defaults: dict[str, Any], rules) -> None:
+def refuse_inert_flags(args: argparse.Namespace, defaults: dict[str, Any],
+                       rules: Iterable[tuple[str, bool, str]]) -> None:
     """ValueError for the first flag set away from its default where it has no effect:
     ``rules`` are (dest, active, what disables it) triples."""
     for dest, active, why in rules:
@@ -156,12 +168,12 @@ def refuse_inert_flags(args, defaults: dict[str, Any], rules) -> None:
             raise ValueError(f"--{dest.replace('_', '-')} has no effect with {why}")
 
 
-def folder_kwargs(args) -> dict[str, Any]:
+def folder_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"channels": getattr(args, "channels", 3),
             "skip_bad_images": getattr(args, "skip_bad_images", False)}
 
 
-def add_folder_flags(p) -> None:
+def add_folder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, choices=(1, 3), default=3,
                    help="--data folder: 1 (grey) or 3 (RGB) channels")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -169,11 +181,11 @@ def add_folder_flags(p) -> None:
                         "of stopping")
 
 
-def check_eval_flags(args, episodes_flag: str, allow_zero: bool) -> None:
+def check_eval_flags(args: argparse.Namespace, episodes_flag: str, allow_zero: bool) -> None:
     episodes = getattr(args, episodes_flag.lstrip("-").replace("-", "_"))
     if episodes < (0 if allow_zero else 1):
-        raise ValueError(f"{episodes_flag} must be {'>= 0 (0 skips evaluation)' if allow_zero else '>= 1'}"
-                         f", got {episodes}")
+        least = ">= 0 (0 skips evaluation)" if allow_zero else ">= 1"
+        raise ValueError(f"{episodes_flag} must be {least}, got {episodes}")
     if any(k < 1 for k in args.shots):
         raise ValueError(f"--shots must be >= 1, got {' '.join(map(str, args.shots))}")
     if args.ways < 2:
@@ -186,13 +198,14 @@ def check_eval_flags(args, episodes_flag: str, allow_zero: bool) -> None:
         checks.writable_file("--out", args.out)
 
 
-def positive(name: str, kind=float):
+def positive(name: str, kind: type[int] | type[float] = float) -> Callable[[str], float]:
     """An argparse type: a positive ``kind``, the error naming the flag."""
-    def parse(text: str):
+    def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a {kind.__name__}, got {text!r}") from None
         if not value > 0 or (kind is float and not math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text!r}")
         return value
@@ -200,7 +213,8 @@ def positive(name: str, kind=float):
     return parse
 
 
-def add_eval_flags(p, episodes_flag: str, zero_skips: bool = True) -> None:
+def add_eval_flags(p: argparse.ArgumentParser, episodes_flag: str,
+                   zero_skips: bool = True) -> None:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5],
                    help="k-shot settings to evaluate (default: 1 5)")
     p.add_argument("--ways", type=int, default=5, help="classes per test episode (default: 5)")
@@ -221,7 +235,7 @@ def add_eval_flags(p, episodes_flag: str, zero_skips: bool = True) -> None:
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``fastmtl CMD: error: ...`` and exit code 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -1,9 +1,12 @@
 """``fastmtl adapt``: fit a head on a few labelled images, classify new ones."""
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import os
+from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 
@@ -11,10 +14,13 @@ from .. import checks
 from ..checkpoint import atomic_savefig, atomic_write_json, atomic_write_text
 from ..classifier import FewShotClassifier
 from ..data import class_folders, image_files
-from ._common import HelpFormatter, say
+from ._common import HelpFormatter, Parser, say
+
+# (class name, its image files) of each support class, as class_folders lists them
+_Support: TypeAlias = list[tuple[str, list[Path]]]
 
 
-def _inputs(args):
+def _inputs(args: argparse.Namespace) -> tuple[_Support, list[str], list[str] | None]:
     """Support classes, query files (and their labels, if a labelled folder) after every check."""
     if args.shots is not None and args.shots < 1:
         raise ValueError(f"--shots must be >= 1, got {args.shots}")
@@ -60,7 +66,7 @@ def _inputs(args):
     return support, query, truth
 
 
-def cmd_adapt(args) -> int:
+def cmd_adapt(args: argparse.Namespace) -> int:
     support, query, truth = _inputs(args)
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, head=args.head)
     rng = np.random.default_rng(args.seed)
@@ -71,13 +77,19 @@ def cmd_adapt(args) -> int:
         images += [str(f) for f in pick]
         labels += [name] * len(pick)
     clf.fit(images, labels)
+    fitted = clf.classes_
+    assert fitted is not None  # set by fit
     proba = clf.predict_proba(query)
-    pred = clf.classes_[proba.argmax(1)]
-    classes = [str(c) for c in clf.classes_]
-    rows = [{"path": q, "predicted": str(p), **{f"p_{c}": float(v) for c, v in zip(classes, pr)}}
-            for q, p, pr in zip(query, pred, proba)]
+    pred = fitted[proba.argmax(1)]
+    classes = [str(c) for c in fitted]
+    # pred and proba hold one entry per query, each proba row one probability per class,
+    # and truth (if given) one label per query (checked in _inputs): every zip below pairs
+    # equal lengths.
+    rows = [{"path": q, "predicted": str(p),
+             **{f"p_{c}": float(v) for c, v in zip(classes, pr, strict=True)}}
+            for q, p, pr in zip(query, pred, proba, strict=True)]
     if truth is not None:
-        for r, t in zip(rows, truth):
+        for r, t in zip(rows, truth, strict=True):
             r["true"] = t
     if args.out.lower().endswith(".json"):
         atomic_write_json(args.out, {"classes": classes, "support": args.support,
@@ -92,23 +104,24 @@ def cmd_adapt(args) -> int:
          f"({len(images)} support images) -> {args.out}")
     if truth is not None:
         unknown = sorted(set(truth) - set(classes))
-        acc = float(np.mean([str(p) == t for p, t in zip(pred, truth)])) * 100
+        acc = float(np.mean([str(p) == t for p, t in zip(pred, truth, strict=True)])) * 100
         say(f"accuracy {acc:.2f}% on {len(truth)} labelled query images"
              + (f" ({len(unknown)} query classes not in the support: {unknown[:3]})"
                 if unknown else ""))
         index = {c: i for i, c in enumerate(classes)}
         cm = np.zeros((len(classes), len(classes)), dtype=int)
-        for p, t in zip(pred, truth):
+        for p, t in zip(pred, truth, strict=True):
             if t in index:
                 cm[index[t], index[str(p)]] += 1
         say("confusion (rows: true, columns: predicted):\n" + "\n".join(
-            f"{c[:16]:>16s} " + " ".join(f"{v:4d}" for v in row) for c, row in zip(classes, cm)))
+            f"{c[:16]:>16s} " + " ".join(f"{v:4d}" for v in row)
+            for c, row in zip(classes, cm, strict=True)))
         if args.plot:
             _confusion_plot(args.plot, cm, classes, acc)
     return 0
 
 
-def _confusion_plot(path, cm, classes, acc) -> None:
+def _confusion_plot(path: str, cm: np.ndarray, classes: list[str], acc: float) -> None:
     from matplotlib.figure import Figure
     n = len(classes)
     fig = Figure(figsize=(1.5 + 0.45 * n, 1.2 + 0.45 * n))
@@ -124,7 +137,7 @@ def _confusion_plot(path, cm, classes, acc) -> None:
     say(f"wrote {path}")
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser("adapt", help="fit a head on a few labelled images, classify new ones",
                        description="Load a trained checkpoint, fit the paper's test-time head "
                                    "(logistic regression, C=3) on --support (one folder per "

@@ -15,6 +15,7 @@ from .._env import keep_freed_memory, machine_info
 from ..checkpoint import atomic_write_json, atomic_write_text
 from ._common import (
     HelpFormatter,
+    Parser,
     add_folder_flags,
     command_line,
     folder_kwargs,
@@ -25,7 +26,7 @@ from ._common import (
 )
 
 
-def _methods(args) -> list[str]:
+def _methods(args: argparse.Namespace) -> list[str]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in registry.METHOD_NAMES]
     if bad or not methods:
@@ -36,7 +37,7 @@ def _methods(args) -> list[str]:
     return methods
 
 
-def _eval_times(args) -> None:
+def _eval_times(args: argparse.Namespace) -> None:
     """--eval-at (times) or --eval-every (a period) into args.eval_every, checked."""
     if args.eval_at:
         if args.eval_every != parser_defaults(args.parser)["eval_every"]:
@@ -44,7 +45,8 @@ def _eval_times(args) -> None:
         try:
             times = [float(t) for t in args.eval_at.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"--eval-at must be comma-separated seconds, got {args.eval_at!r}")
+            raise ValueError(
+                f"--eval-at must be comma-separated seconds, got {args.eval_at!r}") from None
         if not times or any(t <= 0 for t in times) or sorted(set(times)) != times:
             raise ValueError(f"--eval-at must be increasing positive seconds, got {args.eval_at!r}")
         if times[0] > 60 * args.budget_minutes:
@@ -57,7 +59,7 @@ def _eval_times(args) -> None:
                          f"{60 * args.budget_minutes:g} s)")
 
 
-def _settings(args) -> dict[str, Any]:
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if not args.settings:
         return {}
     if not os.path.isfile(args.settings):
@@ -74,7 +76,7 @@ def _settings(args) -> dict[str, Any]:
     return settings
 
 
-def _inputs(args):
+def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """Checks every compare flag and file before any data is read or model trained."""
     methods = _methods(args)
     defaults = parser_defaults(args.parser)
@@ -104,7 +106,8 @@ def _inputs(args):
     return methods, settings
 
 
-def _payload(args, methods, settings, rotations) -> dict[str, Any]:
+def _payload(args: argparse.Namespace, methods: list[str], settings: dict[str, Any],
+             rotations: bool) -> dict[str, Any]:
     from .. import __version__
     return {"command": command_line(), "data": args.data, "root": args.root,
             "image_size": args.image_size, "data_seed": args.data_seed,
@@ -116,20 +119,21 @@ def _payload(args, methods, settings, rotations) -> dict[str, Any]:
             "versions": {"fastmtl": __version__, "torch": torch.__version__}, "results": {}}
 
 
-def _resumed(json_path: str, payload: dict[str, Any], methods) -> dict[str, Any]:
+def _resumed(json_path: str, payload: dict[str, Any], methods: list[str]) -> dict[str, Any]:
     """The finished methods of the run in ``json_path``, if it measured the same thing
     (:data:`fastmtl.compare.COMPARABLE` and the seed); ValueError naming what differs."""
     old = load_json(json_path, "--resume")
     diff = cmp.differences(old, payload, cmp.COMPARABLE + ("seed",))
     if diff:
+        what = ", ".join(f"{k}: {old.get(k)!r} there, {payload[k]!r} now" for k in diff)
         raise ValueError(f"--resume: {json_path} holds a comparison with other settings "
-                         f"({', '.join(f'{k}: {old.get(k)!r} there, {payload[k]!r} now' for k in diff)})")
+                         f"({what})")
     done = {m: r for m, r in old["results"].items() if m in methods}
     say(f"resuming: keeping {', '.join(done) or 'nothing'}")
     return done
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     methods, settings = _inputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,7 +148,7 @@ def cmd_compare(args) -> int:
     done = _resumed(json_path, payload, methods) if args.resume and os.path.exists(json_path) \
         else {}
 
-    def save(method=None, result=None):
+    def save(method: str | None = None, result: dict[str, Any] | None = None) -> None:
         if method is not None:
             payload["results"][method] = result
         payload["results"] = {m: payload["results"][m] for m in methods
@@ -182,8 +186,8 @@ def load_json(path: str, flag: str) -> dict[str, Any]:
         raise ValueError(f"{flag}: {path} is not readable JSON: {exc}") from None
 
 
-def cmd_merge(args) -> int:
-    payloads = []
+def cmd_merge(args: argparse.Namespace) -> int:
+    payloads: list[dict[str, Any]] = []
     for path in args.runs:
         if not os.path.isfile(path):
             raise ValueError(f"runs: {path!r} is not a file")
@@ -205,7 +209,7 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _add_what_flags(p) -> None:
+def _add_what_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", choices=registry.DATASET_NAMES, default="synthetic",
                    help="data set")
     p.add_argument("--root", default=None, help="folder holding the data set's files")
@@ -224,7 +228,7 @@ def _add_what_flags(p) -> None:
                    help="feature extractor")
 
 
-def _add_test_flags(p) -> None:
+def _add_test_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="k-shot settings")
     p.add_argument("--ways", type=positive("--ways", int), default=5,
                    help="classes per test episode")
@@ -234,7 +238,7 @@ def _add_test_flags(p) -> None:
                    help="test episodes per shot setting and time point")
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser("compare", help="time-, FLOP- and memory-to-accuracy of methods",
                        description="Train each method (a fresh backbone each, the same "
                                    "training classes, the same training-time budget, one "

@@ -1,6 +1,7 @@
 """``fastmtl demo``: the default recipe on the built-in data, trained and evaluated."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import time
@@ -9,18 +10,18 @@ import torch
 
 from .. import checks, registry
 from .._env import machine_info
-from ..mtl import MTLTrainer
-from ._common import command_line, evaluate_all, plot_history, say, table, write_json
+from ..mtl import MTLConfig, MTLTrainer
+from ._common import Parser, command_line, evaluate_all, plot_history, say, table, write_json
 
 
-def demo_config(minutes: float, seed: int):
+def demo_config(minutes: float, seed: int) -> MTLConfig:
     """The default MTL recipe (the registry's, as ``fastmtl train`` uses it) under a
     ``minutes`` budget, validated on 200 episodes an epoch."""
     return dataclasses.replace(registry.default_config("mtl"), max_minutes=minutes,
                                seed=seed, val_episodes=200)
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not (math.isfinite(args.minutes) and args.minutes > 0):
         raise ValueError(f"--minutes must be > 0, got {args.minutes}")
@@ -53,7 +54,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser("demo", help="train MTL on built-in synthetic glyphs and evaluate",
                        description="Train MTL (Conv-4, the default recipe) on the built-in "
                                    "SyntheticGlyphs data (generated, no download) and "

@@ -1,6 +1,9 @@
 """``fastmtl eval``: a checkpoint's backbone under the logistic-regression protocol."""
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING, Any
+
 from .. import checks, registry
 from .. import distributed as _dist
 from .._env import machine_info
@@ -8,6 +11,7 @@ from ..checkpoint import load as load_checkpoint
 from ..classifier import backbone_from_checkpoint
 from ..evaluate import one_shot_runs
 from ._common import (
+    Parser,
     add_eval_flags,
     check_eval_flags,
     command_line,
@@ -19,8 +23,11 @@ from ._common import (
     write_json,
 )
 
+if TYPE_CHECKING:  # for the annotations only
+    from torch import nn
 
-def _one_shot_runs(args, backbone, run) -> int:
+
+def _one_shot_runs(args: argparse.Namespace, backbone: nn.Module, run: dict[str, Any]) -> int:
     """Lake et al.'s 20 one-shot runs: error rates, nearest neighbour and logistic."""
     defaults = parser_defaults(args.parser)
     refuse_inert_flags(args, defaults, [
@@ -44,7 +51,7 @@ def _one_shot_runs(args, backbone, run) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     _dist.init_from_env()      # under torchrun the ranks share the test episodes
     check_eval_flags(args, "--episodes", allow_zero=False)
     state = load_checkpoint(args.checkpoint, what="--checkpoint")
@@ -71,7 +78,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint with the logistic-regression protocol",
                        description="Evaluate a trained backbone: per test episode, fit an "
                                    "L2-regularized logistic regression (C=3) on the support "

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,10 +15,12 @@ from .. import distributed as _dist
 from .._env import keep_freed_memory, machine_info
 from ..checkpoint import atomic_save
 from ..checkpoint import load as load_checkpoint
+from ..config import TrainerConfig
 from ..mtl import RECIPES
-from ..training import ProfileSteps, check_same_run
+from ..training import ProfileSteps, Trainer, check_same_run
 from ._common import (
     HelpFormatter,
+    Parser,
     add_config_flags,
     add_eval_flags,
     add_folder_flags,
@@ -36,8 +38,11 @@ from ._common import (
     write_json,
 )
 
+if TYPE_CHECKING:  # for the annotations only
+    from ..data.base import FewShotDataset
 
-def _load(args, split: str, rotations: bool = False):
+
+def _load(args: argparse.Namespace, split: str, rotations: bool = False) -> FewShotDataset:
     """``split`` ("val", "test") of the family of --train-split (``vinyals-train``:
     ``vinyals-val``, ``vinyals-test``)."""
     family = args.train_split.rpartition("-")[0]
@@ -48,7 +53,7 @@ def _load(args, split: str, rotations: bool = False):
                                  **folder_kwargs(args))
 
 
-def _check_flags(args) -> None:
+def _check_flags(args: argparse.Namespace) -> None:
     """Flags that have no effect with the others are refused (one line, exit 2)."""
     defaults = parser_defaults(args.parser)
     data = f"--data {args.data}"
@@ -75,7 +80,7 @@ def _check_flags(args) -> None:
                                              "val_protocol") if f in defaults])
 
 
-def _check_files(args, cfg) -> None:
+def _check_files(args: argparse.Namespace, cfg: TrainerConfig) -> None:
     """--out, --plot, --checkpoint-dir and --resume, checked before any data is read."""
     if args.plot:
         checks.writable_file("--plot", args.plot)
@@ -94,7 +99,7 @@ def _check_files(args, cfg) -> None:
             check_same_run(state.get("config", {}), cfg, args.resume)
 
 
-def _run_info(args, train) -> dict[str, Any]:
+def _run_info(args: argparse.Namespace, train: FewShotDataset) -> dict[str, Any]:
     """What a checkpoint records of its training data, so it can be used alone later."""
     return {"data": args.data, "root": args.root, "image_size": train.image_shape[1],
             "channels": train.channels, "mean": list(train.mean), "std": list(train.std),
@@ -102,7 +107,7 @@ def _run_info(args, train) -> dict[str, Any]:
             "train_split": args.train_split, "rotations": args.rotations}
 
 
-def _test_results(args, trainer) -> dict[str, Any]:
+def _test_results(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
     """The test split with the logistic protocol and, where the trainer has one, its own
     adaptation."""
     test = _load(args, "test")
@@ -122,8 +127,9 @@ def _test_results(args, trainer) -> dict[str, Any]:
     return out
 
 
-def _fit(args, trainer, train, val):
-    callbacks = []
+def _fit(args: argparse.Namespace, trainer: Trainer, train: FewShotDataset,
+         val: FewShotDataset | None) -> list[dict[str, Any]]:
+    callbacks: list[ProfileSteps] = []
     if args.profile and _dist.is_main():
         callbacks.append(ProfileSteps(args.profile, warmup=args.profile_warmup,
                                       steps=args.profile_steps))
@@ -140,7 +146,7 @@ def _fit(args, trainer, train, val):
     return history
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     _dist.init_from_env()      # under torchrun: join the group before anything else
     _check_flags(args)
@@ -179,7 +185,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _add_run_flags(p) -> None:
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=registry.METHOD_NAMES, default="mtl",
                    help="learner: MTL, or a torch.func baseline from fastmtl.gbml")
     p.add_argument("--data", choices=registry.DATASET_NAMES, default="synthetic",
@@ -203,7 +209,7 @@ def _add_run_flags(p) -> None:
     p.add_argument("--plot", default=None, help="write a learning-curve PNG here")
 
 
-def _add_profile_flags(p) -> None:
+def _add_profile_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="write a torch.profiler trace (trace.json, Perfetto) and a table of "
                         "the top operators (top_ops.txt) of a few steps after warm-up here; "
@@ -217,8 +223,9 @@ def _add_profile_flags(p) -> None:
                         "(docs/profiling.md); the named phases are NVTX ranges without it")
 
 
-def add_parser(sub, method: str, recipe: str) -> None:
-    p = sub.add_parser("train", help="train MTL or a GBML baseline, then evaluate on the test split",
+def add_parser(sub: argparse._SubParsersAction[Parser], method: str, recipe: str) -> None:
+    p = sub.add_parser("train",
+                       help="train MTL or a GBML baseline, then evaluate on the test split",
                        description="Train the MTL learner (or, with --method, a GBML baseline); "
                                    "validate each epoch on the val split; evaluate the best "
                                    "epoch on the test split. The settings listed depend on "

@@ -237,6 +237,28 @@ def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int]
     return out
 
 
+class _Bar(Callback):
+    """Moves the method's progress bar (training seconds of the budget) every 10 steps."""
+
+    def __init__(self, bar: tqdm | None, budget: float) -> None:
+        self.bar, self.budget = bar, budget
+
+    def on_step_end(self, trainer: Trainer, state: TrainState) -> None:
+        if self.bar is not None and state.step % 10 == 0:
+            self.bar.n = min(self.budget, state.train_seconds)
+            self.bar.set_postfix(left=f"{max(0.0, self.budget - state.train_seconds):.0f}s",
+                                 loss=f"{state.loss:.3f}")
+            self.bar.refresh()
+
+
+def _timer(eval_every: float | Sequence[float],
+           at_point: Callable[[Trainer, TrainState], None]) -> Callback:
+    """The evaluation clock: at the listed training times, or every ``eval_every`` s."""
+    if isinstance(eval_every, (list, tuple)):
+        return AtTrainingSeconds(eval_every, at_point)
+    return EveryTrainingSeconds(cast(float, eval_every), at_point)
+
+
 def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
                make_backbone: Callable[[], torch.nn.Module], train: FewShotDataset,
                test: FewShotDataset, *, eval_every: float | Sequence[float],
@@ -251,7 +273,6 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
     points: list[dict[str, Any]] = []
     eval_seconds = [0.0]
     budget = 60.0 * cfg.max_minutes if cfg.max_minutes is not None else float("inf")
-
     peak = [0]
 
     def at_point(tr: Trainer, state: TrainState) -> None:
@@ -278,21 +299,9 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
                             acc=f"{acc[str(shots[0])]['logistic']['mean']:.1f}")
             bar.refresh()
 
-    class _Bar(Callback):
-        def on_step_end(self, tr: Trainer, state: TrainState) -> None:
-            if bar is not None and state.step % 10 == 0:
-                bar.n = min(budget, state.train_seconds)
-                bar.set_postfix(left=f"{max(0.0, budget - state.train_seconds):.0f}s",
-                                loss=f"{state.loss:.3f}")
-                bar.refresh()
-
     t0 = time.perf_counter()
-    timer: Callback
-    if isinstance(eval_every, (list, tuple)):
-        timer = AtTrainingSeconds(eval_every, at_point)
-    else:
-        timer = EveryTrainingSeconds(cast(float, eval_every), at_point)
-    history = trainer.fit(train, progress=False, callbacks=[timer, _Bar()])
+    history = trainer.fit(train, progress=False,
+                          callbacks=[_timer(eval_every, at_point), _Bar(bar, budget)])
     wall = time.perf_counter() - t0
     return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops,
             **({"flops_per_small_step": small_flops} if small_flops is not None else {}),

@@ -367,10 +367,11 @@ def _time_step(trainer, data, device, rounds):
 
 
 def section_steps(device, sizes) -> dict:
+    from fastmtl.registry import METHOD_NAMES
     data = _random_data(sizes)
     rows = []
     for precision in ("fp32", "bf16"):
-        for method in ("mtl", "maml", "fomaml", "anil", "r2d2", "protonet"):
+        for method in METHOD_NAMES:
             variants = [("", {})]
             if method == "maml":
                 variants = [(" (vmapped)", {"vectorize": True}),

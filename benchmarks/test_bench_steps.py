@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastmtl import registry
 from fastmtl.compare import config_for
 from fastmtl.data import SyntheticGlyphs
 from fastmtl.gbml import ANIL, MAML, ANILConfig, MAMLConfig
@@ -50,6 +51,8 @@ SAME_IMAGES = {
     "protonet": dict(tasks_per_step=1, tasks_per_epoch=100_000),
 }
 ROUNDS = {"mtl": 20, "maml": 10, "fomaml": 10, "anil": 15, "r2d2": 20, "protonet": 20}
+# every method of the registry, no other
+assert set(SAME_IMAGES) == set(ROUNDS) == set(registry.METHOD_NAMES), sorted(SAME_IMAGES)
 _STEP: dict[str, dict] = {}
 _L2L: dict[str, dict] = {}
 

@@ -185,8 +185,9 @@ class TrainerConfig(metaclass=_Renaming):
         for name, why in self.inert_fields():
             value = getattr(self, name)
             if value != defaults[name]:
+                other = f" or change {why.split('=')[0]}" if "=" in why else ""
                 raise ValueError(f"{name}={value!r} has no effect with {why}; leave it at "
-                                 f"its default ({defaults[name]!r}) or change {why.split('=')[0]}")
+                                 f"its default ({defaults[name]!r}){other}")
 
     def validate(self) -> None:
         """Raise ValueError naming the first shared field out of range, or set where it

@@ -194,8 +194,10 @@ class MTLConfig(TrainerConfig):
         :meth:`fastmtl.config.TrainerConfig.inert_fields`)."""
         out: list[tuple[str, str]] = []
         if self.task_sampling == "all_classes":
+            # one task a step: "task" and "batch" chunking are the same batch
             out += [(n, "task_sampling='all_classes'") for n in
-                    ("n_way", "images_per_class", "tasks_per_step", "tasks_per_epoch")]
+                    ("n_way", "images_per_class", "tasks_per_step", "tasks_per_epoch",
+                     "chunking")]
         else:
             out.append(("batch_size", f"task_sampling={self.task_sampling!r}"))
         if self.lr_schedule == "plateau":

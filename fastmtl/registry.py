@@ -85,19 +85,20 @@ BACKBONE_NAMES: tuple[str, ...] = tuple(BACKBONES)
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A data set: the loader of :mod:`fastmtl.data.named` that reads it, and the options
-    of :func:`load_dataset` it uses (the CLI refuses the others' flags)."""
+    of :func:`load_dataset` it uses (the CLI refuses the others' flags; ``"root"``: it
+    reads files from a folder)."""
 
     loader: str
-    options: frozenset[str] = frozenset({"image_size", "rotations"})
+    options: frozenset[str] = frozenset({"root", "image_size", "rotations"})
 
 
-_PICKLED = frozenset({"rotations"})          # their pickles keep their own image size
+_PICKLED = frozenset({"root", "rotations"})  # their pickles keep their own image size
 DATASETS: Mapping[str, Dataset] = MappingProxyType({
     "synthetic": Dataset("fastmtl.data.named:synthetic",
                          frozenset({"image_size", "rotations", "seed"})),
     "omniglot": Dataset("fastmtl.data.named:omniglot"),
     "folder": Dataset("fastmtl.data.named:folder",
-                      frozenset({"image_size", "rotations", "seed", "channels",
+                      frozenset({"root", "image_size", "rotations", "seed", "channels",
                                  "skip_bad_images"})),
     "miniimagenet": Dataset("fastmtl.data.named:miniimagenet", _PICKLED),
     "tieredimagenet": Dataset("fastmtl.data.named:tieredimagenet", _PICKLED),

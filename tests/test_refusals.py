@@ -41,6 +41,10 @@ def _run(argv, capsys):
     (["--method", "maml", "--recipe", "paper"], "recipes are MTL's"),
     (["--method", "protonet", "--lr-decay-every", "0"], "lr_decay_every"),
     (["--method", "maml", "--lr-decay", "0.3"], "lr_decay_every=None"),
+    (["--chunking", "task"], "task_sampling='all_classes'"),     # one task a step
+    (["--eval-episodes", "0", "--ways", "20"], "--eval-episodes 0"),
+    (["--eval-episodes", "0", "--shots", "5"], "--eval-episodes 0"),
+    (["--root", "somewhere"], "--data synthetic"),                # generated, not read
 ])
 def test_a_setting_without_effect_is_refused_by_name(tmp_path, capsys, flags, needle):
     code, lines, seconds = _run(["train", "--data", "synthetic", "--epochs", "1",
@@ -48,6 +52,13 @@ def test_a_setting_without_effect_is_refused_by_name(tmp_path, capsys, flags, ne
     assert code == 2 and len(lines) == 1 and needle in lines[0], lines
     assert not (tmp_path / "ck").exists()
     assert seconds < 15
+
+
+def test_r2d2_bias_init_is_refused_it_cancels_in_the_softmax():
+    from fastmtl.gbml import R2D2Config
+    R2D2Config().validate()
+    with pytest.raises(ValueError, match="bias_init.*softmax"):
+        R2D2Config(bias_init=1.0).validate()
 
 
 def test_a_recipe_value_made_inert_by_a_flag_is_not_the_users_fault(capsys):
@@ -72,6 +83,9 @@ def test_compare_settings_for_a_method_not_run_are_refused(tmp_path, capsys):
     code, lines, _ = _run(["compare", "--eval-at", "1,2", "--eval-every", "5",
                            "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "--eval-every" in lines[0] and "--eval-at" in lines[0]
+    code, lines, _ = _run(["compare", "--root", "somewhere", "--out", str(tmp_path / "c")],
+                          capsys)
+    assert code == 2 and "--root" in lines[0] and "--data synthetic" in lines[0]
 
 
 def test_resume_with_another_setting_is_refused(tmp_path, capsys):
@@ -143,3 +157,21 @@ def test_small_side_keeps_the_feature_size():
     # where no smaller side works at all (Conv-4 at 16 px) the run trains at full size
     with pytest.warns(RuntimeWarning, match="full size throughout"):
         assert _small_side(conv4(1), (1, 16, 16), 0.86) is None
+
+
+def test_runs_on_other_thread_counts_do_not_mix():
+    """The torch threads set every time axis: a resumed or merged run must share them."""
+    from fastmtl import compare
+    a = {"ways": 5, "machine": {"torch_threads": 2, "cpu": "x"}}
+    b = {"ways": 5, "machine": {"torch_threads": 8, "cpu": "x"}}
+    assert compare.differences(a, b) == ["machine.torch_threads"]
+    assert compare.differences(a, dict(a)) == []
+
+
+def test_version_is_the_installed_distributions(capsys):
+    import importlib.metadata
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == \
+        f"fastmtl {importlib.metadata.version('fastmtl')}" == f"fastmtl {fastmtl.__version__}"

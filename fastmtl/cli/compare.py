@@ -87,6 +87,7 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         ("channels", registry.uses(args.data, "channels"), data),
         ("skip_bad_images", registry.uses(args.data, "skip_bad_images"), data),
         ("data_seed", registry.uses(args.data, "seed"), data),
+        ("root", registry.uses(args.data, "root"), f"{data} (it is generated, not read)"),
         ("image_size", registry.uses(args.data, "image_size"),
          f"{data} (its files keep their own size)")])
     _eval_times(args)
@@ -125,7 +126,8 @@ def _resumed(json_path: str, payload: dict[str, Any], methods: list[str]) -> dic
     old = load_json(json_path, "--resume")
     diff = cmp.differences(old, payload, cmp.COMPARABLE + ("seed",))
     if diff:
-        what = ", ".join(f"{k}: {old.get(k)!r} there, {payload[k]!r} now" for k in diff)
+        what = ", ".join(f"{k}: {cmp.setting(old, k)!r} there, {cmp.setting(payload, k)!r} now"
+                         for k in diff)
         raise ValueError(f"--resume: {json_path} holds a comparison with other settings "
                          f"({what})")
     done = {m: r for m, r in old["results"].items() if m in methods}

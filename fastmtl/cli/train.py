@@ -71,7 +71,9 @@ def _check_flags(args: argparse.Namespace) -> None:
         ("allow_changed_settings", bool(args.resume), "no --resume"),
         ("recipe", registry.METHODS[args.method].recipe is not None,
          f"--method {args.method} (recipes are MTL's)"),
-        ("eval_seed", args.eval_episodes > 0, "--eval-episodes 0"),
+        ("root", registry.uses(args.data, "root"), f"{data} (it is generated, not read)"),
+        *[(f, args.eval_episodes > 0, "--eval-episodes 0 (no test evaluation)")
+          for f in ("eval_seed", "ways", "shots", "queries")],
     ])
     if args.no_val:
         refuse_inert_flags(args, defaults, [(f, False, "--no-val") for f in

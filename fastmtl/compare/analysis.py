@@ -16,12 +16,13 @@ import numpy as np
 
 __all__ = ["COMPARABLE", "differences", "speedup_tables", "merge_runs", "curve"]
 
-# What makes two comparison runs measure the same thing (their compare.json keys). A
-# resumed run must match the saved one in these and the seed; runs merged must match in
-# these and differ in the seed.
+# What makes two comparison runs measure the same thing (their compare.json keys; a dot
+# reads inside a key: the torch threads, which set every time axis). A resumed run must
+# match the saved one in these and the seed; runs merged must match in these and differ
+# in the seed.
 COMPARABLE = ("data", "root", "image_size", "data_seed", "backbone", "rotations",
               "budget_minutes", "eval_every", "shots", "ways", "queries", "episodes",
-              "recipe", "settings_overrides")
+              "recipe", "settings_overrides", "machine.torch_threads")
 
 _Result = dict[str, Any]                    # one method's entry of compare.json's results
 _Reach = tuple[float, float] | None         # (seconds, FLOPs) of a crossing, None: never
@@ -36,7 +37,21 @@ def differences(a: dict[str, Any], b: dict[str, Any],
         >>> differences({"ways": 5, "shots": [1, 5]}, {"ways": 20, "shots": [1, 5]})
         ['ways']
     """
-    return [k for k in keys if a.get(k) != b.get(k)]
+    return [k for k in keys if setting(a, k) != setting(b, k)]
+
+
+def setting(payload: dict[str, Any], key: str) -> Any:
+    """``payload[key]``, a dot reading inside a key (``"machine.torch_threads"``); None
+    where absent.
+
+    Example:
+        >>> setting({"machine": {"torch_threads": 2}}, "machine.torch_threads")
+        2
+    """
+    value: Any = payload
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def curve(result: _Result, shot: str,

@@ -82,6 +82,12 @@ class R2D2Config(_EpisodicConfig):
                                     "see the module)")
     learn_lam: bool = setting(True, "meta-learn lambda (the paper does)")
 
+    def inert_fields(self) -> list[tuple[str, str]]:
+        """As the episodic configs', and ``bias_init`` always: a bias common to every
+        logit cancels in the softmax (its gradient is zero), so no value changes a run."""
+        return [*super().inert_fields(),
+                ("bias_init", "the softmax (a bias common to every logit cancels)")]
+
     def validate(self) -> None:
         super().validate()
         if self.lam_init <= 0 or self.scale_init <= 0:

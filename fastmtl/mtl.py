@@ -623,25 +623,27 @@ def _small_side(backbone: nn.Module, image_shape: Sequence[int], fraction: float
         raise ValueError(f"small_images={fraction:g} of the training images' side "
                          f"({min(H, W)} px) rounds to the full size: no smaller images")
     full = feature_dim(backbone, image_shape)
-    too_small = False
-    for s in range(side, min(H, W)):
-        try:
-            if feature_dim(backbone, (C, s, s)) == full:
-                break
-        except (RuntimeError, ValueError):   # too small for the backbone: try larger
-            too_small = too_small or s == side
-    else:
-        s = 0
-    if s and too_small:      # a side works, but the one asked for is far below it
+    keeps = next((s for s in range(side, min(H, W))
+                  if _features_at(backbone, C, s) == full), None)
+    if keeps is None:
+        warnings.warn(f"small_images={fraction:g}: no side from {side} to {min(H, W) - 1} px "
+                      f"gives the backbone's {full}-d features of {H}x{W} images; training "
+                      f"at full size throughout", RuntimeWarning, stacklevel=3)
+        return None
+    if keeps != side and _features_at(backbone, C, side) is None:
         raise ValueError(f"small_images={fraction:g}: {side}x{side} images are too small for "
                          f"the backbone; the smallest side it takes with the full size's "
-                         f"features is {s} px (small_images >= {s / min(H, W):.2f})")
-    if s:
-        return s
-    warnings.warn(f"small_images={fraction:g}: no side from {side} to {min(H, W) - 1} px "
-                  f"gives the backbone's {full}-d features of {H}x{W} images; training at "
-                  f"full size throughout", RuntimeWarning, stacklevel=3)
-    return None
+                         f"features is {keeps} px (small_images >= {keeps / min(H, W):.2f})")
+    return keeps
+
+
+def _features_at(backbone: nn.Module, channels: int, side: int) -> int | None:
+    """The backbone's feature size on ``side`` x ``side`` images; None where it cannot take
+    them (too small)."""
+    try:
+        return feature_dim(backbone, (channels, side, side))
+    except (RuntimeError, ValueError):
+        return None
 
 
 def _make_optimizer(cfg: MTLConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:

@@ -78,6 +78,10 @@ def test_compare_resume_keeps_finished_methods(run):
     (["--eval-every", "0"], "--eval-every"),
     (["--settings", "SETTINGS"], "protonet"),
     (["--settings", "BADFIELD"], "unknown field"),
+    (["--ways", "5", "5"], "--ways"),
+    (["--ways", "5", "1"], "--ways"),
+    (["--ways", "5", "500"], "ways"),           # more ways than the test classes
+    (["--eval-split", "train"], "--eval-split"),
 ])
 def test_bad_input_fails_in_one_line_before_training(tmp_path, flags, needle):
     flags = list(flags)
@@ -223,3 +227,42 @@ def test_progressive_resizing_counts_small_steps_at_their_own_flops():
     assert first["flops"] == first["steps"] * small        # 0.2 s: all steps small
     assert last["steps"] * small < last["flops"] < last["steps"] * full
     assert (last["flops"] - last["steps"] * small) % (full - small) == 0
+
+
+def test_several_ways_on_the_validation_classes(tmp_path, monkeypatch):
+    """--ways 5 10 --eval-split val: every point holds both settings (the main ways' keys
+    unchanged, the others "10w1"), evaluated on the val classes; the tables, Markdown and
+    plot cover each; a run of other ways or split is not resumed or merged with it."""
+    from fastmtl import registry
+    from fastmtl.compare import differences
+    splits = []
+    load = registry.load_dataset
+
+    def recording(name, root, split, **options):
+        splits.append(split)
+        return load(name, root, split, **options)
+
+    monkeypatch.setattr(registry, "load_dataset", recording)
+    out = tmp_path / "c"
+    base = ["compare", "--data", "synthetic", "--methods", "mtl,protonet", "--budget-minutes",
+            "0.03", "--eval-every", "1", "--episodes", "4", "--shots", "1", "--out", str(out)]
+    assert main([*base, "--ways", "5", "10", "--eval-split", "val"]) == 0
+    assert splits == ["train", "val"]
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["ways"] == 5 and payload["also_ways"] == [10]
+    assert payload["eval_split"] == "val"
+    for m, res in payload["results"].items():
+        for p in res["points"]:
+            assert sorted(p["accuracy"]) == ["1", "10w1"], m
+            assert ("own" in p["accuracy"]["10w1"]) == (m == "protonet")
+    assert sorted(payload["tables"]) == ["1", "10w1"]
+    md = (out / "compare.md").read_text()
+    assert "## 10-way 1-shot: how much sooner MTL" in md and "on the val classes" in md
+    assert "5-way 1-shot final / best" in md and "10-way 1-shot own final" in md
+    old = dict(payload, eval_split="test", also_ways=[])
+    assert differences(payload, old) == ["also_ways", "eval_split"]
+    legacy = {k: v for k, v in old.items() if k not in ("eval_split", "also_ways")}
+    assert differences(old, legacy) == []          # absent keys mean test, no other ways
+    proc = subprocess.run([sys.executable, "-m", "fastmtl", *base, "--resume"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "also_ways" in proc.stderr and "eval_split" in proc.stderr

@@ -100,6 +100,8 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
                        args.recipe if registry.METHODS[m].recipe else None)
     if any(k < 1 for k in args.shots):
         raise ValueError(f"--shots must be positive, got {args.shots}")
+    if any(w < 2 for w in args.ways) or len(set(args.ways)) != len(args.ways):
+        raise ValueError(f"--ways must be different numbers >= 2, got {args.ways}")
     if args.episodes < 2:
         raise ValueError(f"--episodes must be >= 2 (a confidence interval needs two), got "
                          f"{args.episodes}")
@@ -114,8 +116,8 @@ def _payload(args: argparse.Namespace, methods: list[str], settings: dict[str, A
             "image_size": args.image_size, "data_seed": args.data_seed,
             "backbone": args.backbone, "rotations": rotations, "methods": methods,
             "budget_minutes": args.budget_minutes, "eval_every": args.eval_every,
-            "shots": list(args.shots), "ways": args.ways, "queries": args.queries,
-            "episodes": args.episodes, "seed": args.seed, "recipe": args.recipe,
+            "shots": list(args.shots), "ways": args.ways[0], "also_ways": args.ways[1:],
+            "queries": args.queries, "episodes": args.episodes, "eval_split": args.eval_split, "seed": args.seed, "recipe": args.recipe,
             "settings_overrides": settings, "machine": machine_info(),
             "versions": {"fastmtl": __version__, "torch": torch.__version__}, "results": {}}
 
@@ -143,8 +145,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rotations = args.rotations if args.rotations is not None else args.data == "omniglot"
     opts = dict(image_size=args.image_size, seed=args.data_seed, **folder_kwargs(args))
     train = registry.load_dataset(args.data, args.root, "train", rotations=rotations, **opts)
-    test = registry.load_dataset(args.data, args.root, "test", **opts)
-    say(f"train: {train!r}\ntest: {test!r}")
+    test = registry.load_dataset(args.data, args.root, args.eval_split, **opts)
+    say(f"train: {train!r}\n{args.eval_split}: {test!r}")
     json_path = os.path.join(args.out, "compare.json")
     payload = _payload(args, methods, settings, rotations)
     done = _resumed(json_path, payload, methods) if args.resume and os.path.exists(json_path) \
@@ -232,8 +234,12 @@ def _add_what_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_test_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="k-shot settings")
-    p.add_argument("--ways", type=positive("--ways", int), default=5,
-                   help="classes per test episode")
+    p.add_argument("--ways", type=positive("--ways", int), nargs="+", default=[5],
+                   help="classes per test episode; several (e.g. 5 20): each evaluated at "
+                        "every point, the first the main setting")
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="the classes evaluated on: test, or val to tune settings (the "
+                        "validation alphabets; never tune on test)")
     p.add_argument("--queries", type=positive("--queries", int), default=15,
                    help="queries per class in test episodes")
     p.add_argument("--episodes", type=int, default=300,

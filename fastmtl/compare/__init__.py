@@ -17,10 +17,12 @@ Example:
 """
 from __future__ import annotations
 
-from .analysis import COMPARABLE, differences, merge_runs, setting, speedup_tables
+from .analysis import (COMPARABLE, accuracy_key, accuracy_keys, differences, merge_runs,
+                       setting, speedup_tables)
 from .report import markdown, plot
 from .run import check_data, compare, config_for, flop_counter, flops_per_step, run_method
 
 __all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_step",
-           "run_method", "COMPARABLE", "differences", "setting", "speedup_tables", "merge_runs",
+           "run_method", "COMPARABLE", "accuracy_key", "accuracy_keys", "differences",
+           "setting", "speedup_tables", "merge_runs",
            "markdown", "plot"]

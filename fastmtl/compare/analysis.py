@@ -14,15 +14,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COMPARABLE", "differences", "speedup_tables", "merge_runs", "curve"]
+__all__ = ["COMPARABLE", "differences", "speedup_tables", "merge_runs", "curve", "setting",
+           "accuracy_key", "accuracy_keys"]
 
 # What makes two comparison runs measure the same thing (their compare.json keys; a dot
 # reads inside a key: the torch threads, which set every time axis). A resumed run must
 # match the saved one in these and the seed; runs merged must match in these and differ
 # in the seed.
 COMPARABLE = ("data", "root", "image_size", "data_seed", "backbone", "rotations",
-              "budget_minutes", "eval_every", "shots", "ways", "queries", "episodes",
-              "recipe", "settings_overrides", "machine.torch_threads")
+              "budget_minutes", "eval_every", "shots", "ways", "also_ways", "queries",
+              "episodes", "eval_split", "recipe", "settings_overrides", "machine.torch_threads")
+# What a key absent from a compare.json (one written before the key was recorded) means.
+_ABSENT = {"also_ways": [], "eval_split": "test"}
 
 _Result = dict[str, Any]                    # one method's entry of compare.json's results
 _Reach = tuple[float, float] | None         # (seconds, FLOPs) of a crossing, None: never
@@ -41,17 +44,45 @@ def differences(a: dict[str, Any], b: dict[str, Any],
 
 
 def setting(payload: dict[str, Any], key: str) -> Any:
-    """``payload[key]``, a dot reading inside a key (``"machine.torch_threads"``); None
-    where absent.
+    """``payload[key]``, a dot reading inside a key (``"machine.torch_threads"``); where
+    absent, what its absence means (``also_ways``: none, ``eval_split``: test) or None.
 
     Example:
         >>> setting({"machine": {"torch_threads": 2}}, "machine.torch_threads")
         2
+        >>> setting({}, "eval_split")
+        'test'
     """
     value: Any = payload
     for part in key.split("."):
         value = value.get(part) if isinstance(value, dict) else None
-    return value
+    return _ABSENT.get(key) if value is None else value
+
+
+def accuracy_key(ways: int, shot: int, main_ways: int) -> str:
+    """The key of an evaluation point's ``accuracy`` for ``ways``-way ``shot``-shot
+    episodes: the shot (``"1"``) at the run's main ``ways``, ``"20w1"`` at other ways.
+
+    Example:
+        >>> accuracy_key(5, 1, 5), accuracy_key(20, 1, 5)
+        ('1', '20w1')
+    """
+    return str(shot) if ways == main_ways else f"{ways}w{shot}"
+
+
+def accuracy_keys(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of each test setting of a compare.json: the main ways' shots, then
+    those of each of ``also_ways``.
+
+    Example:
+        >>> [k for k, _ in accuracy_keys({"ways": 5, "shots": [1, 5], "also_ways": [20]})]
+        ['1', '5', '20w1', '20w5']
+        >>> accuracy_keys({"ways": 5, "shots": [1]})
+        [('1', '5-way 1-shot')]
+    """
+    main = payload["ways"]
+    return [(accuracy_key(w, s, main), f"{w}-way {s}-shot")
+            for w in [main, *setting(payload, "also_ways")] for s in payload["shots"]]
 
 
 def curve(result: _Result, shot: str,

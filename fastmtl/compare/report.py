@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import registry
 from ..checkpoint import atomic_savefig
-from .analysis import curve
+from .analysis import accuracy_keys, curve, setting
 
 __all__ = ["markdown", "plot"]
 
@@ -45,10 +45,10 @@ def _method_rows(payload: dict[str, Any]) -> list[str]:
             continue
         cells = []
         own = []
-        for s in payload["shots"]:
-            _, _, acc = curve(r, str(s), "logistic")
+        for key, _ in accuracy_keys(payload):
+            _, _, acc = curve(r, key, "logistic")
             cells.append(f"{acc[-1]:.1f} / {max(acc):.1f}")
-            _, _, oacc = curve(r, str(s), "own")
+            _, _, oacc = curve(r, key, "own")
             own.append(f"{oacc[-1]:.1f}" if oacc else "-")
         peak = max(p["peak_memory_bytes"] for p in r["points"]) / 2**20
         lines.append(f"| {m} | {r['steps']:,.0f} | {r['images_per_step']:.0f} | "
@@ -64,21 +64,27 @@ def markdown(payload: dict[str, Any]) -> str:
     contents of ``compare.json``: per-method figures, then the speed-up tables."""
     tables = payload["tables"]
     machine = payload["machine"]
+    keys = accuracy_keys(payload)
+    labels = dict(keys)
     cuda = f", {machine['cuda_device']}" if "cuda_device" in machine else ""
+    ways = "- and ".join(str(w) for w in [payload["ways"], *setting(payload, "also_ways")])
+    split = setting(payload, "eval_split")
+    split_note = "" if split == "test" else f" on the {split} classes (a tuning run)"
     lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
              f"{payload['budget_minutes']:g} min of training each", "",
              f"Machine: {machine.get('cpu')}, {machine.get('torch_threads')} threads{cuda}. "
-             f"Test: {payload['ways']}-way, {payload['queries']} queries a class, "
+             f"Test{split_note}: {ways}-way, {payload['queries']} queries a class, "
              f"{payload['episodes']} episodes a point (the same for every method and point), "
              f"logistic-regression protocol unless marked *own*.", "",
              "| method | steps | images/step | GFLOPs/step | train s | eval s | peak memory (MB) | "
-             + " | ".join(f"{s}-shot final / best" for s in payload["shots"])
-             + " | " + " | ".join(f"{s}-shot own final" for s in payload["shots"]) + " |",
-             "|---" * (7 + 2 * len(payload["shots"])) + "|"]
+             + " | ".join(f"{label} final / best" for _, label in keys)
+             + " | " + " | ".join(f"{label} own final" for _, label in keys) + " |",
+             "|---" * (7 + 2 * len(keys)) + "|"]
     lines[1:1] = _merge_note(payload)
     lines += _method_rows(payload)
-    for shot, t in tables.items():
-        lines += ["", f"## {shot}-shot: how much sooner MTL reaches each baseline's best - 1",
+    for key, t in tables.items():
+        shot = labels.get(key, f"{key}-shot")
+        lines += ["", f"## {shot}: how much sooner MTL reaches each baseline's best - 1",
                   "", "| baseline | target | baseline reached at s (TFLOPs) | MTL reached at s "
                   "(TFLOPs) | speed-up of MTL: time | FLOPs | interpolated: time / FLOPs | "
                   "MTL - baseline at equal time |",
@@ -96,7 +102,7 @@ def markdown(payload: dict[str, Any]) -> str:
                          f"{_fmt(r['speedup_flops_interpolated'], '.1f', suffix='x')} | "
                          f"{_fmt(r['mtl_minus_baseline_at_equal_time'], '+.1f')} "
                          f"(at {r['equal_time_seconds']:.0f} s) |")
-        lines += ["", f"## {shot}-shot: how much sooner each baseline reaches MTL's best - 1", "",
+        lines += ["", f"## {shot}: how much sooner each baseline reaches MTL's best - 1", "",
                   "| baseline | target | MTL reached at s | baseline reached at s | speed-up of "
                   "baseline: time | FLOPs | interpolated: time |", "|---|---|---|---|---|---|---|"]
         for r in t["baselines_vs_mtl"]:
@@ -116,8 +122,10 @@ def _per_seed_markdown(payload: dict[str, Any]) -> list[str]:
     if not per_seed:
         return []
     lines = []
+    labels = dict(accuracy_keys(payload))
     for shot, t in payload["tables"].items():
-        lines += ["", f"## {shot}-shot: MTL's speed-up in each run, time (FLOPs)", "",
+        lines += ["", f"## {labels.get(shot, shot + '-shot')}: MTL's speed-up in each run, "
+                  "time (FLOPs)", "",
                   "| baseline | mean curves | " + " | ".join(f"seed {s}" for s in payload["seeds"])
                   + " | smallest |", "|---" * (3 + len(per_seed)) + "|"]
         for i, r in enumerate(t["mtl_vs_baselines"]):
@@ -145,7 +153,9 @@ def plot(payload: dict[str, Any], path: str) -> None:
     """
     from matplotlib import rcParams
     from matplotlib.figure import Figure
-    shots = [str(s) for s in payload["shots"]]
+    keys = accuracy_keys(payload)
+    shots = [k for k, _ in keys]
+    labels = dict(keys)
     fig = Figure(figsize=(5.5 * len(shots), 7.5))
     axes = fig.subplots(2, len(shots), squeeze=False)
     # the colour cycle is longer than the methods: each method its own, in registry order
@@ -158,10 +168,10 @@ def plot(payload: dict[str, Any], path: str) -> None:
         for i, label in enumerate(("training seconds", "training FLOPs")):
             ax = axes[i][j]
             ax.set_xlabel(f"{label} (log scale)")
-            ax.set_ylabel(f"{payload['ways']}-way {shot}-shot accuracy (%)")
+            ax.set_ylabel(f"{labels[shot]} accuracy (%)")
             ax.grid(alpha=0.3, which="both")
             ax.set_xscale("log")
-        axes[0][j].set_title(f"{shot}-shot: logistic-regression protocol (dashed: own)")
+        axes[0][j].set_title(f"{labels[shot]}: logistic protocol (dashed: own)")
     axes[0][0].legend(fontsize=8, ncol=2)
     fig.suptitle(f"fastmtl compare: {payload['data']}, {payload['backbone']}")
     fig.tight_layout()

@@ -30,6 +30,7 @@ from ..data import FewShotDataset
 from ..evaluate import embed, evaluate
 from ..sampling import check_fits
 from ..training import AtTrainingSeconds, Callback, EveryTrainingSeconds, Trainer, TrainState
+from .analysis import accuracy_key
 
 if TYPE_CHECKING:
     from torch.utils.flop_counter import FlopCounterMode
@@ -89,14 +90,25 @@ def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int =
     return cls, cfg
 
 
+def _ways_list(ways: int | Sequence[int]) -> list[int]:
+    """``ways`` as a list (an int: one setting), checked: positive, none twice."""
+    out = [ways] if isinstance(ways, int) else list(ways)
+    if not out or len(set(out)) != len(out):
+        raise ValueError(f"ways: give one or more different numbers of ways, got {ways!r}")
+    for w in out:
+        checks.integer("ways", w, 2)
+    return out
+
+
 def check_data(method: str, cfg: TrainerConfig, train: FewShotDataset, test: FewShotDataset,
-               shots: Sequence[int], ways: int, queries: int) -> None:
-    """ValueError unless ``train`` holds ``method``'s tasks and ``test`` the test episodes."""
+               shots: Sequence[int], ways: int | Sequence[int], queries: int) -> None:
+    """ValueError unless ``train`` holds ``method``'s tasks and ``test`` the test episodes
+    (of each of ``ways``)."""
     need_ways, need_images = cfg.task_needs()
     try:
         check_fits(train.labels, need_ways, need_images, where="training ",
                    ways_name=f"{method} n_way", need_name=f"{method}'s images a class")
-        check_fits(test.labels, ways, max(shots) + queries, where="test ", ways_name="ways",
+        check_fits(test.labels, max(_ways_list(ways)), max(shots) + queries, where="test ", ways_name="ways",
                    need_name="shots + queries")
     except ValueError as exc:
         raise ValueError(f"data: too small: {exc}") from None
@@ -222,18 +234,24 @@ def _flops(trainer: Trainer, state: TrainState, flops: int, small_flops: int | N
     return small * small_flops + (state.step - small) * flops
 
 
-def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int], ways: int,
-                    queries: int, episodes: int, seed: int) -> dict[str, Any]:
+def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int],
+                    ways: Sequence[int], queries: int, episodes: int,
+                    seed: int) -> dict[str, Any]:
+    """Accuracy at each (ways, shots) setting, keyed by :func:`accuracy_key`: the logistic
+    protocol on features embedded once, and the trainer's own adaptation where it has one
+    for those ways."""
     out: dict[str, Any] = {}
     feats = embed(trainer.backbone, test, progress=False)
-    for k in shots:
-        res: dict[str, dict[str, Any]] = {"logistic": evaluate(
-            trainer.backbone, test, n_way=ways, k_shot=k, n_query=queries, episodes=episodes,
-            seed=seed, features=feats, progress=False)}
-        if trainer.own_adaptation and trainer.supports_ways(ways):
-            res["own"] = trainer.evaluate(test, n_way=ways, k_shot=k, n_query=queries,
-                                          episodes=episodes, seed=seed, progress=False)
-        out[str(k)] = {p: {"mean": r["mean"], "ci95": r["ci95"]} for p, r in res.items()}
+    for w in ways:
+        for k in shots:
+            res: dict[str, dict[str, Any]] = {"logistic": evaluate(
+                trainer.backbone, test, n_way=w, k_shot=k, n_query=queries, episodes=episodes,
+                seed=seed, features=feats, progress=False)}
+            if trainer.own_adaptation and trainer.supports_ways(w):
+                res["own"] = trainer.evaluate(test, n_way=w, k_shot=k, n_query=queries,
+                                              episodes=episodes, seed=seed, progress=False)
+            out[accuracy_key(w, k, ways[0])] = {p: {"mean": r["mean"], "ci95": r["ci95"]}
+                                                for p, r in res.items()}
     return out
 
 
@@ -262,9 +280,11 @@ def _timer(eval_every: float | Sequence[float],
 def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
                make_backbone: Callable[[], torch.nn.Module], train: FewShotDataset,
                test: FewShotDataset, *, eval_every: float | Sequence[float],
-               shots: Sequence[int], ways: int, queries: int, episodes: int, seed: int,
-               bar: tqdm | None = None) -> dict[str, Any]:
-    """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s."""
+               shots: Sequence[int], ways: int | Sequence[int], queries: int, episodes: int,
+               seed: int, bar: tqdm | None = None) -> dict[str, Any]:
+    """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s
+    (``ways``: one number of ways, or several, the first the main one)."""
+    ways = _ways_list(ways)
     flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
     torch.manual_seed(seed)
     trainer = cls(make_backbone(), cfg)
@@ -336,7 +356,8 @@ def _check_compare_args(methods: Sequence[str], budget_minutes: float,
 
 def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
             make_backbone: Callable[[], torch.nn.Module], *, budget_minutes: float,
-            eval_every: float | Sequence[float], shots: Sequence[int] = (1, 5), ways: int = 5,
+            eval_every: float | Sequence[float], shots: Sequence[int] = (1, 5),
+            ways: int | Sequence[int] = 5,
             queries: int = 15, episodes: int = 300, seed: int = 0,
             settings: dict[str, dict[str, Any]] | None = None, recipe: str | None = None,
             done: dict[str, Any] | None = None,
@@ -353,7 +374,8 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
             of increasing training times to evaluate at; the end of training is always
             evaluated too.
         shots, ways, queries, episodes, seed: the test episodes (the same for every
-            method and time point).
+            method and time point); ``ways`` one number or several (each evaluated at
+            every point; accuracies keyed by :func:`fastmtl.compare.accuracy_key`).
         settings: per-method overrides of the registry's comparison settings.
         recipe: MTL's recipe (None: the registry's, the fast one).
         done: results of methods already run (``--resume``): those are kept, not rerun.
@@ -372,6 +394,7 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
     """
     methods = list(methods)
     _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
+    ways = _ways_list(ways)
     settings = settings or {}
     configs: dict[str, tuple[TrainerClass, TrainerConfig]] = {}
     for m in methods:

@@ -117,7 +117,8 @@ def _payload(args: argparse.Namespace, methods: list[str], settings: dict[str, A
             "backbone": args.backbone, "rotations": rotations, "methods": methods,
             "budget_minutes": args.budget_minutes, "eval_every": args.eval_every,
             "shots": list(args.shots), "ways": args.ways[0], "also_ways": args.ways[1:],
-            "queries": args.queries, "episodes": args.episodes, "eval_split": args.eval_split, "seed": args.seed, "recipe": args.recipe,
+            "queries": args.queries, "episodes": args.episodes, "eval_split": args.eval_split,
+            "seed": args.seed, "recipe": args.recipe,
             "settings_overrides": settings, "machine": machine_info(),
             "versions": {"fastmtl": __version__, "torch": torch.__version__}, "results": {}}
 

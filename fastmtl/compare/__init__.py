@@ -17,8 +17,15 @@ Example:
 """
 from __future__ import annotations
 
-from .analysis import (COMPARABLE, accuracy_key, accuracy_keys, differences, merge_runs,
-                       setting, speedup_tables)
+from .analysis import (
+    COMPARABLE,
+    accuracy_key,
+    accuracy_keys,
+    differences,
+    merge_runs,
+    setting,
+    speedup_tables,
+)
 from .report import markdown, plot
 from .run import check_data, compare, config_for, flop_counter, flops_per_step, run_method
 

@@ -108,8 +108,8 @@ def check_data(method: str, cfg: TrainerConfig, train: FewShotDataset, test: Few
     try:
         check_fits(train.labels, need_ways, need_images, where="training ",
                    ways_name=f"{method} n_way", need_name=f"{method}'s images a class")
-        check_fits(test.labels, max(_ways_list(ways)), max(shots) + queries, where="test ", ways_name="ways",
-                   need_name="shots + queries")
+        check_fits(test.labels, max(_ways_list(ways)), max(shots) + queries, where="test ",
+                   ways_name="ways", need_name="shots + queries")
     except ValueError as exc:
         raise ValueError(f"data: too small: {exc}") from None
 

@@ -395,13 +395,10 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
     methods = list(methods)
     _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
     ways = _ways_list(ways)
-    settings = settings or {}
-    configs: dict[str, tuple[TrainerClass, TrainerConfig]] = {}
-    for m in methods:
-        cls, cfg = config_for(m, settings.get(m), seed, budget_minutes,
-                              recipe if registry.METHODS[m].recipe else None)
+    configs = {m: config_for(m, (settings or {}).get(m), seed, budget_minutes,
+                             recipe if registry.METHODS[m].recipe else None) for m in methods}
+    for m, (_, cfg) in configs.items():
         check_data(m, cfg, train, test, shots, ways, queries)
-        configs[m] = (cls, cfg)
     results = dict(done or {})
     for m in methods:
         if m in results:

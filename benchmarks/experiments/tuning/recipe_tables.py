@@ -3,8 +3,8 @@
 Reads what ``recipe_omniglot_background.sh`` left under OUT (one folder a variant:
 ``train.json``, ``val5way.json``, ``val20way.json``) and writes OUT_FILE.json (every
 variant's flags, steps, machine and validation accuracies) and OUT_FILE.md (the table).
-Variants are listed in the order they ran; each row's difference is against the variant
-named ``*default*`` trained with the same seed, and "at once" counts the variants whose
+Variants are listed in the order they ran; each row's difference is against the first
+variant named ``*default*`` trained with the same seed, and "at once" counts the variants whose
 training overlapped its own (itself included: they shared the 2 cores).
 
 Usage:
@@ -51,7 +51,10 @@ def at_once(rows: list[dict[str, Any]]) -> None:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| variant | flags | at once | steps | " + " | ".join(SETTINGS)
             + " |\n|---|---|---|---|" + "---|" * len(SETTINGS))
-    refs = {r["seed"]: r["val_accuracy"] for r in rows if "default" in r["name"]}
+    refs: dict[int, dict[str, Any]] = {}
+    for r in rows:                     # the first default run of each seed
+        if "default" in r["name"]:
+            refs.setdefault(r["seed"], r["val_accuracy"])
     lines = [head]
     for r in rows:
         ref = refs.get(r["seed"], r["val_accuracy"])
@@ -66,8 +69,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"`fastmtl eval` "
             f"of its final.pt on the 163 validation characters, {rows[0]['episodes']} "
             f"episodes a setting (the same episodes for every variant). Accuracy in %, "
-            f"in brackets the difference to the default recipe trained with the "
-            f"same seed (round 2 has none of its own: against round 1's).\n\n"
+            f"in brackets the difference to the first default-recipe run of the same "
+            f"seed.\n\n"
             + "\n".join(lines) + "\n")
 
 

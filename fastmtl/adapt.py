@@ -70,6 +70,8 @@ __all__ = ["LogisticHeads", "fit_logistic"]
 # Bytes of support features fitted at once; more episodes are fitted in chunks.
 _CHUNK_BYTES = 1 << 28
 _MAX_HALVINGS = 40
+# CG iterations without a smaller residual after which an episode's CG stops (see _pcg).
+_CG_PATIENCE = 10
 _ARMIJO = 1e-4
 # One point of the objective: (objective, softmax, penalty image, coef 1), see _evaluate.
 _Point = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -422,6 +424,14 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
     tolerance (the gradient and the line search stay in float64), and the iterations are
     bound by memory traffic, which float32 halves. Each vector and its image are stacked
     in one (2, E, K, S) tensor, to halve the number of calls.
+
+    Float32 bounds how far the residual can fall: with tight classes (well-trained
+    features, 20-way 5-shot) the Gram matrix is ill-conditioned, the recurred residual
+    stops falling long before a late Newton step's target, and the recurrence then
+    diverges, to NaN given enough iterations. So every episode returns the iterate of
+    its smallest residual and stops once that has not improved for ``_CG_PATIENCE``
+    iterations or its residual is not finite; a step solved less tightly than asked is
+    still a descent direction, and Newton goes on from it.
     """
     E, K, S = prob.shape
     f32 = torch.float32
@@ -438,6 +448,8 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
     rz = (r2[0] * p2[1]).sum((1, 2))
     live = (rz > 0) & ~frozen
     target2 = target2.to(f32)
+    best_x, best_res = x.clone(), (r2[0] * r2[1]).sum((1, 2))
+    stale = torch.zeros(E, dtype=torch.int64, device=prob.device)
     for _ in range(K * S):
         hp2 = _hessian_product(p2, prob, c3, shift, gram32)
         # Solved episodes stop moving; so do those where rounding has eaten the curvature.
@@ -446,7 +458,12 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         alpha = torch.where(live, rz / curv, zero)[:, None, None]
         x.addcmul_(alpha, p2[0])
         r2.addcmul_(alpha, hp2, value=-1)
-        live = live & ((r2[0] * r2[1]).sum((1, 2)) > target2)
+        res = (r2[0] * r2[1]).sum((1, 2))
+        better = live & (res < best_res)        # False for a NaN residual
+        best_x = torch.where(better[:, None, None], x, best_x)
+        best_res = torch.where(better, res, best_res)
+        stale = torch.where(better, 0, stale + 1)
+        live = live & (res > target2) & (stale < _CG_PATIENCE)
         if not bool(live.any()):
             break
         z2 = precondition(r2)
@@ -455,7 +472,7 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         rz = rz_new
         p2 = z2.addcmul_(beta, p2)
     # The image in float64: it updates the logits, which must stay those of the coefficients.
-    x = x.to(gram64.dtype)
+    x = best_x.to(gram64.dtype)
     return x, x @ gram64
 
 

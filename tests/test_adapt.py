@@ -111,6 +111,34 @@ def test_matches_sklearn(n_way, shot, d, kind):
     assert (pred == ref).mean() >= 0.99
 
 
+def _tight_episodes(E, seed, n_way=20, shot=5, d=256, noise=0.1):
+    """Features like a well-trained backbone's: tight classes, non-negative (after a ReLU),
+    L2-normalized, float32; 20-way 5-shot gives an ill-conditioned Gram matrix."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(E, n_way, 1, d, generator=g)
+    z = F.normalize((means + noise * torch.randn(E, n_way, shot + 15, d, generator=g)).relu(),
+                    dim=-1)
+    support = z[:, :, :shot].reshape(E, n_way * shot, d)
+    query = z[:, :, shot:].reshape(E, n_way * 15, d)
+    return (support, torch.arange(n_way).repeat_interleave(shot).expand(E, -1), query,
+            torch.arange(n_way).repeat_interleave(15).expand(E, -1))
+
+
+def test_tight_classes_at_20_way_5_shot_converge_to_sklearns_heads():
+    """Regression: float32 CG stalled on such episodes (3 of these 100), its recurrence then
+    diverged, and the heads came back NaN (chance-level accuracy, counted as a result)."""
+    zs, ys, zq, yq = _tight_episodes(100, seed=2)
+    heads = fit_logistic(zs, ys, C=3.0, n_classes=20)
+    assert bool(torch.isfinite(heads.weight).all()) and bool(torch.isfinite(heads.bias).all())
+    assert bool(heads.converged.all())
+    assert (heads.predict(zq) == yq).float().mean(1).min() > 0.8
+    once_bad = [5, 55, 96]
+    weight, bias, _ = _sklearn(zs[once_bad].double(), ys[once_bad], 20, **TIGHT)
+    sub = LogisticHeads(heads.weight[once_bad], heads.bias[once_bad],
+                        heads.n_iter[once_bad], heads.converged[once_bad])
+    _assert_matches(sub, weight, bias)
+
+
 @pytest.mark.parametrize("C", [0.1, 1.0, 30.0])
 def test_matches_sklearn_for_other_C(C):
     zs, ys, _, _ = _episodes(3, 5, 5, 64, seed=7)

@@ -79,9 +79,11 @@ def main() -> None:
     p.add_argument("runs", help="the OUT folder of recipe_omniglot_background.sh")
     p.add_argument("--out", required=True, help="output path without .json / .md")
     args = p.parse_args()
-    folders = sorted((os.path.join(args.runs, d) for d in os.listdir(args.runs)
-                      if os.path.isdir(os.path.join(args.runs, d))), key=os.path.getmtime)
-    rows = [r for r in map(variant, folders) if r is not None]
+    folders = [os.path.join(args.runs, d) for d in os.listdir(args.runs)
+               if os.path.isdir(os.path.join(args.runs, d))]
+    # In the order they trained (a folder's own time moves when a variant is re-evaluated).
+    rows = sorted((r for r in map(variant, folders) if r is not None),
+                  key=lambda r: r["trained"][0])
     at_once(rows)
     with open(args.out + ".json", "w") as f:
         json.dump({"name": os.path.basename(args.out), "variants": rows}, f, indent=1)

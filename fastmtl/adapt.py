@@ -25,12 +25,14 @@ products alone: the exact Hessian has K (S + 1) rows (130 for 5-way 5-shot), and
 factoring 600 of them per iteration made a first version about 10x slower on a CPU.
 The preconditioner replaces the points' softmax Hessians by their mean and K_c by a
 multiple of the identity, which leaves K x K inverses per episode; it is exact at the
-start, and a Newton step then takes one to five CG iterations. The CG vectors are carried
+start, and a Newton step then takes one to five CG iterations (tens on tight 20-way
+5-shot episodes). The CG vectors are carried
 together with their products with the Gram matrix, so an iteration costs one small
 batched product, and no factorization of the Gram matrix is needed (600 small
 eigendecompositions cost about half of the whole fit on a CPU). Newton's gradient and
-objective run in float64, the CG iterations in float32 (they only need to reach the
-forcing tolerance, and they are bound by memory traffic).
+objective run in float64, the CG iterations in float32 (they stop at the forcing
+tolerance, or where float32 rounding stalls them, with their best iterate: see _pcg; and
+they are bound by memory traffic).
 
 Details that keep it exact and robust:
 - Inexact Newton with an Armijo backtracking line search on the (convex) objective:
@@ -70,8 +72,9 @@ __all__ = ["LogisticHeads", "fit_logistic"]
 # Bytes of support features fitted at once; more episodes are fitted in chunks.
 _CHUNK_BYTES = 1 << 28
 _MAX_HALVINGS = 40
-# CG iterations without a smaller residual after which an episode's CG stops (see _pcg).
-_CG_PATIENCE = 10
+# CG iterations without halving its best residual after which an episode's CG stops (at
+# least 2 K for K classes; see _pcg).
+_CG_PATIENCE = 20
 _ARMIJO = 1e-4
 # One point of the objective: (objective, softmax, penalty image, coef 1), see _evaluate.
 _Point = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -252,6 +255,8 @@ def _fit_chunk(x: Tensor, y: Tensor, C: float, n_classes: int, max_iter: int,
     bias = bias - (coef @ (row - mean)).squeeze(-1)
     centre = torch.where(present, bias, 0.0).sum(1, keepdim=True) / n_present.unsqueeze(1)
     bias = torch.where(present, bias - centre, float("-inf"))
+    # A head that is not finite is never reported as converged (callers count those).
+    converged = converged & torch.isfinite(weight).all(2).all(1)
     return weight, bias, n_iter, converged
 
 
@@ -400,22 +405,26 @@ def _backtrack(last: _Step, co: Tensor, img: Tensor, point: _Point, mask: Tensor
     # Where the predicted decrease is below the objective's rounding, no test on the
     # objective can judge the step, and the point is that close to the optimum (convex):
     # the Newton step is taken as it is. Frozen episodes (zero steps) land here too.
-    sure = -slope <= slack
+    # (_pcg returns only descent steps; one uphill by rounding is tested, not taken whole.)
+    sure = slope.abs() <= slack
     t = torch.ones_like(f0)
     for halvings in range(_MAX_HALVINGS + 1):
         accept = sure | (point[0] <= f0 + _ARMIJO * t * slope + slack)
         if bool(accept.all()):
             break
         t = torch.where(accept, t, 0.0 if halvings == _MAX_HALVINGS else 0.5 * t)
-        co = torch.addcmul(co0, t.view(-1, 1, 1), step)
-        img = torch.addcmul(img0, t.view(-1, 1, 1), step_img)
+        # t = 0 gives back the start exactly, whatever the step holds.
+        moved = t.view(-1, 1, 1) > 0
+        co = torch.where(moved, torch.addcmul(co0, t.view(-1, 1, 1), step), co0)
+        img = torch.where(moved, torch.addcmul(img0, t.view(-1, 1, 1), step_img), img0)
         point = _evaluate(co, img, mask, lab, c, k)
     return co, img, point, t == 0
 
 
 def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, k: Tensor,
          grad2: Tensor, target2: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
-    """Preconditioned CG for the Newton step: H step = -grad to ||residual||^2 <= target2.
+    """Preconditioned CG for the Newton step: H step = -grad, towards ||residual||^2 <=
+    target2; returns the best iterate (below) and its image.
 
     grad2 stacks the gradient and its image, (2, E, K, S); frozen episodes get a zero
     step (see :func:`_preconditioner` for the preconditioner).
@@ -425,13 +434,13 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
     bound by memory traffic, which float32 halves. Each vector and its image are stacked
     in one (2, E, K, S) tensor, to halve the number of calls.
 
-    Float32 bounds how far the residual can fall: with tight classes (well-trained
-    features, 20-way 5-shot) the Gram matrix is ill-conditioned, the recurred residual
-    stops falling long before a late Newton step's target, and the recurrence then
-    diverges, to NaN given enough iterations. So every episode returns the iterate of
-    its smallest residual and stops once that has not improved for ``_CG_PATIENCE``
-    iterations or its residual is not finite; a step solved less tightly than asked is
-    still a descent direction, and Newton goes on from it.
+    Float32 bounds how far the residual falls: on tight classes (20-way 5-shot) the Gram
+    matrix is ill-conditioned, the residual stalls above a late Newton step's target, and
+    the recurrence then diverges, to NaN. So each episode returns the iterate of smallest
+    residual among the downhill ones (``<step, grad> < 0``: true of every CG iterate in
+    exact arithmetic, checked as float32 loses it), at least the first (the model's
+    minimizer along the preconditioned gradient), and stops once its best residual has
+    not halved for ``max(_CG_PATIENCE, 2 K)`` iterations or its residual is not finite.
     """
     E, K, S = prob.shape
     f32 = torch.float32
@@ -448,8 +457,9 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
     rz = (r2[0] * p2[1]).sum((1, 2))
     live = (rz > 0) & ~frozen
     target2 = target2.to(f32)
-    best_x, best_res = x.clone(), (r2[0] * r2[1]).sum((1, 2))
-    stale = torch.zeros(E, dtype=torch.int64, device=prob.device)
+    g_img = grad2[1].to(f32)
+    best = _BestIterate.start(x)
+    patience = max(_CG_PATIENCE, 2 * K)
     for _ in range(K * S):
         hp2 = _hessian_product(p2, prob, c3, shift, gram32)
         # Solved episodes stop moving; so do those where rounding has eaten the curvature.
@@ -458,12 +468,9 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         alpha = torch.where(live, rz / curv, zero)[:, None, None]
         x.addcmul_(alpha, p2[0])
         r2.addcmul_(alpha, hp2, value=-1)
-        res = (r2[0] * r2[1]).sum((1, 2))
-        better = live & (res < best_res)        # False for a NaN residual
-        best_x = torch.where(better[:, None, None], x, best_x)
-        best_res = torch.where(better, res, best_res)
-        stale = torch.where(better, 0, stale + 1)
-        live = live & (res > target2) & (stale < _CG_PATIENCE)
+        res = (r2[0] * r2[1]).sum((1, 2)).abs()
+        stale = best.update(x, res, live & ((x * g_img).sum((1, 2)) < 0))
+        live = live & torch.isfinite(res) & (res > target2) & (stale < patience)
         if not bool(live.any()):
             break
         z2 = precondition(r2)
@@ -472,8 +479,34 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         rz = rz_new
         p2 = z2.addcmul_(beta, p2)
     # The image in float64: it updates the logits, which must stay those of the coefficients.
-    x = best_x.to(gram64.dtype)
+    x = best.x.to(gram64.dtype)
     return x, x @ gram64
+
+
+@dataclass(eq=False)
+class _BestIterate:
+    """Each episode's best CG iterate so far, and how long since CG last made progress."""
+
+    x: Tensor         # (E, K, S) the iterate of smallest residual among the downhill ones
+    res: Tensor       # (E,) its residual; inf before the first
+    anchor: Tensor    # (E,) the best residual when ``stale`` was last reset
+    stale: Tensor     # (E,) iterations since the best residual last halved
+
+    @classmethod
+    def start(cls, x: Tensor) -> _BestIterate:
+        inf = torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
+        return cls(x.clone(), inf, inf.clone(), torch.zeros_like(inf, dtype=torch.int64))
+
+    def update(self, x: Tensor, res: Tensor, eligible: Tensor) -> Tensor:
+        """Take ``x`` where eligible (live and downhill) with a smaller residual than the
+        best (never for a NaN residual); returns ``stale``."""
+        better = eligible & (res < self.res)
+        self.x = torch.where(better[:, None, None], x, self.x)
+        self.res = torch.where(better, res, self.res)
+        progress = better & (res < 0.5 * self.anchor)
+        self.anchor = torch.where(progress, res, self.anchor)
+        self.stale = torch.where(progress, 0, self.stale + 1)
+        return self.stale
 
 
 def _hessian_product(p2: Tensor, prob: Tensor, c3: Tensor, shift: Tensor,

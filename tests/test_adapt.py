@@ -139,6 +139,40 @@ def test_tight_classes_at_20_way_5_shot_converge_to_sklearns_heads():
     _assert_matches(sub, weight, bias)
 
 
+def test_cg_asked_for_more_than_float32_holds_returns_a_finite_descent_step():
+    """The stall path: a Newton step of tight 20-way 5-shot episodes with a target no
+    float32 residual reaches (0) must come back finite, with its image, downhill and
+    lowering the Newton model; the old loop ran on for K * S iterations instead."""
+    zs, ys, _, _ = _tight_episodes(4, seed=2)
+    x = zs.to(torch.float32)
+    gram = (x @ x.transpose(1, 2)).double()
+    rowm = gram.mean(2, keepdim=True)
+    gram_aug = gram - rowm - rowm.transpose(1, 2) + rowm.mean(1, keepdim=True) + 0.01
+    E, K, S = 4, 20, 100
+    onehot = F.one_hot(ys, K).transpose(1, 2).double()
+    coef = torch.randn(E, K, S, generator=torch.Generator().manual_seed(0),
+                             dtype=torch.float64)
+    logits = coef @ gram_aug
+    prob = logits.softmax(1)
+    c = torch.full((E,), 3.0, dtype=torch.float64)
+    k = torch.full((E,), 0.01, dtype=torch.float64)
+    grad = c.view(-1, 1, 1) * (prob - onehot) + coef - coef.sum(-1, keepdim=True) / S
+    grad2 = torch.stack([grad, grad @ gram_aug])
+    fill = torch.full((E, K, K), 1.0 / K)
+    step, step_img = adapt._pcg(gram_aug.float(), gram_aug, prob, fill, c, k, grad2,
+                                torch.zeros(E, dtype=torch.float64),
+                                torch.zeros(E, dtype=torch.bool))
+    assert bool(torch.isfinite(step).all()) and bool(torch.isfinite(step_img).all())
+    torch.testing.assert_close(step_img, step @ gram_aug)
+    slope = (grad * step_img).sum((1, 2))
+    assert bool((slope < 0).all())                                # downhill, every episode
+    # and the Newton model falls: the old loop's last iterate raised it on one of these
+    shift = torch.stack([torch.full((E, 1, 1), 1.0 / S), k.float()[:, None, None]])
+    h_img = adapt._hessian_product(torch.stack([step, step_img]).float(), prob.float(),
+                                   c.float()[:, None, None], shift, gram_aug.float())[1]
+    assert bool((slope + 0.5 * (step * h_img.double()).sum((1, 2)) < 0).all())
+
+
 @pytest.mark.parametrize("C", [0.1, 1.0, 30.0])
 def test_matches_sklearn_for_other_C(C):
     zs, ys, _, _ = _episodes(3, 5, 5, 64, seed=7)

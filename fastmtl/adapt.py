@@ -75,6 +75,9 @@ _MAX_HALVINGS = 40
 # CG iterations without halving its best residual after which an episode's CG stops (at
 # least 2 K for K classes; see _pcg).
 _CG_PATIENCE = 20
+# CG iterations run plain (the last iterate is the answer) before that bookkeeping starts:
+# healthy solves end within them, and a stall's divergence comes far later (see _pcg).
+_CG_PLAIN = 8
 _ARMIJO = 1e-4
 # One point of the objective: (objective, softmax, penalty image, coef 1), see _evaluate.
 _Point = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -255,8 +258,9 @@ def _fit_chunk(x: Tensor, y: Tensor, C: float, n_classes: int, max_iter: int,
     bias = bias - (coef @ (row - mean)).squeeze(-1)
     centre = torch.where(present, bias, 0.0).sum(1, keepdim=True) / n_present.unsqueeze(1)
     bias = torch.where(present, bias - centre, float("-inf"))
-    # A head that is not finite is never reported as converged (callers count those).
-    converged = converged & torch.isfinite(weight).all(2).all(1)
+    # A head that is not finite is never reported as converged (callers count those); the
+    # features are finite (checked above), so the coefficients tell, at support size.
+    converged = converged & torch.isfinite(coef).all(2).all(1)
     return weight, bias, n_iter, converged
 
 
@@ -423,11 +427,9 @@ def _backtrack(last: _Step, co: Tensor, img: Tensor, point: _Point, mask: Tensor
 
 def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, k: Tensor,
          grad2: Tensor, target2: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
-    """Preconditioned CG for the Newton step: H step = -grad, towards ||residual||^2 <=
-    target2; returns the best iterate (below) and its image.
-
-    grad2 stacks the gradient and its image, (2, E, K, S); frozen episodes get a zero
-    step (see :func:`_preconditioner` for the preconditioner).
+    """Preconditioned CG for H step = -grad, towards ||residual||^2 <= target2; the best
+    iterate (below) and its image. grad2 stacks the gradient and its image, (2, E, K, S);
+    frozen episodes get a zero step (see :func:`_preconditioner` for the preconditioner).
 
     CG runs in float32: the step only has to be a descent direction solved to the forcing
     tolerance (the gradient and the line search stay in float64), and the iterations are
@@ -438,9 +440,9 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
     matrix is ill-conditioned, the residual stalls above a late Newton step's target, and
     the recurrence then diverges, to NaN. So each episode returns the iterate of smallest
     residual among the downhill ones (``<step, grad> < 0``: true of every CG iterate in
-    exact arithmetic, checked as float32 loses it), at least the first (the model's
-    minimizer along the preconditioned gradient), and stops once its best residual has
-    not halved for ``max(_CG_PATIENCE, 2 K)`` iterations or its residual is not finite.
+    exact arithmetic, checked as float32 loses it) from iteration ``_CG_PLAIN`` on
+    (healthy solves end before it and pay nothing), and stops once its best residual
+    has not halved for ``max(_CG_PATIENCE, 2 K)`` iterations or is not finite.
     """
     E, K, S = prob.shape
     f32 = torch.float32
@@ -458,9 +460,9 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
     live = (rz > 0) & ~frozen
     target2 = target2.to(f32)
     g_img = grad2[1].to(f32)
-    best = _BestIterate.start(x)
+    best: _BestIterate | None = None      # kept from _CG_PLAIN iterations on (see above)
     patience = max(_CG_PATIENCE, 2 * K)
-    for _ in range(K * S):
+    for it in range(K * S):
         hp2 = _hessian_product(p2, prob, c3, shift, gram32)
         # Solved episodes stop moving; so do those where rounding has eaten the curvature.
         curv = (p2[0] * hp2[1]).sum((1, 2))
@@ -469,8 +471,10 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         x.addcmul_(alpha, p2[0])
         r2.addcmul_(alpha, hp2, value=-1)
         res = (r2[0] * r2[1]).sum((1, 2)).abs()
-        stale = best.update(x, res, live & ((x * g_img).sum((1, 2)) < 0))
-        live = live & torch.isfinite(res) & (res > target2) & (stale < patience)
+        if it >= _CG_PLAIN - 1:
+            best = best or _BestIterate.start(x)
+            live = best.update(x, res, live, g_img, patience)
+        live = live & (res > target2)
         if not bool(live.any()):
             break
         z2 = precondition(r2)
@@ -479,7 +483,7 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         rz = rz_new
         p2 = z2.addcmul_(beta, p2)
     # The image in float64: it updates the logits, which must stay those of the coefficients.
-    x = best.x.to(gram64.dtype)
+    x = (x if best is None else best.x).to(gram64.dtype)
     return x, x @ gram64
 
 
@@ -494,19 +498,23 @@ class _BestIterate:
 
     @classmethod
     def start(cls, x: Tensor) -> _BestIterate:
+        """None yet: the first update takes the current iterate where it is eligible, and
+        the start (zero) stays where it is not."""
         inf = torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
-        return cls(x.clone(), inf, inf.clone(), torch.zeros_like(inf, dtype=torch.int64))
+        return cls(torch.zeros_like(x), inf, inf.clone(),
+                   torch.zeros_like(inf, dtype=torch.int64))
 
-    def update(self, x: Tensor, res: Tensor, eligible: Tensor) -> Tensor:
-        """Take ``x`` where eligible (live and downhill) with a smaller residual than the
-        best (never for a NaN residual); returns ``stale``."""
-        better = eligible & (res < self.res)
+    def update(self, x: Tensor, res: Tensor, live: Tensor, g_img: Tensor,
+               patience: int) -> Tensor:
+        """Take ``x`` where live and downhill with a smaller residual than the best (never
+        for a NaN residual); returns ``live`` less the stalled and non-finite episodes."""
+        better = live & ((x * g_img).sum((1, 2)) < 0) & (res < self.res)
         self.x = torch.where(better[:, None, None], x, self.x)
         self.res = torch.where(better, res, self.res)
         progress = better & (res < 0.5 * self.anchor)
         self.anchor = torch.where(progress, res, self.anchor)
         self.stale = torch.where(progress, 0, self.stale + 1)
-        return self.stale
+        return live & torch.isfinite(res) & (self.stale < patience)
 
 
 def _hessian_product(p2: Tensor, prob: Tensor, c3: Tensor, shift: Tensor,

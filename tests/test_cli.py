@@ -42,6 +42,18 @@ def test_train_then_eval_writes_json(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--episodes", "20",
                  "--shots", "1", "--out", str(ev)]) == 0
     assert json.loads(ev.read_text())["results"][0]["episodes"] == 20
+    # --C reaches the protocol and is recorded; a bad one is a one-line error, exit 2
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--episodes", "20",
+                 "--shots", "1", "--C", "0.01", "--out", str(ev)]) == 0
+    low = json.loads(ev.read_text())["results"][0]
+    assert low["C"] == 0.01
+    capsys.readouterr()
+    for bad in ("0", "-1", "nan", "x"):
+        with pytest.raises(SystemExit) as exc:           # argparse's own one-line error
+            main(["eval", "--checkpoint", str(ck / "final.pt"), "--C", bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--C" in err and len(err.strip().splitlines()) == 1
 
 
 def test_demo_runs_short(tmp_path):

@@ -77,14 +77,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def evaluate_all(backbone: nn.Module, test: FewShotDataset, shots: Iterable[int], ways: int,
                  queries: int, episodes: int, seed: int,
-                 progress: bool = True) -> list[dict[str, Any]]:
+                 progress: bool = True, C: float = 3.0) -> list[dict[str, Any]]:
     from ..evaluate import embed, evaluate
     progress = progress and _dist.is_main()
     feats = embed(backbone, test, progress=progress)
     out = []
     for k in shots:
         r = evaluate(backbone, test, n_way=ways, k_shot=k, n_query=queries, episodes=episodes,
-                     seed=seed, features=feats, progress=progress)
+                     seed=seed, features=feats, progress=progress, C=C)
         r.pop("accuracies")
         out.append(r)
     return out

@@ -459,7 +459,6 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
     rz = (r2[0] * p2[1]).sum((1, 2))
     live = (rz > 0) & ~frozen
     target2 = target2.to(f32)
-    g_img = grad2[1].to(f32)
     best: _BestIterate | None = None      # kept from _CG_PLAIN iterations on (see above)
     patience = max(_CG_PATIENCE, 2 * K)
     for it in range(K * S):
@@ -472,8 +471,8 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         r2.addcmul_(alpha, hp2, value=-1)
         res = (r2[0] * r2[1]).sum((1, 2)).abs()
         if it >= _CG_PLAIN - 1:
-            best = best or _BestIterate.start(x)
-            live = best.update(x, res, live, g_img, patience)
+            best = best or _BestIterate.start(x, grad2[1])
+            live = best.update(x, res, live, patience)
         live = live & (res > target2)
         if not bool(live.any()):
             break
@@ -495,20 +494,21 @@ class _BestIterate:
     res: Tensor       # (E,) its residual; inf before the first
     anchor: Tensor    # (E,) the best residual when ``stale`` was last reset
     stale: Tensor     # (E,) iterations since the best residual last halved
+    g_img: Tensor     # (E, K, S) the gradient's image, in x's dtype: <x, grad> < 0 is downhill
 
     @classmethod
-    def start(cls, x: Tensor) -> _BestIterate:
+    def start(cls, x: Tensor, g_img: Tensor) -> _BestIterate:
         """None yet: the first update takes the current iterate where it is eligible, and
-        the start (zero) stays where it is not."""
+        the start (zero) stays where it is not. Made only once a CG runs long, so healthy
+        solves never pay for it."""
         inf = torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
         return cls(torch.zeros_like(x), inf, inf.clone(),
-                   torch.zeros_like(inf, dtype=torch.int64))
+                   torch.zeros_like(inf, dtype=torch.int64), g_img.to(x.dtype))
 
-    def update(self, x: Tensor, res: Tensor, live: Tensor, g_img: Tensor,
-               patience: int) -> Tensor:
+    def update(self, x: Tensor, res: Tensor, live: Tensor, patience: int) -> Tensor:
         """Take ``x`` where live and downhill with a smaller residual than the best (never
         for a NaN residual); returns ``live`` less the stalled and non-finite episodes."""
-        better = live & ((x * g_img).sum((1, 2)) < 0) & (res < self.res)
+        better = live & ((x * self.g_img).sum((1, 2)) < 0) & (res < self.res)
         self.x = torch.where(better[:, None, None], x, self.x)
         self.res = torch.where(better, res, self.res)
         progress = better & (res < 0.5 * self.anchor)

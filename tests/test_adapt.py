@@ -151,7 +151,7 @@ def test_cg_asked_for_more_than_float32_holds_returns_a_finite_descent_step():
     E, K, S = 4, 20, 100
     onehot = F.one_hot(ys, K).transpose(1, 2).double()
     coef = torch.randn(E, K, S, generator=torch.Generator().manual_seed(0),
-                             dtype=torch.float64)
+                       dtype=torch.float64)
     logits = coef @ gram_aug
     prob = logits.softmax(1)
     c = torch.full((E,), 3.0, dtype=torch.float64)

@@ -471,7 +471,7 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         r2.addcmul_(alpha, hp2, value=-1)
         res = (r2[0] * r2[1]).sum((1, 2)).abs()
         if it >= _CG_PLAIN - 1:
-            best = best or _BestIterate.start(x, grad2[1])
+            best = best or _BestIterate.start(x, grad2[1], live)
             live = best.update(x, res, live, patience)
         live = live & (res > target2)
         if not bool(live.any()):
@@ -497,12 +497,14 @@ class _BestIterate:
     g_img: Tensor     # (E, K, S) the gradient's image, in x's dtype: <x, grad> < 0 is downhill
 
     @classmethod
-    def start(cls, x: Tensor, g_img: Tensor) -> _BestIterate:
-        """None yet: the first update takes the current iterate where it is eligible, and
-        the start (zero) stays where it is not. Made only once a CG runs long, so healthy
-        solves never pay for it."""
+    def start(cls, x: Tensor, g_img: Tensor, live: Tensor) -> _BestIterate:
+        """Made only once a CG runs long, so healthy solves never pay for it. Episodes no
+        longer ``live`` keep their iterate (a CG that has ended has its answer, as in a
+        plain CG, and other episodes' long solves must not take it away); for the live
+        ones none is kept yet: the first update takes the current iterate where it is
+        eligible, and the start (zero) stays where it is not."""
         inf = torch.full(x.shape[:1], float("inf"), dtype=x.dtype, device=x.device)
-        return cls(torch.zeros_like(x), inf, inf.clone(),
+        return cls(torch.where(live[:, None, None], 0.0, x), inf, inf.clone(),
                    torch.zeros_like(inf, dtype=torch.int64), g_img.to(x.dtype))
 
     def update(self, x: Tensor, res: Tensor, live: Tensor, patience: int) -> Tensor:

@@ -139,28 +139,36 @@ def test_tight_classes_at_20_way_5_shot_converge_to_sklearns_heads():
     _assert_matches(sub, weight, bias)
 
 
-def test_cg_asked_for_more_than_float32_holds_returns_a_finite_descent_step():
-    """The stall path: a Newton step of tight 20-way 5-shot episodes with a target no
-    float32 residual reaches (0) must come back finite, with its image, downhill and
-    lowering the Newton model; the old loop ran on for K * S iterations instead."""
-    zs, ys, _, _ = _tight_episodes(4, seed=2)
+def _newton_system(E):
+    """A Newton system of E tight 20-way 5-shot episodes at a random point: the arguments
+    of adapt._pcg before the target and the frozen mask."""
+    zs, ys, _, _ = _tight_episodes(E, seed=2)
     x = zs.to(torch.float32)
     gram = (x @ x.transpose(1, 2)).double()
     rowm = gram.mean(2, keepdim=True)
     gram_aug = gram - rowm - rowm.transpose(1, 2) + rowm.mean(1, keepdim=True) + 0.01
-    E, K, S = 4, 20, 100
+    K, S = 20, 100
     onehot = F.one_hot(ys, K).transpose(1, 2).double()
     coef = torch.randn(E, K, S, generator=torch.Generator().manual_seed(0),
                        dtype=torch.float64)
-    logits = coef @ gram_aug
-    prob = logits.softmax(1)
+    prob = (coef @ gram_aug).softmax(1)
     c = torch.full((E,), 3.0, dtype=torch.float64)
     k = torch.full((E,), 0.01, dtype=torch.float64)
     grad = c.view(-1, 1, 1) * (prob - onehot) + coef - coef.sum(-1, keepdim=True) / S
     grad2 = torch.stack([grad, grad @ gram_aug])
     fill = torch.full((E, K, K), 1.0 / K)
-    step, step_img = adapt._pcg(gram_aug.float(), gram_aug, prob, fill, c, k, grad2,
-                                torch.zeros(E, dtype=torch.float64),
+    return gram_aug.float(), gram_aug, prob, fill, c, k, grad2
+
+
+def test_cg_asked_for_more_than_float32_holds_returns_a_finite_descent_step():
+    """The stall path: a Newton step of tight 20-way 5-shot episodes with a target no
+    float32 residual reaches (0) must come back finite, with its image, downhill and
+    lowering the Newton model; the old loop ran on for K * S iterations instead."""
+    E, S = 4, 100
+    system = _newton_system(E)
+    gram_aug, prob, c, k, grad2 = system[1], system[2], system[4], system[5], system[6]
+    grad = grad2[0]
+    step, step_img = adapt._pcg(*system, torch.zeros(E, dtype=torch.float64),
                                 torch.zeros(E, dtype=torch.bool))
     assert bool(torch.isfinite(step).all()) and bool(torch.isfinite(step_img).all())
     torch.testing.assert_close(step_img, step @ gram_aug)
@@ -171,6 +179,41 @@ def test_cg_asked_for_more_than_float32_holds_returns_a_finite_descent_step():
     h_img = adapt._hessian_product(torch.stack([step, step_img]).float(), prob.float(),
                                    c.float()[:, None, None], shift, gram_aug.float())[1]
     assert bool((slope + 0.5 * (step * h_img.double()).sum((1, 2)) < 0).all())
+
+
+def test_a_short_cg_keeps_its_step_beside_a_long_one():
+    """Regression: once one episode's CG ran past _CG_PLAIN iterations, every episode whose
+    CG had already ended got a zero step (its answer was not kept), so on real 20-way
+    5-shot batches most episodes froze and ran to max_iter unconverged (392 of 500)."""
+    E = 3
+    system = _newton_system(E)
+    grad2 = system[6]
+    r0 = (grad2[0] * grad2[1]).sum((1, 2))
+    # Episode 0 is asked for little (ends in a few iterations), the others for all.
+    target2 = torch.cat([0.25 * r0[:1], torch.zeros(E - 1, dtype=torch.float64)])
+    frozen = torch.zeros(E, dtype=torch.bool)
+    step, step_img = adapt._pcg(*system, target2, frozen)
+    alone = [t[:1] if t.shape[0] == E else t[:, :1] for t in system]
+    step0, step0_img = adapt._pcg(*alone, target2[:1], frozen[:1])
+    assert float(step0.abs().max()) > 0
+    torch.testing.assert_close(step[:1], step0)
+    torch.testing.assert_close(step_img[:1], step0_img)
+    assert bool((step[1:].abs().amax((1, 2)) > 0).all())
+
+
+def test_an_episode_fits_alike_alone_and_beside_tight_ones():
+    """Whole fits: episodes of looser classes take the same Newton iterations, and get the
+    same heads, alone and batched with tight ones whose CGs run long (they took one
+    more iteration, a lost step, before the fix above)."""
+    tight, ys, _, _ = _tight_episodes(10, seed=2)
+    loose, _, _, _ = _tight_episodes(4, seed=3, noise=0.3)
+    y = ys[:1].expand(14, -1)
+    batched = fit_logistic(torch.cat([loose, tight]), y, n_classes=20)
+    alone = fit_logistic(loose, y[:4], n_classes=20)
+    assert bool(batched.converged.all())
+    assert batched.n_iter[:4].tolist() == alone.n_iter.tolist()
+    torch.testing.assert_close(batched.weight[:4], alone.weight)
+    torch.testing.assert_close(batched.bias[:4], alone.bias)
 
 
 @pytest.mark.parametrize("C", [0.1, 1.0, 30.0])

@@ -31,13 +31,13 @@ from .data.base import FewShotDataset
 from .data.omniglot_runs import OneShotRuns, read_one_shot_runs
 from .sampling import EpisodeSampler
 
-__all__ = ["evaluate", "embed", "summary", "check_episodes", "one_shot_runs"]
+__all__ = ["evaluate", "embed", "feature_mean", "summary", "check_episodes", "one_shot_runs"]
 
 
 @torch.no_grad()
 def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
           device: torch.device | str | None = None, normalize: bool = True,
-          progress: bool = False) -> torch.Tensor:
+          progress: bool = False, centre: torch.Tensor | None = None) -> torch.Tensor:
     """Features (N, d) of every image of ``dataset``, the backbone in eval mode.
 
     Args:
@@ -47,9 +47,14 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
         device: where the backbone runs (None: where its parameters are).
         normalize: L2-normalize each feature (the protocol's features).
         progress: show a tqdm bar.
+        centre: a (d,) feature subtracted before the normalization, e.g. the mean
+            feature of the training images (:func:`feature_mean`: SimpleShot's CL2N).
 
     Returns:
         (N, d) float features on ``device``.
+
+    Raises:
+        ValueError: ``centre`` not a finite float (d,) tensor for the backbone's d.
 
     Example:
         >>> import fastmtl
@@ -57,6 +62,8 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
         >>> z.shape
         torch.Size([12, 64])
     """
+    if centre is not None:
+        _check_centre(centre, None)      # before any work; its size once d is known
     if device is None:
         device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
     dtype = next((p.dtype for p in backbone.parameters()), torch.float32)
@@ -75,13 +82,49 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
         z = _dist.gather_rows(torch.cat(out))
     finally:
         backbone.train(was_training)
+    if centre is not None:
+        z = z - _check_centre(centre, z.shape[1]).to(z.device)
     return F.normalize(z, dim=1) if normalize else z
+
+
+def feature_mean(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
+                 device: torch.device | str | None = None,
+                 progress: bool = False) -> torch.Tensor:
+    """The mean (d,) of the backbone's features of ``dataset``, not normalized: pass the
+    training images' to :func:`embed` or :func:`evaluate` as ``centre``.
+
+    Centring on it before the L2 normalization is SimpleShot's CL2N (Wang et al. 2019):
+    it uses only the training classes, so the protocol stays inductive.
+
+    Example:
+        >>> import fastmtl
+        >>> net = fastmtl.models.conv4(hidden=8)
+        >>> mu = feature_mean(net, fastmtl.data.SyntheticGlyphs(3, 4))
+        >>> embed(net, fastmtl.data.SyntheticGlyphs(2, 4, seed=1), centre=mu).shape
+        torch.Size([8, 64])
+    """
+    return embed(backbone, dataset, batch_size, device, normalize=False,
+                 progress=progress).mean(0)
+
+
+def _check_centre(centre: object, d: int | None) -> torch.Tensor:
+    """``centre`` as a float32 (d,) tensor; ``d=None`` checks all but its size."""
+    if not isinstance(centre, torch.Tensor) or not centre.is_floating_point() \
+            or centre.dim() != 1 or (d is not None and centre.shape[0] != d):
+        got = (f"{centre.dtype} {tuple(centre.shape)}" if isinstance(centre, torch.Tensor)
+               else type(centre).__name__)
+        size = "(d,)" if d is None else f"({d},) (the feature size)"
+        raise ValueError(f"centre must be a float tensor of shape {size}, got {got}")
+    if not bool(torch.isfinite(centre).all()):
+        raise ValueError("centre contains NaN or infinite values")
+    return centre.float()
 
 
 def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_shot: int = 1,
              n_query: int = 15, episodes: int = 1000, seed: int = 0, C: float = 3.0,
              device: torch.device | str | None = None, features: torch.Tensor | None = None,
-             chunk: int = 500, progress: bool = True) -> dict[str, Any]:
+             chunk: int = 500, progress: bool = True,
+             centre: torch.Tensor | None = None) -> dict[str, Any]:
     """Mean accuracy (percent) and 95% CI over ``episodes`` seeded test episodes.
 
     Args:
@@ -93,6 +136,8 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         features: precomputed L2-normalized features of ``dataset`` (from :func:`embed`),
             to evaluate several settings without embedding again.
         chunk: episodes whose heads are fitted in one batched solve.
+        centre: subtracted from each feature before its normalization (see
+            :func:`feature_mean`); with ``features``, pass it to :func:`embed` instead.
 
     In a distributed run every rank must call it (the ranks share the work and all
     return the full result).
@@ -120,11 +165,7 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
     checks.integer("chunk", chunk, 1)
     checks.number("C", C)
     sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed)
-    if features is None:
-        features = embed(backbone, dataset, device=device, progress=progress)
-    elif features.shape[0] != len(dataset):
-        raise ValueError(f"features must have one row per image ({len(dataset)}), got "
-                         f"{tuple(features.shape)}")
+    features = _features(backbone, dataset, features, centre, device, progress)
     acc, unconverged = _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C,
                                    chunk, progress)
     if unconverged:
@@ -133,6 +174,21 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
                       f"fit", RuntimeWarning, stacklevel=2)
     return summary(acc, dict(episodes=int(episodes), n_way=n_way, k_shot=k_shot,
                              n_query=n_query, seed=seed, C=C))
+
+
+def _features(backbone: nn.Module, dataset: FewShotDataset, features: torch.Tensor | None,
+              centre: torch.Tensor | None, device: torch.device | str | None,
+              progress: bool) -> torch.Tensor:
+    """The protocol's features: ``features`` checked, or the dataset embedded."""
+    if features is None:
+        return embed(backbone, dataset, device=device, progress=progress, centre=centre)
+    if centre is not None:
+        raise ValueError("centre is applied when embedding: pass it to embed() for the "
+                         "features, or leave features out")
+    if features.shape[0] != len(dataset):
+        raise ValueError(f"features must have one row per image ({len(dataset)}), got "
+                         f"{tuple(features.shape)}")
+    return features
 
 
 def _accuracies(features: torch.Tensor, sampler: EpisodeSampler, n_way: int, k_shot: int,

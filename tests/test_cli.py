@@ -47,6 +47,13 @@ def test_train_then_eval_writes_json(tmp_path, capsys):
                  "--shots", "1", "--C", "0.01", "--out", str(ev)]) == 0
     low = json.loads(ev.read_text())["results"][0]
     assert low["C"] == 0.01
+    # --centre: the features centred on the training images' mean (SimpleShot's CL2N), the
+    # same as the API's evaluate with that centre; recorded in the result
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--episodes", "20",
+                 "--shots", "1", "--centre", "--out", str(ev)]) == 0
+    centred = json.loads(ev.read_text())
+    assert centred["features"].startswith("CL2N")
+    assert _api_centred(ck / "final.pt", 20) == centred["results"][0]["mean"]
     capsys.readouterr()
     for bad in ("0", "-1", "nan", "x"):
         with pytest.raises(SystemExit) as exc:           # argparse's own one-line error
@@ -54,6 +61,23 @@ def test_train_then_eval_writes_json(tmp_path, capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "--C" in err and len(err.strip().splitlines()) == 1
+
+
+def _api_centred(checkpoint, episodes):
+    """The 5-way 1-shot test accuracy of the synthetic checkpoint through the API, centred
+    on its training images' mean feature."""
+    from fastmtl import evaluate, registry
+    from fastmtl.checkpoint import load
+    from fastmtl.classifier import backbone_from_checkpoint
+    from fastmtl.evaluate import feature_mean
+    state = load(str(checkpoint), what="checkpoint")
+    run = state["run"]
+    backbone = backbone_from_checkpoint(state, str(checkpoint))
+    train, test = (registry.load_dataset("synthetic", None, split, image_size=run["image_size"],
+                                         seed=run["data_seed"], channels=run["channels"])
+                   for split in ("train", "test"))
+    return evaluate(backbone, test, k_shot=1, episodes=episodes, progress=False,
+                    centre=feature_mean(backbone, train))["mean"]
 
 
 def test_demo_runs_short(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from fastmtl import evaluate
 from fastmtl.data import FewShotDataset
-from fastmtl.evaluate import embed
+from fastmtl.evaluate import embed, feature_mean
 
 
 class _Pixels(nn.Module):
@@ -70,3 +70,56 @@ def test_evaluate_errors():
         evaluate(_Pixels(), ds, n_query=5, episodes=3, features=torch.zeros(3, 4), progress=False)
     with pytest.raises(ValueError, match="dataset"):
         evaluate(_Pixels(), np.zeros((5, 8, 8)), episodes=3, progress=False)
+
+
+# ----------------------------------------------------------- centring (SimpleShot's CL2N)
+def test_centred_features_match_a_float64_reference():
+    train, test = _blobs(seed=1), _blobs(n_classes=6, per=10, seed=2)
+    mu = feature_mean(_Pixels(), train)
+    raw_train = train.tensor(np.arange(len(train))).flatten(1).double()
+    torch.testing.assert_close(mu.double(), raw_train.mean(0), rtol=1e-5, atol=1e-5)
+    raw = test.tensor(np.arange(len(test))).flatten(1).double()
+    ref = (raw - raw_train.mean(0)) / (raw - raw_train.mean(0)).norm(dim=1, keepdim=True)
+    got = embed(_Pixels(), test, centre=mu)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # evaluate(centre=) is evaluate on those features
+    a = evaluate(_Pixels(), test, k_shot=1, n_query=5, episodes=30, centre=mu, progress=False)
+    b = evaluate(None, test, k_shot=1, n_query=5, episodes=30, features=got, progress=False)
+    assert a["accuracies"] == b["accuracies"]
+
+
+def test_centred_protocol_ignores_what_every_feature_shares():
+    """A feature shared by every image (training and test alike) changes the cosine
+    geometry of the plain protocol, but not the centred one's: the training mean holds it."""
+    shift = 3.0 * torch.rand(64, generator=torch.Generator().manual_seed(0))
+
+    class _Shifted(nn.Module):
+        def forward(self, x):
+            return x.flatten(1) + shift
+    train, test = _blobs(seed=1), _blobs(seed=2, noise=0.9)
+    runs = {}
+    for name, net in (("plain", _Pixels()), ("shifted", _Shifted())):
+        for centred in (False, True):
+            mu = feature_mean(net, train) if centred else None
+            runs[name, centred] = evaluate(net, test, k_shot=1, n_query=5, episodes=100,
+                                           centre=mu, progress=False)["accuracies"]
+    assert runs["plain", False] != runs["shifted", False]
+    np.testing.assert_allclose(runs["shifted", True], runs["plain", True], atol=1e-9)
+
+
+def test_centre_errors_come_before_any_work():
+    ds = _blobs(n_classes=6, per=10)
+
+    class _Refuses(nn.Module):
+        def forward(self, x):
+            raise AssertionError("embedded before the centre was checked")
+    for bad in (torch.zeros(3, 4), torch.zeros(4, dtype=torch.int64), [0.0] * 64,
+                torch.full((64,), float("nan"))):
+        with pytest.raises(ValueError, match="centre"):
+            embed(_Refuses(), ds, centre=bad)
+    with pytest.raises(ValueError, match="centre must be a float tensor of shape \\(64,\\)"):
+        embed(_Pixels(), ds, centre=torch.zeros(5))
+    with pytest.raises(ValueError, match="centre"):
+        evaluate(None, ds, n_query=5, episodes=3, features=embed(_Pixels(), ds),
+                 centre=torch.zeros(64),
+                 progress=False)

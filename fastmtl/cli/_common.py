@@ -15,7 +15,7 @@ from ..checkpoint import atomic_savefig, atomic_write_json
 from ..config import TrainerConfig, field_help
 
 if TYPE_CHECKING:  # for the annotations only: evaluate_all imports its modules when run
-    from torch import nn
+    from torch import Tensor, nn
 
     from ..data.base import FewShotDataset
 
@@ -77,10 +77,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def evaluate_all(backbone: nn.Module, test: FewShotDataset, shots: Iterable[int], ways: int,
                  queries: int, episodes: int, seed: int,
-                 progress: bool = True, C: float = 3.0) -> list[dict[str, Any]]:
+                 progress: bool = True, C: float = 3.0,
+                 centre: Tensor | None = None) -> list[dict[str, Any]]:
     from ..evaluate import embed, evaluate
     progress = progress and _dist.is_main()
-    feats = embed(backbone, test, progress=progress)
+    feats = embed(backbone, test, progress=progress, centre=centre)
     out = []
     for k in shots:
         r = evaluate(backbone, test, n_way=ways, k_shot=k, n_query=queries, episodes=episodes,

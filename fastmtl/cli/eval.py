@@ -9,7 +9,7 @@ from .. import distributed as _dist
 from .._env import machine_info
 from ..checkpoint import load as load_checkpoint
 from ..classifier import backbone_from_checkpoint
-from ..evaluate import one_shot_runs
+from ..evaluate import feature_mean, one_shot_runs
 from ._common import (
     Parser,
     add_eval_flags,
@@ -25,7 +25,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:  # for the annotations only
-    from torch import nn
+    from torch import Tensor, nn
 
 
 def _one_shot_runs(args: argparse.Namespace, backbone: nn.Module, run: dict[str, Any]) -> int:
@@ -34,7 +34,7 @@ def _one_shot_runs(args: argparse.Namespace, backbone: nn.Module, run: dict[str,
     refuse_inert_flags(args, defaults, [
         (f, False, "--omniglot-runs (its 20 runs are fixed 20-way 1-shot tasks)")
         for f in ("data", "root", "split", "seed", "shots", "ways", "queries", "episodes",
-                  "data_seed")])
+                  "data_seed", "centre")])
     if args.out:
         checks.writable_file("--out", args.out)
     size = args.image_size or run.get("image_size") or 28
@@ -70,13 +70,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.data_seed if args.data_seed is not None else run.get("data_seed", 0),
         channels=run.get("channels", 3))
     say(f"eval: {test!r}")
+    centre = _training_mean(args, backbone, run) if args.centre else None
     rows = evaluate_all(backbone, test, args.shots, args.ways, args.queries, args.episodes,
-                        args.seed, C=args.C)
+                        args.seed, C=args.C, centre=centre)
     say(table(rows))
     write_json(args.out, {"command": command_line(), "checkpoint": args.checkpoint,
                           "data": data_name, "split": args.split, "results": rows,
+                          "features": "CL2N (centred on the training images' mean)"
+                                      if args.centre else "L2-normalized",
                           "machine": machine_info()})
     return 0
+
+
+def _training_mean(args: argparse.Namespace, backbone: nn.Module,
+                   run: dict[str, Any]) -> Tensor:
+    """--centre: the mean feature of the images the checkpoint was trained on (its
+    training split, read again from where it was; without rotations)."""
+    if run.get("data") is None:
+        raise ValueError(f"--centre: --checkpoint {args.checkpoint!r} does not record the "
+                         f"data it was trained on")
+    train = registry.load_dataset(run["data"], run.get("root"), run.get("train_split", "train"),
+                                  image_size=run.get("image_size"),
+                                  seed=run.get("data_seed", 0), channels=run.get("channels", 3))
+    say(f"centre: the mean feature of {train!r}")
+    return feature_mean(backbone, train, progress=_dist.is_main())
 
 
 def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
@@ -98,6 +115,11 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                    help="inverse L2 strength of the per-episode logistic regression "
                         "(default: 3, the paper's protocol, which every reported comparison "
                         "uses)")
+    p.add_argument("--centre", action="store_true",
+                   help="centre the features on the mean feature of the checkpoint's training "
+                        "images before the L2 normalization (SimpleShot's CL2N; reads the "
+                        "training split again from where it was trained). Default: off, the "
+                        "paper's protocol")
     p.add_argument("--omniglot-runs", default=None, metavar="ZIP",
                    help="instead of episodes of a data set: Lake et al.'s 20 official 20-way "
                         "one-shot runs (all_runs.zip of github brendenlake/omniglot, "

@@ -148,8 +148,8 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
 
     Raises:
         ValueError: a dataset that is not a :class:`FewShotDataset`, an episode shape its
-            classes cannot hold, ``features`` without one row per image, or a bad
-            ``chunk`` or ``C``.
+            classes cannot hold, ``features`` without one row per image, a bad ``chunk``,
+            ``C`` or ``centre``, or ``centre`` with ``features``.
 
     Example:
         >>> import fastmtl

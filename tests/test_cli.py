@@ -118,3 +118,20 @@ def test_train_fast_recipe_is_the_default(tmp_path):
     assert res["config"]["task_sampling"] == "all_classes" and res["config"]["head"] == "cosine"
     assert res["history"][0]["steps"] == 240 * 20 // 200
     assert res["results"][0]["mean"] > 20
+
+
+def test_commands_run_with_subnormals_flushed_and_the_flag_is_given_back(monkeypatch):
+    """Subnormal weights (weight decay) made steps 20x slower (denormal_flush_cpu.json):
+    main() flushes them while a command runs, and leaves the caller's setting after."""
+    import torch
+
+    import fastmtl.cli.eval as eval_cli
+    seen = []
+
+    def spy(args):
+        seen.append(torch.tensor([1e-40]).item())
+        return 0
+    monkeypatch.setattr(eval_cli, "cmd_eval", spy)
+    assert main(["eval", "--checkpoint", "any.pt"]) == 0
+    assert seen == [0.0]
+    assert torch.tensor([1e-40]).item() != 0.0

@@ -372,3 +372,15 @@ def test_cli_trains_on_the_vinyals_split_and_scores_the_one_shot_runs(tmp_path, 
     assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--split", "vinyals-test",
                  "--centre", "--episodes", "2", "--queries", "1", "--shots", "1"]) == 0
     assert "the mean feature of" in capsys.readouterr().out
+    # moved: --root names the same data set's new place, and the training images go with it
+    moved = root.rename(tmp_path / "moved")
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--root", str(moved), "--split",
+                 "vinyals-test", "--centre", "--episodes", "2", "--queries", "1", "--shots",
+                 "1"]) == 0
+    capsys.readouterr()
+    # another data set to test on, and the training images gone: one line, exit 2
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--data", "synthetic",
+                 "--centre", "--episodes", "2", "--queries", "1", "--shots", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--centre needs the checkpoint's training images" in err
+    assert len(err.strip().splitlines()) == 1

@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from .. import __version__, registry
 from .. import distributed as _dist
 from ..mtl import RECIPES
@@ -90,7 +92,26 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> tuple[int, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    # Subnormal floats (weights that weight decay drives towards 0) make x86 arithmetic
+    # about 10x slower: a 30-minute Conv-4 run with --weight-decay 5e-4 slowed from 36 s to
+    # 292 s an epoch. Flushing them to zero must come before torch starts its thread pool,
+    # whose threads inherit it (denormal_flush_cpu.json); a caller's flag is given back.
+    flush = _flush_denormals()
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        torch.set_flush_denormal(flush)
+
+
+def _flush_denormals() -> bool:
+    """Turns flushing of subnormal floats on; returns what it was (False where the CPU
+    cannot flush)."""
+    on = torch.tensor([1e-40], dtype=torch.float32).item() == 0.0
+    torch.set_flush_denormal(True)
+    return on
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser(*_method_arg(argv)).parse_args(argv)
     # The process leaves with os._exit below only if the command itself joined the group
     # (a torchrun launch of the CLI), never inside a caller that made its own group.

@@ -85,13 +85,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _training_mean(args: argparse.Namespace, backbone: nn.Module,
                    run: dict[str, Any]) -> Tensor:
     """--centre: the mean feature of the images the checkpoint was trained on (its
-    training split, read again from where it was; without rotations)."""
-    if run.get("data") is None:
+    training split, without rotations, read again: from --root where that names the same
+    data set, else from where it was trained)."""
+    data = run.get("data")
+    if data is None:
         raise ValueError(f"--centre: --checkpoint {args.checkpoint!r} does not record the "
                          f"data it was trained on")
-    train = registry.load_dataset(run["data"], run.get("root"), run.get("train_split", "train"),
-                                  image_size=run.get("image_size"),
-                                  seed=run.get("data_seed", 0), channels=run.get("channels", 3))
+    root = args.root if args.root and args.data in (None, data) else run.get("root")
+    try:
+        train = registry.load_dataset(data, root, run.get("train_split", "train"),
+                                      image_size=run.get("image_size"),
+                                      seed=run.get("data_seed", 0),
+                                      channels=run.get("channels", 3))
+    except ValueError as exc:
+        raise ValueError(f"--centre needs the checkpoint's training images: {exc}") from None
     say(f"centre: the mean feature of {train!r}")
     return feature_mean(backbone, train, progress=_dist.is_main())
 

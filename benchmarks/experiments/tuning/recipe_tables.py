@@ -37,8 +37,18 @@ def variant(folder: str) -> dict[str, Any] | None:
             "seed": train["config"]["seed"],
             "trained": [os.path.getmtime(files[0]) - train["train_seconds"],
                         os.path.getmtime(files[0])],
-            "val_accuracy": acc, "episodes": five["results"][0]["episodes"],
-            "machine": train["machine"]}
+            "val_accuracy": acc, "val_accuracy_centre": _centred(folder),
+            "episodes": five["results"][0]["episodes"], "machine": train["machine"]}
+
+
+def _centred(folder: str) -> dict[str, float] | None:
+    """The same evaluations with ``--centre`` (features centred on the training mean),
+    where they were run."""
+    files = [os.path.join(folder, f"val{w}way_centre.json") for w in (5, 20)]
+    if not all(os.path.exists(f) for f in files):
+        return None
+    rows = [r for f in files for r in json.load(open(f))["results"]]
+    return {f"{r['n_way']}-way {r['k_shot']}-shot": round(r["mean"], 2) for r in rows}
 
 
 def at_once(rows: list[dict[str, Any]]) -> None:
@@ -63,6 +73,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['name']} | `{r['flags'] or '(default)'}` | {r['at_once']} | "
                      f"{r['steps']:,} | " + " | ".join(cells) + " |")
     m = rows[0]["machine"]
+    centred = [f"| {r['name']} | `{r['flags'] or '(default)'}` | "
+               + " | ".join(f"{r['val_accuracy_centre'][s]:.2f}" for s in SETTINGS) + " |"
+               for r in rows if r.get("val_accuracy_centre")]
+    if centred:
+        lines += ["", "The same checkpoints evaluated with `fastmtl eval --centre` (features "
+                  "centred on the training images' mean), where that was run:", "",
+                  "| variant | flags | " + " | ".join(SETTINGS) + " |",
+                  "|---|---|" + "---|" * len(SETTINGS), *centred]
     return (f"# MTL recipe variants, whole Omniglot background set (validation alphabets)\n\n"
             f"Each variant: `fastmtl train --rotations --max-minutes {rows[0]['minutes']:g}` "
             f"on one torch thread ({m['cpu']}, 2 cores, two or three variants at once), then "

@@ -86,7 +86,7 @@ def _training_mean(args: argparse.Namespace, backbone: nn.Module,
                    run: dict[str, Any]) -> Tensor:
     """--centre: the mean feature of the images the checkpoint was trained on (its
     training split, without rotations, read again: from --root where that names the same
-    data set, else from where it was trained)."""
+    data set, else from where it was trained; at the test images' size)."""
     data = run.get("data")
     if data is None:
         raise ValueError(f"--centre: --checkpoint {args.checkpoint!r} does not record the "
@@ -94,7 +94,7 @@ def _training_mean(args: argparse.Namespace, backbone: nn.Module,
     root = args.root if args.root and args.data in (None, data) else run.get("root")
     try:
         train = registry.load_dataset(data, root, run.get("train_split", "train"),
-                                      image_size=run.get("image_size"),
+                                      image_size=args.image_size or run.get("image_size"),
                                       seed=run.get("data_seed", 0),
                                       channels=run.get("channels", 3))
     except ValueError as exc:

@@ -10,6 +10,11 @@ image is embedded once however many episodes use it.
 In a distributed run (:mod:`fastmtl.distributed`) every rank embeds a share of the images
 and fits a share of the episodes, in whole batches and chunks exactly as one process cuts
 them; the gathered results, hence mean and CI, are those of one process.
+
+``views=True`` (``fastmtl eval --views``) embeds every image also at its eight one-pixel
+shifts (:data:`SHIFTS`): each episode's head is fitted on all nine views of each support
+image, and each query's feature is the normalized mean of its nine. It stays inductive
+(every view comes from the image itself) and costs nine embeddings an image.
 """
 from __future__ import annotations
 
@@ -31,13 +36,36 @@ from .data.base import FewShotDataset
 from .data.omniglot_runs import OneShotRuns, read_one_shot_runs
 from .sampling import EpisodeSampler
 
-__all__ = ["evaluate", "embed", "feature_mean", "summary", "check_episodes", "one_shot_runs"]
+__all__ = ["evaluate", "embed", "feature_mean", "summary", "check_episodes", "one_shot_runs",
+           "SHIFTS", "shifted_views"]
+
+#: The (rows, columns) shifts of ``views=True``: the image itself first, then its eight
+#: one-pixel neighbours.
+SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1),
+                                       (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def shifted_views(x: torch.Tensor) -> torch.Tensor:
+    """(len(SHIFTS) * B, C, H, W): the (B, C, H, W) images ``x`` at each of
+    :data:`SHIFTS`, view-major (all images at the first shift, then the next), the edge
+    pixels repeated into the row or column a shift opens.
+
+    Example:
+        >>> x = torch.arange(4.0).view(1, 1, 2, 2)
+        >>> shifted_views(x)[1, 0]          # shifted down by one row
+        tensor([[0., 1.],
+                [0., 1.]])
+    """
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return torch.cat([padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w] for dy, dx in SHIFTS])
 
 
 @torch.no_grad()
 def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
           device: torch.device | str | None = None, normalize: bool = True,
-          progress: bool = False, centre: torch.Tensor | None = None) -> torch.Tensor:
+          progress: bool = False, centre: torch.Tensor | None = None,
+          views: bool = False) -> torch.Tensor:
     """Features (N, d) of every image of ``dataset``, the backbone in eval mode.
 
     Args:
@@ -49,9 +77,12 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
         progress: show a tqdm bar.
         centre: a (d,) feature subtracted before the normalization, e.g. the mean
             feature of the training images (:func:`feature_mean`: SimpleShot's CL2N).
+        views: also embed each image at its one-pixel shifts (:data:`SHIFTS`; batches of
+            ``batch_size // len(SHIFTS)`` images, so a backbone call holds as many).
 
     Returns:
-        (N, d) float features on ``device``.
+        (N, d) float features on ``device``; with ``views``, (N, len(SHIFTS), d), the
+        unshifted image's first, each view centred and normalized on its own.
 
     Raises:
         ValueError: ``centre`` not a finite float (d,) tensor for the backbone's d.
@@ -71,20 +102,30 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
     backbone.eval()
     try:
         out = []
+        per_call = max(1, batch_size // len(SHIFTS)) if views else batch_size
         # The same batches as one process: a batch-statistics backbone depends on them.
-        mine = list(_dist.chunks(len(dataset), batch_size, shrink=False))
+        mine = list(_dist.chunks(len(dataset), per_call, shrink=False))
         for lo, count in tqdm(mine, desc="embed", leave=False,
                               disable=not progress or not _dist.is_main()):
             idx = np.arange(lo, lo + count)
-            out.append(backbone(dataset.tensor(idx, device=device).to(dtype)).float())
+            out.append(_forward(backbone, dataset.tensor(idx, device=device).to(dtype), views))
         if not out:   # more ranks than batches: this rank embeds nothing, has the width
-            out.append(backbone(dataset.tensor(np.arange(1), device=device).to(dtype)).float()[:0])
+            one = dataset.tensor(np.arange(1), device=device).to(dtype)
+            out.append(_forward(backbone, one, views)[:0])
         z = _dist.gather_rows(torch.cat(out))
     finally:
         backbone.train(was_training)
     if centre is not None:
-        z = z - _check_centre(centre, z.shape[1]).to(z.device)
-    return F.normalize(z, dim=1) if normalize else z
+        z = z - _check_centre(centre, z.shape[-1]).to(z.device)
+    return F.normalize(z, dim=-1) if normalize else z
+
+
+def _forward(backbone: nn.Module, x: torch.Tensor, views: bool) -> torch.Tensor:
+    """Float features of the batch ``x``: (B, d), or with ``views`` (B, len(SHIFTS), d)."""
+    if not views:
+        return backbone(x).float()
+    z = backbone(shifted_views(x)).float()
+    return z.view(len(SHIFTS), x.shape[0], -1).transpose(0, 1)
 
 
 def feature_mean(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
@@ -124,7 +165,7 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
              n_query: int = 15, episodes: int = 1000, seed: int = 0, C: float = 3.0,
              device: torch.device | str | None = None, features: torch.Tensor | None = None,
              chunk: int = 500, progress: bool = True,
-             centre: torch.Tensor | None = None) -> dict[str, Any]:
+             centre: torch.Tensor | None = None, views: bool = False) -> dict[str, Any]:
     """Mean accuracy (percent) and 95% CI over ``episodes`` seeded test episodes.
 
     Args:
@@ -134,10 +175,14 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         episodes: number of episodes; seed: episodes are a pure function of the seed.
         C: inverse L2 strength of the logistic regression (the paper: 3).
         features: precomputed L2-normalized features of ``dataset`` (from :func:`embed`),
-            to evaluate several settings without embedding again.
+            to evaluate several settings without embedding again: (N, d), or (N, V, d)
+            from ``embed(..., views=True)``, which fits and scores as ``views`` does.
         chunk: episodes whose heads are fitted in one batched solve.
         centre: subtracted from each feature before its normalization (see
             :func:`feature_mean`); with ``features``, pass it to :func:`embed` instead.
+        views: embed each image also at its one-pixel shifts (:data:`SHIFTS`): the head
+            is fitted on every view of each support image, each query scored on the
+            normalized mean of its views; with ``features``, pass it to :func:`embed`.
 
     In a distributed run every rank must call it (the ranks share the work and all
     return the full result).
@@ -148,8 +193,9 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
 
     Raises:
         ValueError: a dataset that is not a :class:`FewShotDataset`, an episode shape its
-            classes cannot hold, ``features`` without one row per image, a bad ``chunk``,
-            ``C`` or ``centre``, or ``centre`` with ``features``.
+            classes cannot hold, ``features`` without one row per image or not 2-D or
+            3-D, a bad ``chunk``, ``C`` or ``centre``, or ``centre`` or ``views`` with
+            ``features``.
 
     Example:
         >>> import fastmtl
@@ -165,7 +211,7 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
     checks.integer("chunk", chunk, 1)
     checks.number("C", C)
     sampler = EpisodeSampler(dataset.labels, n_way, k_shot, n_query, seed)
-    features = _features(backbone, dataset, features, centre, device, progress)
+    features = _features(backbone, dataset, features, centre, views, device, progress)
     acc, unconverged = _accuracies(features, sampler, n_way, k_shot, n_query, episodes, C,
                                    chunk, progress)
     if unconverged:
@@ -177,17 +223,19 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
 
 
 def _features(backbone: nn.Module, dataset: FewShotDataset, features: torch.Tensor | None,
-              centre: torch.Tensor | None, device: torch.device | str | None,
+              centre: torch.Tensor | None, views: bool, device: torch.device | str | None,
               progress: bool) -> torch.Tensor:
     """The protocol's features: ``features`` checked, or the dataset embedded."""
     if features is None:
-        return embed(backbone, dataset, device=device, progress=progress, centre=centre)
-    if centre is not None:
-        raise ValueError("centre is applied when embedding: pass it to embed() for the "
-                         "features, or leave features out")
-    if features.shape[0] != len(dataset):
-        raise ValueError(f"features must have one row per image ({len(dataset)}), got "
-                         f"{tuple(features.shape)}")
+        return embed(backbone, dataset, device=device, progress=progress, centre=centre,
+                     views=views)
+    for name, given in (("centre", centre is not None), ("views", views)):
+        if given:
+            raise ValueError(f"{name} is applied when embedding: pass it to embed() for the "
+                             f"features, or leave features out")
+    if features.dim() not in (2, 3) or features.shape[0] != len(dataset):
+        raise ValueError(f"features must be (N, d) or (N, views, d) with one row per image "
+                         f"(N = {len(dataset)}), got {tuple(features.shape)}")
     return features
 
 
@@ -196,7 +244,8 @@ def _accuracies(features: torch.Tensor, sampler: EpisodeSampler, n_way: int, k_s
                 progress: bool) -> tuple[np.ndarray, int]:
     """Per-episode accuracies (percent, numpy) of this rank's episode chunks, gathered, and
     the number of episodes whose head did not converge."""
-    ys = torch.arange(n_way, device=features.device).repeat_interleave(k_shot)
+    views = features.shape[1] if features.dim() == 3 else 1
+    ys = torch.arange(n_way, device=features.device).repeat_interleave(k_shot * views)
     yq = torch.arange(n_way, device=features.device).repeat_interleave(n_query)
     accs = [torch.zeros(0, dtype=torch.float64)]
     unconverged = 0
@@ -206,6 +255,8 @@ def _accuracies(features: torch.Tensor, sampler: EpisodeSampler, n_way: int, k_s
         index = torch.as_tensor(picked, device=features.device)
         zs = features[index[:, :, :k_shot].reshape(count, -1)]
         zq = features[index[:, :, k_shot:].reshape(count, -1)]
+        if features.dim() == 3:   # every view a support row; a query: its views' mean
+            zs, zq = zs.flatten(1, 2), F.normalize(zq.mean(2), dim=-1)
         heads = fit_logistic(zs, ys.expand(count, -1), C=C, n_classes=n_way)
         unconverged += int((~heads.converged).sum())
         accs.append((heads.predict(zq) == yq).double().mean(1).cpu())

@@ -54,6 +54,12 @@ def test_train_then_eval_writes_json(tmp_path, capsys):
     centred = json.loads(ev.read_text())
     assert centred["features"].startswith("CL2N")
     assert _api_centred(ck / "final.pt", 20) == centred["results"][0]["mean"]
+    # --views (with --centre): the API's evaluate with views=True, recorded in the result
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--episodes", "20",
+                 "--shots", "1", "--centre", "--views", "--out", str(ev)]) == 0
+    viewed = json.loads(ev.read_text())
+    assert viewed["features"].startswith("CL2N") and "9 views" in viewed["features"]
+    assert _api_centred(ck / "final.pt", 20, views=True) == viewed["results"][0]["mean"]
     capsys.readouterr()
     for bad in ("0", "-1", "nan", "x"):
         with pytest.raises(SystemExit) as exc:           # argparse's own one-line error
@@ -63,7 +69,7 @@ def test_train_then_eval_writes_json(tmp_path, capsys):
         assert "--C" in err and len(err.strip().splitlines()) == 1
 
 
-def _api_centred(checkpoint, episodes):
+def _api_centred(checkpoint, episodes, views=False):
     """The 5-way 1-shot test accuracy of the synthetic checkpoint through the API, centred
     on its training images' mean feature."""
     from fastmtl import evaluate, registry
@@ -77,7 +83,7 @@ def _api_centred(checkpoint, episodes):
                                          seed=run["data_seed"], channels=run["channels"])
                    for split in ("train", "test"))
     return evaluate(backbone, test, k_shot=1, episodes=episodes, progress=False,
-                    centre=feature_mean(backbone, train))["mean"]
+                    centre=feature_mean(backbone, train), views=views)["mean"]
 
 
 def test_demo_runs_short(tmp_path):

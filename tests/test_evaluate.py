@@ -123,3 +123,67 @@ def test_centre_errors_come_before_any_work():
         evaluate(None, ds, n_query=5, episodes=3, features=embed(_Pixels(), ds),
                  centre=torch.zeros(64),
                  progress=False)
+
+
+# ------------------------------------------------ shifted views (fastmtl eval --views)
+def _shifted_reference(imgs: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(N, H, W) float64 images moved by (dy, dx), the edge rows / columns repeated."""
+    h, w = imgs.shape[-2:]
+    rows = np.clip(np.arange(h) - dy, 0, h - 1)
+    cols = np.clip(np.arange(w) - dx, 0, w - 1)
+    return imgs[:, rows][:, :, cols]
+
+
+def test_views_match_a_float64_reference():
+    from fastmtl.evaluate import SHIFTS
+    train, test = _blobs(seed=1), _blobs(n_classes=6, per=10, seed=2)
+    mu = feature_mean(_Pixels(), train)
+    raw = test.tensor(np.arange(len(test)))[:, 0].double()
+    ref = []
+    for dy, dx in SHIFTS:
+        z = _shifted_reference(raw, dy, dx).flatten(1) - mu.double()
+        ref.append(z / z.norm(dim=1, keepdim=True))
+    ref = torch.stack(ref, 1)
+    for batch_size in (256, 20, 7):      # whole, ragged and one-image-a-call batches
+        got = embed(_Pixels(), test, centre=mu, views=True, batch_size=batch_size)
+        assert got.shape == (len(test), len(SHIFTS), 64)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # the first view is the plain protocol's feature
+    torch.testing.assert_close(got[:, 0], embed(_Pixels(), test, centre=mu))
+
+
+def test_views_protocol_fits_every_support_view_and_scores_the_query_mean():
+    from fastmtl.adapt import fit_logistic
+    from fastmtl.sampling import EpisodeSampler
+    ds = _blobs(n_classes=8, per=12, seed=3, noise=0.9)
+    z = embed(_Pixels(), ds, views=True)
+    for k in (1, 3):
+        got = evaluate(_Pixels(), ds, k_shot=k, n_query=4, episodes=12, seed=5, views=True,
+                       progress=False)
+        same = evaluate(None, ds, k_shot=k, n_query=4, episodes=12, seed=5, features=z,
+                        progress=False)
+        assert got["accuracies"] == same["accuracies"]
+        _, picked = EpisodeSampler(ds.labels, 5, k, 4, 5).episodes(0, 12)
+        for e, episode in enumerate(picked):     # one episode at a time, by hand
+            rows, labels, queries, truth = [], [], [], []
+            for c, images in enumerate(episode):
+                for i in images[:k]:
+                    rows += list(z[i])
+                    labels += [c] * z.shape[1]
+                for i in images[k:]:
+                    queries.append(z[i].mean(0) / z[i].mean(0).norm())
+                    truth.append(c)
+            head = fit_logistic(torch.stack(rows)[None], torch.tensor(labels)[None], C=3.0,
+                                n_classes=5)
+            hit = (head.predict(torch.stack(queries)[None])[0] == torch.tensor(truth))
+            assert 100 * hit.double().mean().item() == pytest.approx(got["accuracies"][e])
+
+
+def test_views_errors():
+    ds = _blobs(n_classes=6, per=10)
+    with pytest.raises(ValueError, match="views is applied when embedding"):
+        evaluate(None, ds, n_query=5, episodes=3, features=embed(_Pixels(), ds), views=True,
+                 progress=False)
+    with pytest.raises(ValueError, match="features must be"):
+        evaluate(None, ds, n_query=5, episodes=3, features=torch.zeros(len(ds), 2, 3, 4),
+                 progress=False)

@@ -368,6 +368,9 @@ def test_cli_trains_on_the_vinyals_split_and_scores_the_one_shot_runs(tmp_path, 
     assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
                  "--centre"]) == 2
     assert "--centre has no effect with --omniglot-runs" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
+                 "--views"]) == 2
+    assert "--views has no effect with --omniglot-runs" in capsys.readouterr().err
     # --centre reads the checkpoint's training split again: here vinyals-train
     assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--split", "vinyals-test",
                  "--centre", "--episodes", "2", "--queries", "1", "--shots", "1"]) == 0

@@ -78,10 +78,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def evaluate_all(backbone: nn.Module, test: FewShotDataset, shots: Iterable[int], ways: int,
                  queries: int, episodes: int, seed: int,
                  progress: bool = True, C: float = 3.0,
-                 centre: Tensor | None = None) -> list[dict[str, Any]]:
+                 centre: Tensor | None = None, views: bool = False) -> list[dict[str, Any]]:
     from ..evaluate import embed, evaluate
     progress = progress and _dist.is_main()
-    feats = embed(backbone, test, progress=progress, centre=centre)
+    feats = embed(backbone, test, progress=progress, centre=centre, views=views)
     out = []
     for k in shots:
         r = evaluate(backbone, test, n_way=ways, k_shot=k, n_query=queries, episodes=episodes,

@@ -9,7 +9,7 @@ from .. import distributed as _dist
 from .._env import machine_info
 from ..checkpoint import load as load_checkpoint
 from ..classifier import backbone_from_checkpoint
-from ..evaluate import feature_mean, one_shot_runs
+from ..evaluate import SHIFTS, feature_mean, one_shot_runs
 from ._common import (
     Parser,
     add_eval_flags,
@@ -34,7 +34,7 @@ def _one_shot_runs(args: argparse.Namespace, backbone: nn.Module, run: dict[str,
     refuse_inert_flags(args, defaults, [
         (f, False, "--omniglot-runs (its 20 runs are fixed 20-way 1-shot tasks)")
         for f in ("data", "root", "split", "seed", "shots", "ways", "queries", "episodes",
-                  "data_seed", "centre")])
+                  "data_seed", "centre", "views")])
     if args.out:
         checks.writable_file("--out", args.out)
     size = args.image_size or run.get("image_size") or 28
@@ -72,13 +72,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     say(f"eval: {test!r}")
     centre = _training_mean(args, backbone, run) if args.centre else None
     rows = evaluate_all(backbone, test, args.shots, args.ways, args.queries, args.episodes,
-                        args.seed, C=args.C, centre=centre)
+                        args.seed, C=args.C, centre=centre, views=args.views)
     say(table(rows))
+    features = ("CL2N (centred on the training images' mean)" if args.centre
+                else "L2-normalized")
+    if args.views:
+        features += (f"; {len(SHIFTS)} views of each image (one-pixel shifts): the head "
+                     f"fitted on every support view, each query the mean of its views")
     write_json(args.out, {"command": command_line(), "checkpoint": args.checkpoint,
                           "data": data_name, "split": args.split, "results": rows,
-                          "features": "CL2N (centred on the training images' mean)"
-                                      if args.centre else "L2-normalized",
-                          "machine": machine_info()})
+                          "features": features, "machine": machine_info()})
     return 0
 
 
@@ -127,6 +130,11 @@ def add_parser(sub: argparse._SubParsersAction[Parser]) -> None:
                         "images before the L2 normalization (SimpleShot's CL2N; reads the "
                         "training split again from where it was trained). Default: off, the "
                         "paper's protocol")
+    p.add_argument("--views", action="store_true",
+                   help="embed each image also at its 8 one-pixel shifts: the head is fitted "
+                        "on all 9 views of each support image, each query scored on the mean "
+                        "of its 9 (inductive; 9x the embedding). Default: off, the paper's "
+                        "protocol")
     p.add_argument("--omniglot-runs", default=None, metavar="ZIP",
                    help="instead of episodes of a data set: Lake et al.'s 20 official 20-way "
                         "one-shot runs (all_runs.zip of github brendenlake/omniglot, "

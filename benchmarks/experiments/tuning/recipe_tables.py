@@ -30,8 +30,12 @@ def variant(folder: str) -> dict[str, Any] | None:
     after_out = train["command"].split(" --out ", 1)[1].split(None, 1)   # [path, flags...]
     acc = {f"{r['n_way']}-way {r['k_shot']}-shot": (round(r["mean"], 2), round(r["ci95"], 2))
            for r in five["results"] + twenty["results"]}
+    flags = after_out[1] if len(after_out) > 1 else ""
+    probe = os.path.join(folder, "probe.txt")      # a conv4_variant.py run: what it patched
+    if os.path.exists(probe):
+        flags = f"{flags}; {open(probe).read().strip()} (conv4_variant.py)".lstrip("; ")
     return {"name": os.path.basename(folder), "minutes": train["config"]["max_minutes"],
-            "flags": after_out[1] if len(after_out) > 1 else "",
+            "flags": flags,
             "steps": sum(h["steps"] for h in train["history"]),
             "best_epoch": train["best_epoch"], "epochs": len(train["history"]),
             "seed": train["config"]["seed"],

@@ -14,6 +14,8 @@ CLI with the change and writes ``probe.txt`` (what was changed) into the run's
 
 A width is stored in the checkpoint's backbone spec, so plain ``fastmtl eval`` reads such a
 checkpoint; the missing pool is not, so its evaluations must go through this launcher too.
+(The round 5-6 runs went through a scratch copy of this patch, outside the tree; this is
+its committed form, checked to build the same backbone.)
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
 # (5-way 1/5-shot, 20-way 1/5-shot; the plain protocol and --centre); the test alphabets
 # are never touched here. (Round 4, weight decay, ran as runs/recipe/r4.sh: the same
 # commands, its evaluations after all four trainings. Rounds 5 and 6, Conv-4 without its
-# last max-pool and Conv-4 of width 128, ran the same commands through conv4_variant.py.)
+# last max-pool and Conv-4 of width 128, ran the same commands with the patch of
+# conv4_variant.py (a scratch copy of it).)
 # Usage: recipe_omniglot_background.sh ROOT OUT MINUTES NAME "FLAGS" [NAME "FLAGS" ...]
 set -euo pipefail
 ROOT=$1; OUT=$2; MINUTES=$3; shift 3

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import runpy
 import sys
 
 import torch.nn as nn
@@ -58,8 +59,10 @@ def main() -> int:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "probe.txt"), "w") as f:
             f.write(what + "\n")
-    from fastmtl.cli import main as fastmtl_main
-    return fastmtl_main(rest)
+    # Run as ``python -m fastmtl`` would, so nothing outside the package imports its cli/.
+    sys.argv = ["fastmtl", *rest]
+    runpy.run_module("fastmtl", run_name="__main__", alter_sys=True)   # exits with the CLI's code
+    return 0
 
 
 if __name__ == "__main__":

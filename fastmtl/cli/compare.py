@@ -11,7 +11,7 @@ import torch
 
 from .. import checks, registry
 from .. import compare as cmp
-from .._env import keep_freed_memory, machine_info
+from .._env import machine_info
 from ..checkpoint import atomic_write_json, atomic_write_text
 from ._common import (
     HelpFormatter,
@@ -142,7 +142,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods, settings = _inputs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_freed_memory(mmap_threshold=1 << 30)
     rotations = args.rotations if args.rotations is not None else args.data == "omniglot"
     opts = dict(image_size=args.image_size, seed=args.data_seed, **folder_kwargs(args))
     train = registry.load_dataset(args.data, args.root, "train", rotations=rotations, **opts)

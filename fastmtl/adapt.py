@@ -17,6 +17,10 @@ theorem), so each episode is solved in terms of its Gram matrix: the head is
 unpenalized intercept absorbs the shift), and the intercepts are folded into A through
 the constant direction. The Gram matrix is the only O(S^2 d) step; everything after it
 has support size and is batched over all episodes, with no Python loop over them.
+Where support rows outnumber the features more than twice (``eval --views`` fits 20-way
+5-shot heads on 900 rows of 256-d features), the matrix is kept as its factor
+``[X_c, sqrt(k) 1]``, (S, d + 1): a product then costs 2 (d + 1) a row instead of S,
+and forming the matrix is saved (2.5x faster at 900 rows: adapt_factor_cpu.json).
 
 The solver is Newton's method, which converges quadratically (four to six iterations
 here, where L-BFGS in 640-d takes tens of iterations per episode, one episode at a time).
@@ -79,6 +83,9 @@ _CG_PATIENCE = 20
 # healthy solves end within them, and a stall's divergence comes far later (see _pcg).
 _CG_PLAIN = 8
 _ARMIJO = 1e-4
+# Support rows per feature above which the Gram matrix is kept as its factor (_Factor):
+# a product with it costs 2 (d + 1) a row then, against S (adapt_factor_cpu.json).
+_FACTOR_ROWS = 2
 # One point of the objective: (objective, softmax, penalty image, coef 1), see _evaluate.
 _Point = tuple[Tensor, Tensor, Tensor, Tensor]
 # The last Newton step: (coef, its image, step, its image, objective, slope), see _newton.
@@ -229,27 +236,7 @@ def _fit_chunk(x: Tensor, y: Tensor, C: float, n_classes: int, max_iter: int,
     # scikit-learn's binomial model for two classes is the multinomial one at C / 2.
     c = torch.full((E,), C, dtype=f64, device=x.device)
     c = torch.where(n_present == 2, 0.5 * c, c)
-    gram = x @ x.transpose(1, 2)
-    gram = (gram + gram.transpose(1, 2)).to(f64) * 0.5
-    diag = gram.diagonal(dim1=1, dim2=2)
-    # A NaN or inf feature, or an overflowing product, shows on the diagonal.
-    if not bool(torch.isfinite(diag).all()):
-        raise ValueError("z_support contains NaN or infinite values (or values so large "
-                         "that their products overflow)")
-    # Centring the features moves only the unpenalized intercept, and takes the
-    # intercept's coupling to the weights out of the Hessian at the start. It is done on
-    # the Gram matrix, which costs nothing next to centring the features themselves:
-    # K_c = G - row 1^T - 1 row^T + mean, with trace tr(G) - S mean.
-    row = gram.mean(2, keepdim=True)
-    mean = row.mean(1, keepdim=True)
-    # The mean nonzero eigenvalue of K_c; any positive scale does where K_c vanishes
-    # (identical support points), but not one so small that intercepts need huge A.
-    spread = (diag.sum(1) - S * mean.view(E)) / max(min(S - 1, d), 1)
-    spread = torch.maximum(spread, 1e-3 * diag.mean(1))
-    spread = torch.where(spread > 0, spread, 1.0)
-    # K_c + (spread / S) 1 1^T: its products give logits with the intercepts folded in
-    # (see _newton); the constant direction gets an eigenvalue like the others.
-    gram_aug = gram - row - row.transpose(1, 2) + (mean + (spread / S)[:, None, None])
+    gram_aug, row, mean, spread = _augmented_gram(x)
     coef, n_iter, converged = _newton(gram_aug, y.unsqueeze(1), onehot, present, c, spread,
                                       max_iter, tol)
     # W = coef X_c = (coef - coef 1 1^T / S) X; the intercept absorbs the shift: b - W mean.
@@ -264,6 +251,70 @@ def _fit_chunk(x: Tensor, y: Tensor, C: float, n_classes: int, max_iter: int,
     return weight, bias, n_iter, converged
 
 
+def _augmented_gram(x: Tensor) -> tuple[Tensor | _Factor, Tensor, Tensor, Tensor]:
+    """gram_aug = K_c + (spread / S) 1 1^T (see _newton), with G 1 / S (E, S, 1), its mean
+    (E, 1, 1) and spread (E,), float64; as a matrix, or as its factor F (F F^T) where
+    products with it cost less that way (:data:`_FACTOR_ROWS`)."""
+    E, S, d = x.shape
+    f64 = torch.float64
+    factored = S > _FACTOR_ROWS * (d + 1)
+    if factored:
+        # In the features' precision, so an overflowing product shows as in G below.
+        diag = (x * x).sum(2).to(f64)
+        x64 = x.to(f64)
+        xbar = x64.mean(1, keepdim=True)
+        row = x64 @ xbar.transpose(1, 2)
+        mean = (xbar * xbar).sum(2, keepdim=True)
+    else:
+        gram = x @ x.transpose(1, 2)
+        gram = (gram + gram.transpose(1, 2)).to(f64) * 0.5
+        diag = gram.diagonal(dim1=1, dim2=2)
+        row = gram.mean(2, keepdim=True)
+        mean = row.mean(1, keepdim=True)
+    # A NaN or inf feature, or an overflowing product, shows on the diagonal.
+    if not bool(torch.isfinite(diag).all()):
+        raise ValueError("z_support contains NaN or infinite values (or values so large "
+                         "that their products overflow)")
+    # Centring the features moves only the unpenalized intercept, and takes the
+    # intercept's coupling to the weights out of the Hessian at the start. On the Gram
+    # matrix it costs nothing next to centring the features themselves:
+    # K_c = G - row 1^T - 1 row^T + mean, with trace tr(G) - S mean.
+    # The mean nonzero eigenvalue of K_c; any positive scale does where K_c vanishes
+    # (identical support points), but not one so small that intercepts need huge A.
+    spread = (diag.sum(1) - S * mean.view(E)) / max(min(S - 1, d), 1)
+    spread = torch.maximum(spread, 1e-3 * diag.mean(1))
+    spread = torch.where(spread > 0, spread, 1.0)
+    # K_c + (spread / S) 1 1^T: its products give logits with the intercepts folded in
+    # (see _newton); the constant direction gets an eigenvalue like the others.
+    if factored:
+        ones = (spread / S).sqrt()[:, None, None].expand(E, S, 1)
+        return _Factor(torch.cat([x64 - xbar, ones], dim=2)), row, mean, spread
+    return gram - row - row.transpose(1, 2) + (mean + (spread / S)[:, None, None]), row, \
+        mean, spread
+
+
+@dataclass(eq=False)
+class _Factor:
+    """A Gram matrix F F^T (R, S, S) kept as its factor F (R, S, r): a product with it then
+    costs 2 r S instead of S^2 a row, and forming it S^2 r is saved (many support rows in
+    few features, as nine views of each support image make)."""
+
+    f: torch.Tensor
+
+    def __getitem__(self, keep: Tensor) -> _Factor:
+        return _Factor(self.f[keep])
+
+    def to(self, dtype: torch.dtype) -> _Factor:
+        return _Factor(self.f.to(dtype))
+
+
+def _times(v: Tensor, gram: Tensor | _Factor) -> Tensor:
+    """v @ gram, batched: (R, K, S) @ (R, S, S), or in two products with a factor."""
+    if isinstance(gram, _Factor):
+        return torch.bmm(torch.bmm(v, gram.f), gram.f.transpose(1, 2))
+    return torch.bmm(v, gram)
+
+
 @dataclass(eq=False)
 class _Rows:
     """The working tensors of :func:`_newton`, one row per episode still iterating.
@@ -276,8 +327,8 @@ class _Rows:
     episode: torch.Tensor     # (R,) the row's episode in the chunk
     coef: torch.Tensor        # (R, K, S) the coefficients
     coef_img: torch.Tensor    # coef @ gram: the logits without the mask
-    gram: torch.Tensor        # (R, S, S) gram_aug, float64
-    gram32: torch.Tensor      # the same in float32, for CG
+    gram: torch.Tensor | _Factor    # (R, S, S) gram_aug, float64 (or its factor)
+    gram32: torch.Tensor | _Factor  # the same in float32, for CG
     labels: torch.Tensor      # (R, 1, S)
     onehot: torch.Tensor      # (R, K, S)
     c: torch.Tensor           # (R,) inverse regularization strength
@@ -292,7 +343,7 @@ class _Rows:
         return _Rows(**{name: t[keep] for name, t in vars(self).items()})
 
 
-def _newton(gram_aug: Tensor, labels: Tensor, onehot: Tensor, present: Tensor, c: Tensor,
+def _newton(gram_aug: Tensor | _Factor, labels: Tensor, onehot: Tensor, present: Tensor, c: Tensor,
             spread: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
     """Newton-CG on one coefficient matrix per episode, coef (E, K, S).
 
@@ -354,8 +405,8 @@ def _newton(gram_aug: Tensor, labels: Tensor, onehot: Tensor, present: Tensor, c
     return coef, n_iter, converged
 
 
-def _first_rows(gram_aug: Tensor, labels: Tensor, onehot: Tensor, present: Tensor, c: Tensor,
-                spread: Tensor, tol: float) -> _Rows:
+def _first_rows(gram_aug: Tensor | _Factor, labels: Tensor, onehot: Tensor, present: Tensor,
+                c: Tensor, spread: Tensor, tol: float) -> _Rows:
     E, K, S = onehot.shape
     dev = onehot.device
     coef = torch.zeros(E, K, S, dtype=onehot.dtype, device=dev)
@@ -380,7 +431,7 @@ def _gradient(rows: _Rows, prob: Tensor, pen_img: Tensor, csum: Tensor) -> tuple
     grad2 = torch.empty((2,) + rows.coef.shape, dtype=rows.coef.dtype, device=rows.coef.device)
     grad, grad_img = grad2.unbind(0)
     torch.addcmul(rows.coef - csum / S, c3, resid, out=grad)
-    torch.addcmul(pen_img, c3, resid @ rows.gram, out=grad_img)
+    torch.addcmul(pen_img, c3, _times(resid, rows.gram), out=grad_img)
     # Euclidean over (W, b): the metric weighs the intercepts' part by k, not 1.
     grad_b2 = (rows.c.view(-1, 1) * resid.sum(-1)).square().sum(1)
     gnorm = ((grad * grad_img).sum((1, 2)) + (1 - rows.k) * grad_b2).clamp_min(0).sqrt()
@@ -425,8 +476,9 @@ def _backtrack(last: _Step, co: Tensor, img: Tensor, point: _Point, mask: Tensor
     return co, img, point, t == 0
 
 
-def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, k: Tensor,
-         grad2: Tensor, target2: Tensor, frozen: Tensor) -> tuple[Tensor, Tensor]:
+def _pcg(gram32: Tensor | _Factor, gram64: Tensor | _Factor, prob: Tensor, fill: Tensor,
+         c: Tensor, k: Tensor, grad2: Tensor, target2: Tensor,
+         frozen: Tensor) -> tuple[Tensor, Tensor]:
     """Preconditioned CG for H step = -grad, towards ||residual||^2 <= target2; the best
     iterate (below) and its image. grad2 stacks the gradient and its image, (2, E, K, S);
     frozen episodes get a zero step (see :func:`_preconditioner` for the preconditioner).
@@ -482,8 +534,8 @@ def _pcg(gram32: Tensor, gram64: Tensor, prob: Tensor, fill: Tensor, c: Tensor, 
         rz = rz_new
         p2 = z2.addcmul_(beta, p2)
     # The image in float64: it updates the logits, which must stay those of the coefficients.
-    x = (x if best is None else best.x).to(gram64.dtype)
-    return x, x @ gram64
+    x = (x if best is None else best.x).to(torch.float64)
+    return x, _times(x, gram64)
 
 
 @dataclass(eq=False)
@@ -520,14 +572,14 @@ class _BestIterate:
 
 
 def _hessian_product(p2: Tensor, prob: Tensor, c3: Tensor, shift: Tensor,
-                     gram32: Tensor) -> Tensor:
+                     gram32: Tensor | _Factor) -> Tensor:
     """H p and its image for a direction p stacked with its image, (2, E, K, S)."""
     p, p_img = p2[0], p2[1]
     u = prob * p_img
     hz = torch.addcmul(u, prob, u.sum(1, keepdim=True), value=-1)
     hp2 = torch.addcmul(p2, shift, p.sum(-1, keepdim=True), value=-1)
     hp2[0].addcmul_(c3, hz)
-    hp2[1].addcmul_(c3, torch.bmm(hz, gram32))
+    hp2[1].addcmul_(c3, _times(hz, gram32))
     return hp2
 
 

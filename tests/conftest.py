@@ -4,8 +4,13 @@ from pathlib import Path
 
 import pytest
 
+from fastmtl import keep_freed_memory
+
 # ImageFolder caches decoded images; the tests keep theirs out of the user's home.
 os.environ.setdefault("FASTMTL_CACHE", tempfile.mkdtemp(prefix="fastmtl-cache-"))
+# The CLI's allocator setting for the whole test process, so tests of the Python API run
+# their training and embedding at the CLI's speed (the numbers are the same either way).
+keep_freed_memory(mmap_threshold=1 << 30)
 
 
 def omniglot_root() -> str:

@@ -407,3 +407,82 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gpu.bias.cpu(), cpu.bias, rtol=1e-4, atol=1e-6)
     assert torch.equal(gpu.predict(zq.float().cuda()).cpu(), cpu.predict(zq.float()))
+
+
+# Many support rows in few features (eval --views: 900 rows of 256-d features): the Gram
+# matrix is kept as its (S, d + 1) factor where S > adapt._FACTOR_ROWS (d + 1).
+FACTORED = [  # n_way, shot, d, kind
+    (5, 10, 8, "normalized"),
+    (3, 8, 4, "raw"),
+    (20, 2, 8, "hard"),
+    (5, 6, 4, "easy"),
+]
+
+
+def _is_factored(S, d):
+    return isinstance(adapt._augmented_gram(torch.randn(1, S, d))[0], adapt._Factor)
+
+
+def test_the_factor_is_taken_only_past_its_row_count():
+    assert adapt._FACTOR_ROWS == 2
+    assert _is_factored(19, 8) and not _is_factored(18, 8)
+    assert not _is_factored(900, 640) and _is_factored(900, 256)
+    for n_way, shot, d, _ in FACTORED:
+        assert _is_factored(n_way * shot, d)
+
+
+@pytest.mark.parametrize("n_way,shot,d,kind", FACTORED)
+def test_factored_gram_matches_sklearn(n_way, shot, d, kind):
+    zs, ys, zq, _ = _episodes(3, n_way, shot, d, kind, seed=n_way * 100 + shot * 10 + d)
+    heads = fit_logistic(zs, ys, C=3.0)
+    assert bool(heads.converged.all())
+    weight, bias, models = _sklearn(zs, ys, n_way, **TIGHT)
+    _assert_matches(heads, weight, bias)
+    pred = heads.predict(zq).numpy()
+    ref = np.stack([m.predict(zq[e].numpy()) for e, m in enumerate(models)])
+    assert (pred == ref).mean() >= 0.99
+
+
+def _views(E, n_way, shot, d, views, seed):
+    """Support sets of near-copies: each image's views differ by a little noise."""
+    zs, ys, zq, _ = _episodes(E, n_way, shot, d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    zs = zs.repeat_interleave(views, dim=1)
+    zs = F.normalize(zs + 0.05 * torch.randn(zs.shape, generator=g, dtype=zs.dtype), dim=-1)
+    return zs, ys.repeat_interleave(views, dim=1), zq
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factored_and_matrix_forms_give_the_same_heads(monkeypatch, dtype):
+    """Views of one image make near-duplicate rows; ragged labels leave classes absent
+    and one episode with two classes (the binomial model)."""
+    zs, ys, zq = _views(3, 4, 2, 8, views=9, seed=7)
+    ys = ys.clone()
+    ys[1] = ys[1] % 2                       # two classes present
+    ys[2, ys[2] == 3] = 5                   # classes 3 and 4 absent, 5 present
+    zs = zs.to(dtype)
+    fits = {}
+    for rows in (10**9, 0):
+        monkeypatch.setattr(adapt, "_FACTOR_ROWS", rows)
+        fits[rows] = fit_logistic(zs, ys, n_classes=6, tol=1e-10, max_iter=1000)
+    matrix, factor = fits[10**9], fits[0]
+    assert bool(matrix.converged.all()) and bool(factor.converged.all())
+    assert torch.equal(torch.isfinite(matrix.bias), torch.isfinite(factor.bias))
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    assert _rel(factor.weight.double().numpy(), matrix.weight.double().numpy()) < tol
+    live = torch.isfinite(matrix.bias)
+    assert _rel(factor.bias[live].double().numpy(), matrix.bias[live].double().numpy()) < tol
+    weight, bias, _ = _sklearn(zs.double(), ys, 6, **TIGHT)
+    _assert_matches(factor, weight, bias, tol=1e-3 if dtype == torch.float32 else 1e-4)
+
+
+def test_factored_identical_points_and_overflow():
+    ys = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 3]] * 2)
+    zs = torch.stack([torch.full((10, 2), 0.3), torch.zeros(10, 2)]).double()
+    assert _is_factored(10, 2)
+    heads = fit_logistic(zs, ys)
+    weight, bias, _ = _sklearn(zs, ys, 4, **TIGHT)
+    assert heads.weight.abs().max() < 1e-6
+    np.testing.assert_allclose(heads.bias.numpy(), bias, rtol=1e-4)
+    with pytest.raises(ValueError, match="z_support contains NaN or infinite"):
+        fit_logistic(torch.full((1, 10, 2), 1e20), ys[:1])

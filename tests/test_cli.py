@@ -147,7 +147,8 @@ def test_commands_run_with_subnormals_flushed_and_the_flag_is_given_back(monkeyp
     (["demo"], "demo", "cmd_demo"), (["train"], "train", "cmd_train"),
     (["eval", "--checkpoint", "any.pt"], "eval", "cmd_eval"),
     (["adapt", "--checkpoint", "any.pt", "--support", "s", "--query", "q"], "adapt", "cmd_adapt"),
-    (["compare"], "compare", "cmd_compare"), (["merge", "a.json", "b.json"], "compare", "cmd_merge"),
+    (["compare"], "compare", "cmd_compare"),
+    (["merge", "a.json", "b.json"], "compare", "cmd_merge"),
 ])
 def test_every_command_runs_with_freed_memory_kept(monkeypatch, argv, module, name):
     """glibc's raised heap thresholds are set before any command's work: a 10-episode

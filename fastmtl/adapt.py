@@ -20,7 +20,8 @@ has support size and is batched over all episodes, with no Python loop over them
 Where support rows outnumber the features more than twice (``eval --views`` fits 20-way
 5-shot heads on 900 rows of 256-d features), the matrix is kept as its factor
 ``[X_c, sqrt(k) 1]``, (S, d + 1): a product then costs 2 (d + 1) a row instead of S,
-and forming the matrix is saved (2.5x faster at 900 rows: adapt_factor_cpu.json).
+and forming the matrix is saved (at 900 rows 1.16x faster on real features, whose CG
+runs longer, 2.5x on synthetic ones: adapt_factor_real_cpu.json, adapt_factor_cpu.json).
 
 The solver is Newton's method, which converges quadratically (four to six iterations
 here, where L-BFGS in 640-d takes tens of iterations per episode, one episode at a time).

@@ -72,6 +72,16 @@ class _Trainer(Protocol):
     def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None: ...
 
 
+def _replace(tmp: str, path: str) -> None:
+    """Rename ``tmp`` over ``path``, never over a device, pipe or socket (``/dev/null``
+    renamed over is gone for every program on the machine)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        os.remove(tmp)
+        raise ValueError(f"{path!r} is not a regular file (a device, pipe or socket); "
+                         f"give a file path")
+    os.replace(tmp, path)
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it into place.
 
@@ -90,7 +100,7 @@ def atomic_save(obj: Any, path: str) -> None:
     """
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _replace(tmp, path)
 
 
 def atomic_write_json(path: str, payload: Any) -> None:
@@ -108,7 +118,7 @@ def atomic_write_json(path: str, payload: Any) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    _replace(tmp, path)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -124,7 +134,7 @@ def atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+    _replace(tmp, path)
 
 
 def atomic_savefig(fig: Figure, path: str, dpi: int = 110) -> None:
@@ -141,7 +151,7 @@ def atomic_savefig(fig: Figure, path: str, dpi: int = 110) -> None:
     """
     tmp = f"{path}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    _replace(tmp, path)
 
 
 def check_readable(path: str, what: str = "checkpoint") -> None:

@@ -82,8 +82,8 @@ def writable_dir(name: str, path: str) -> str:
 
 
 def writable_file(name: str, path: str) -> str:
-    """ValueError unless ``path`` can be written as a file (not a directory; its folder
-    exists or can be created, and is writable); returns ``path``.
+    """ValueError unless ``path`` can be written as a file (not a directory, device, pipe
+    or socket; its folder exists or can be created, and is writable); returns ``path``.
 
     Example:
         >>> import tempfile
@@ -94,6 +94,11 @@ def writable_file(name: str, path: str) -> str:
     """
     if os.path.isdir(path):
         raise ValueError(f"{name} {path!r} is a directory; give a file path")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # Results are written beside the path and renamed over it, which would replace
+        # a device such as /dev/null for every program on the machine.
+        raise ValueError(f"{name} {path!r} is not a regular file (a device, pipe or "
+                         f"socket); give a file path, or leave {name} out")
     folder = os.path.dirname(os.path.abspath(path))
     writable_dir(f"{name}'s folder", folder)
     if os.path.exists(path) and not os.access(path, os.W_OK):

@@ -170,6 +170,29 @@ def test_demo_flags_fail_before_training(tmp_path, capsys, flags, needle):
     assert seconds < 10 and not (tmp_path / "d.json").exists()
 
 
+@pytest.mark.parametrize("command", [["eval", "--checkpoint", "CK"], ["demo"]])
+def test_out_that_is_not_a_regular_file_is_refused(tmp_path, capsys, run_dir, command):
+    """Results are written beside --out and renamed over it: over /dev/null that replaced
+    the device for the whole machine. A pipe stands in for any special file here."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    argv = [str(run_dir / "final.pt") if a == "CK" else a for a in command]
+    code, err, seconds = _cli([*argv, "--out", str(fifo)], capsys)
+    _assert_one_line(code, err, f"--out {str(fifo)!r} is not a regular file")
+    assert seconds < 10 and fifo.is_fifo() and os.listdir(tmp_path) == ["pipe"]
+
+
+def test_atomic_writes_never_replace_a_special_file(tmp_path):
+    from fastmtl.checkpoint import atomic_save, atomic_write_json, atomic_write_text
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for write in (lambda p: atomic_write_json(p, {"a": 1}), lambda p: atomic_write_text(p, "x"),
+                  lambda p: atomic_save({"a": 1}, p)):
+        with pytest.raises(ValueError, match="not a regular file"):
+            write(str(fifo))
+        assert fifo.is_fifo() and os.listdir(tmp_path) == ["pipe"]
+
+
 def test_help_and_behaviour_agree_on_zero_episodes(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])

@@ -151,8 +151,8 @@ def test_commands_run_with_subnormals_flushed_and_the_flag_is_given_back(monkeyp
     (["merge", "a.json", "b.json"], "compare", "cmd_merge"),
 ])
 def test_every_command_runs_with_freed_memory_kept(monkeypatch, argv, module, name):
-    """glibc's raised heap thresholds are set before any command's work: a 10-episode
-    `eval --centre --views` spent 10-16 s of its 20 s in the kernel without them
+    """glibc's raised heap thresholds are set before any command's work: a 100-episode
+    `eval --centre --views` spent 11-15 s of its 20-22 s in the kernel without them
     (malloc_eval_cpu.json)."""
     import importlib
 

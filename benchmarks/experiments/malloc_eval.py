@@ -2,10 +2,12 @@
 
 Runs the same ``eval`` command line in fresh processes, alternating the CLI as it is (it calls
 ``fastmtl.keep_freed_memory(mmap_threshold=1 << 30)`` for every command) with the call
-taken out, and records each run's wall, user and system seconds.
+taken out, and records each run's wall, user and system seconds. (The recorded runs
+passed ``--out /dev/null``, which replaced the device with a file: ``--out`` now refuses
+anything but a regular file, and the script writes none.)
 
     python benchmarks/experiments/malloc_eval.py --checkpoint runs/background/final.pt \
-        -- --centre --views --episodes 10
+        -- --centre --views --episodes 100
         # -> benchmarks/results/malloc_eval_cpu.json
     python benchmarks/experiments/malloc_eval.py --checkpoint runs/background/final.pt \
         --pairs 1 --name malloc_eval_20way_cpu -- --centre --views --ways 20 --episodes 100
@@ -53,7 +55,7 @@ def main() -> None:
     p.add_argument("eval_args", nargs=argparse.REMAINDER, help="-- then eval's other flags")
     args = p.parse_args()
     rest = args.eval_args[1:] if args.eval_args[:1] == ["--"] else args.eval_args
-    argv = ["eval", "--checkpoint", args.checkpoint, *rest, "--out", "/dev/null"]
+    argv = ["eval", "--checkpoint", args.checkpoint, *rest]      # no --out: nothing written
     runs = []
     for i in range(args.pairs):
         for keep in (False, True):

@@ -116,8 +116,9 @@ def _main(argv: list[str]) -> int:
     args = build_parser(*_method_arg(argv)).parse_args(argv)
     # Freed activation blocks stay in the heap instead of faulting in again each batch, in
     # every command: one 1,280-image Conv-4 MTL step took 2.03 s with glibc's defaults,
-    # 1.07 s so; a 10-episode `eval --centre --views` on the background set 23.5 s, 14.5 s
-    # (16 s of it in the kernel, paging freed blocks back in; now 0.5 s).
+    # 1.07 s so; a 100-episode `eval --centre --views` on the background set 20.3 / 22.1 s,
+    # 14.3 / 13.4 s (10.6 / 15.3 s of it in the kernel, paging freed blocks back in;
+    # 0.5 / 0.4 s so: malloc_eval_cpu.json).
     keep_freed_memory(mmap_threshold=1 << 30)
     # The process leaves with os._exit below only if the command itself joined the group
     # (a torchrun launch of the CLI), never inside a caller that made its own group.

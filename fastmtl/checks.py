@@ -98,7 +98,7 @@ def writable_file(name: str, path: str) -> str:
         # Results are written beside the path and renamed over it, which would replace
         # a device such as /dev/null for every program on the machine.
         raise ValueError(f"{name} {path!r} is not a regular file (a device, pipe or "
-                         f"socket); give a file path, or leave {name} out")
+                         f"socket); give a file path, or drop {name}")
     folder = os.path.dirname(os.path.abspath(path))
     writable_dir(f"{name}'s folder", folder)
     if os.path.exists(path) and not os.access(path, os.W_OK):

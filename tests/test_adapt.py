@@ -474,3 +474,23 @@ def test_factored_identical_points_and_overflow():
     np.testing.assert_allclose(heads.bias.numpy(), bias, rtol=1e-4)
     with pytest.raises(ValueError, match="z_support contains NaN or infinite"):
         fit_logistic(torch.full((1, 10, 2), 1e20), ys[:1])
+
+
+def test_cpu_chunks_bound_the_gram_entries(monkeypatch):
+    """On a CPU a chunk holds at most _CHUNK_GRAM_CPU entries of Gram matrices (or of
+    their factors); the heads are those of one fit."""
+    zs, ys, _, _ = _episodes(5, 5, 2, 32, seed=6)           # S = 10: 100 entries each
+    whole = fit_logistic(zs, ys)
+    sizes = []
+    fit_chunk = adapt._fit_chunk
+    monkeypatch.setattr(adapt, "_fit_chunk", lambda x, *a: sizes.append(len(x)) or fit_chunk(x, *a))
+    monkeypatch.setattr(adapt, "_CHUNK_GRAM_CPU", 200)
+    chunked = fit_logistic(zs, ys)
+    assert sizes == [2, 2, 1]
+    torch.testing.assert_close(chunked.weight, whole.weight)
+    torch.testing.assert_close(chunked.bias, whole.bias)
+    sizes.clear()
+    zs, ys, _, _ = _episodes(5, 5, 6, 4, seed=6)            # S = 30 > 2 (4 + 1): 150 each
+    monkeypatch.setattr(adapt, "_CHUNK_GRAM_CPU", 300)      # (900 each as a matrix)
+    fit_logistic(zs, ys)
+    assert sizes == [2, 2, 1]

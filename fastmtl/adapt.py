@@ -1,4 +1,4 @@
-"""Test-time adaptation: a fresh logistic-regression head per episode, all episodes at once.
+"""Test-time adaptation: a fresh logistic-regression head per episode, episodes batched.
 
 :func:`fit_logistic` minimizes, for every episode independently, exactly the objective of
 scikit-learn's ``LogisticRegression(C=C, solver="lbfgs")`` (scikit-learn 1.9)::
@@ -16,7 +16,8 @@ theorem), so each episode is solved in terms of its Gram matrix: the head is
 ``W = A X_c`` for a coefficient matrix A (K, S), X_c the support features centred (the
 unpenalized intercept absorbs the shift), and the intercepts are folded into A through
 the constant direction. The Gram matrix is the only O(S^2 d) step; everything after it
-has support size and is batched over all episodes, with no Python loop over them.
+has support size and is batched over the episodes (in chunks, see _CHUNK_GRAM_CPU), with
+no Python loop over them.
 Where support rows outnumber the features more than twice (``eval --views`` fits 20-way
 5-shot heads on 900 rows of 256-d features), the matrix is kept as its factor
 ``[X_c, sqrt(k) 1]``, (S, d + 1): a product then costs 2 (d + 1) a row instead of S,
@@ -77,10 +78,11 @@ __all__ = ["LogisticHeads", "fit_logistic"]
 # Bytes of support features fitted at once; more episodes are fitted in chunks.
 _CHUNK_BYTES = 1 << 28
 # On a CPU also at most this many entries of Gram matrices (or their factors) a chunk:
-# every episode of a chunk runs as many Newton and CG iterations as its slowest one
-# needs, and where those iterations cost (20-way 5-shot, or nine views an image) small
-# chunks were 1.5-1.8x faster; cheap fits stay whole, as calls cost there
-# (adapt_chunk_cpu.json). A GPU keeps the large chunks that fill it (not measured there).
+# every episode of a chunk runs as many CG iterations as its slowest one needs (and
+# Newton iterations until a quarter of them are done, see _Rows), and where those
+# iterations cost (20-way 5-shot, or nine views an image) small chunks were 1.5-2.0x
+# faster; cheap fits stay whole, as calls cost there (adapt_chunk_cpu.json). A GPU keeps
+# the large chunks that fill it (not measured there).
 _CHUNK_GRAM_CPU = 1 << 21
 _MAX_HALVINGS = 40
 # CG iterations without halving its best residual after which an episode's CG stops (at

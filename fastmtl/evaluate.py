@@ -4,7 +4,7 @@ Features of the frozen backbone, L2-normalized; per test episode an L2-regulariz
 multinomial logistic regression (the objective of scikit-learn's
 ``LogisticRegression(C=3, solver="lbfgs")``) fitted on the support set, accuracy on the
 queries; the mean over episodes and a 95% confidence interval ``1.96 * std / sqrt(E)``.
-All episodes' heads are fitted at once (:func:`fastmtl.adapt.fit_logistic`), and each
+The episodes' heads are fitted batched (:func:`fastmtl.adapt.fit_logistic`), and each
 image is embedded once however many episodes use it.
 
 In a distributed run (:mod:`fastmtl.distributed`) every rank embeds a share of the images
@@ -177,7 +177,8 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         features: precomputed L2-normalized features of ``dataset`` (from :func:`embed`),
             to evaluate several settings without embedding again: (N, d), or (N, V, d)
             from ``embed(..., views=True)``, which fits and scores as ``views`` does.
-        chunk: episodes whose heads are fitted in one batched solve.
+        chunk: episodes sampled and passed to one batched fit (which may split them
+            further, see :func:`fastmtl.adapt.fit_logistic`).
         centre: subtracted from each feature before its normalization (see
             :func:`feature_mean`); with ``features``, pass it to :func:`embed` instead.
         views: embed each image also at its one-pixel shifts (:data:`SHIFTS`): the head

@@ -491,6 +491,10 @@ def test_cpu_chunks_bound_the_gram_entries(monkeypatch):
     torch.testing.assert_close(chunked.bias, whole.bias)
     sizes.clear()
     zs, ys, _, _ = _episodes(5, 5, 6, 4, seed=6)            # S = 30 > 2 (4 + 1): 150 each
-    monkeypatch.setattr(adapt, "_CHUNK_GRAM_CPU", 300)      # (900 each as a matrix)
+    monkeypatch.setattr(adapt, "_CHUNK_GRAM_CPU", 360)      # (S d = 120; S^2 = 900)
     fit_logistic(zs, ys)
     assert sizes == [2, 2, 1]
+    sizes.clear()
+    monkeypatch.setattr(adapt, "_CHUNK_GRAM_CPU", 100)      # below one episode: one each
+    fit_logistic(zs, ys)
+    assert sizes == [1, 1, 1, 1, 1]

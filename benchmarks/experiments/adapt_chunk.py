@@ -8,7 +8,7 @@ fits of ``fastmtl eval``'s settings (5- and 20-way, 1 and 5 shots, with and with
 ``--views``, 256-d Conv-4 features) and 5-way fits of 640-d features (ResNet-12's size,
 taken as random projections of the same features) at each ``--entries`` bound (0: none,
 the 256 MB bound alone, as before), alternating, and records the minimum of the repeats
-and how far the heads moved (they should not: each episode is solved alone).
+and how far the heads moved (only by float32 rounding: each episode is solved alone).
 
     python benchmarks/experiments/adapt_chunk.py --checkpoint runs/background/final.pt
         # -> benchmarks/results/adapt_chunk_cpu.json

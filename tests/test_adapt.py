@@ -409,8 +409,9 @@ def test_errors_name_the_argument():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
-    zs, ys, zq, _ = _episodes(8, 5, 5, 640, seed=17)
+@pytest.mark.parametrize("shot, d", [(5, 640), (10, 8)])     # (10, 8): a factored Gram
+def test_cuda_matches_cpu(shot, d):
+    zs, ys, zq, _ = _episodes(8, 5, shot, d, seed=17)
     cpu = fit_logistic(zs.float(), ys)
     gpu = fit_logistic(zs.float().cuda(), ys.cuda())
     assert gpu.weight.is_cuda and gpu.bias.is_cuda

@@ -190,7 +190,7 @@ def fit_logistic(z_support: torch.Tensor, y_support: torch.Tensor, C: float = 3.
     E, S, d = x.shape
     chunk = max(1, _CHUNK_BYTES // (S * d * x.element_size()))
     if x.device.type == "cpu":
-        entries = S * (d + 1 if S > _FACTOR_ROWS * (d + 1) else S)
+        entries = S * (d + 1 if _factored(S, d) else S)
         chunk = min(chunk, max(1, _CHUNK_GRAM_CPU // entries))
     parts = [_fit_chunk(x[lo:lo + chunk], y[lo:lo + chunk], float(C), n_classes,
                         int(max_iter), float(tol)) for lo in range(0, E, chunk)]
@@ -263,13 +263,18 @@ def _fit_chunk(x: Tensor, y: Tensor, C: float, n_classes: int, max_iter: int,
     return weight, bias, n_iter, converged
 
 
-def _augmented_gram(x: Tensor) -> tuple[Tensor | _Factor, Tensor, Tensor, Tensor]:
+def _factored(S: int, d: int) -> bool:
+    """Whether S support rows of d features keep their Gram matrix as its factor."""
+    return S > _FACTOR_ROWS * (d + 1)
+
+
+def _augmented_gram(x: Tensor) -> tuple[_Gram, Tensor, Tensor, Tensor]:
     """gram_aug = K_c + (spread / S) 1 1^T (see _newton), with G 1 / S (E, S, 1), its mean
     (E, 1, 1) and spread (E,), float64; as a matrix, or as its factor F (F F^T) where
     products with it cost less that way (:data:`_FACTOR_ROWS`)."""
     E, S, d = x.shape
     f64 = torch.float64
-    factored = S > _FACTOR_ROWS * (d + 1)
+    factored = _factored(S, d)
     if factored:
         # In the features' precision, so an overflowing product shows as in G below.
         diag = (x * x).sum(2).to(f64)
@@ -320,7 +325,11 @@ class _Factor:
         return _Factor(self.f.to(dtype))
 
 
-def _times(v: Tensor, gram: Tensor | _Factor) -> Tensor:
+# A Gram matrix as a tensor (R, S, S), or as its factor.
+_Gram = Tensor | _Factor
+
+
+def _times(v: Tensor, gram: _Gram) -> Tensor:
     """v @ gram, batched: (R, K, S) @ (R, S, S), or in two products with a factor."""
     if isinstance(gram, _Factor):
         return torch.bmm(torch.bmm(v, gram.f), gram.f.transpose(1, 2))
@@ -339,8 +348,8 @@ class _Rows:
     episode: torch.Tensor     # (R,) the row's episode in the chunk
     coef: torch.Tensor        # (R, K, S) the coefficients
     coef_img: torch.Tensor    # coef @ gram: the logits without the mask
-    gram: torch.Tensor | _Factor    # (R, S, S) gram_aug, float64 (or its factor)
-    gram32: torch.Tensor | _Factor  # the same in float32, for CG
+    gram: _Gram               # (R, S, S) gram_aug, float64 (or its factor)
+    gram32: _Gram             # the same in float32, for CG
     labels: torch.Tensor      # (R, 1, S)
     onehot: torch.Tensor      # (R, K, S)
     c: torch.Tensor           # (R,) inverse regularization strength
@@ -355,7 +364,7 @@ class _Rows:
         return _Rows(**{name: t[keep] for name, t in vars(self).items()})
 
 
-def _newton(gram_aug: Tensor | _Factor, labels: Tensor, onehot: Tensor, present: Tensor, c: Tensor,
+def _newton(gram_aug: _Gram, labels: Tensor, onehot: Tensor, present: Tensor, c: Tensor,
             spread: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, Tensor]:
     """Newton-CG on one coefficient matrix per episode, coef (E, K, S).
 
@@ -417,7 +426,7 @@ def _newton(gram_aug: Tensor | _Factor, labels: Tensor, onehot: Tensor, present:
     return coef, n_iter, converged
 
 
-def _first_rows(gram_aug: Tensor | _Factor, labels: Tensor, onehot: Tensor, present: Tensor,
+def _first_rows(gram_aug: _Gram, labels: Tensor, onehot: Tensor, present: Tensor,
                 c: Tensor, spread: Tensor, tol: float) -> _Rows:
     E, K, S = onehot.shape
     dev = onehot.device
@@ -488,7 +497,7 @@ def _backtrack(last: _Step, co: Tensor, img: Tensor, point: _Point, mask: Tensor
     return co, img, point, t == 0
 
 
-def _pcg(gram32: Tensor | _Factor, gram64: Tensor | _Factor, prob: Tensor, fill: Tensor,
+def _pcg(gram32: _Gram, gram64: _Gram, prob: Tensor, fill: Tensor,
          c: Tensor, k: Tensor, grad2: Tensor, target2: Tensor,
          frozen: Tensor) -> tuple[Tensor, Tensor]:
     """Preconditioned CG for H step = -grad, towards ||residual||^2 <= target2; the best
@@ -584,7 +593,7 @@ class _BestIterate:
 
 
 def _hessian_product(p2: Tensor, prob: Tensor, c3: Tensor, shift: Tensor,
-                     gram32: Tensor | _Factor) -> Tensor:
+                     gram32: _Gram) -> Tensor:
     """H p and its image for a direction p stacked with its image, (2, E, K, S)."""
     p, p_img = p2[0], p2[1]
     u = prob * p_img

@@ -121,7 +121,7 @@ def main() -> None:
                      "matrix_s": round(full, 3), "factor_s": round(fac, 3),
                      "speedup_of_factor": round(full / fac, 2),
                      "weight_rel_diff": dw,
-                     "factored_by_default": S > adapt._FACTOR_ROWS * (args.dim + 1)})
+                     "factored_by_default": adapt._factored(S, args.dim)})
         print(rows[-1], flush=True)
     path = write_result("adapt_factor_real_cpu" if args.checkpoint else "adapt_factor_cpu", {
         "what": __doc__.splitlines()[0], "episodes": args.episodes, "dim": args.dim,

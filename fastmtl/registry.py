@@ -59,7 +59,7 @@ _MAML_LIKE = MappingProxyType(dict(n_way=5, k_shot=1, n_query=5, tasks_per_step=
                                    vectorize=None, test_inner_steps=3, tasks_per_epoch=80))
 
 METHODS: Mapping[str, Method] = MappingProxyType({
-    # MTL: the fast recipe, tuned on the validation alphabet (docs/recipe.md).
+    # MTL: the fast recipe, tuned on the validation alphabet (docs/mtl.md).
     "mtl": Method("fastmtl.mtl:MTLTrainer", "fastmtl.mtl:MTLConfig", recipe="fast"),
     "maml": Method("fastmtl.gbml:MAML", "fastmtl.gbml:MAMLConfig", compare=_MAML_LIKE),
     "fomaml": Method("fastmtl.gbml:MAML", "fastmtl.gbml:MAMLConfig",

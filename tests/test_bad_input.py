@@ -74,6 +74,9 @@ def run_dir(tmp_path_factory):
     (["--small-images", "0.99"], "small_images"),
     (["--small-images", "0.15"], "small_images"),
     (["--small-images", "2"], "small_images"),
+    # test episodes the test split cannot hold: refused before training, not after it
+    (["--queries", "500"], "--shots + --queries = 505 is larger than test class"),
+    (["--ways", "500"], "--ways=500 is larger than the number of test classes"),
 ])
 def test_train_flag_out_of_range_or_wrong_type(tmp_path, capsys, flags, needle):
     ck = tmp_path / "ck"
@@ -123,6 +126,25 @@ def test_resume_refuses_changed_settings(capsys, run_dir):
     code, err, _ = _cli(["train", *TINY, "--resume", str(run_dir / "last.pt"), "--epochs", "2",
                          "--eval-episodes", "0"], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--data-seed", "5"], "data_seed: 0 -> 5"),
+    (["--image-size", "32"], "image_size: 28 -> 32"),
+])
+def test_resume_refuses_other_data(capsys, run_dir, flags, needle):
+    """A resumed run trains on the data of its checkpoint: another --data-seed (other
+    classes) or image size is refused before any work, unless --allow-changed-settings."""
+    code, err, seconds = _cli(["train", *TINY, "--resume", str(run_dir / "last.pt"),
+                               "--epochs", "2", *flags], capsys)
+    _assert_one_line(code, err, needle)
+    assert "other data" in err and seconds < 10
+
+
+def test_eval_refuses_data_flags_its_data_does_not_use(capsys, run_dir):
+    code, err, _ = _cli(["eval", "--checkpoint", str(run_dir / "final.pt"), "--root", "x",
+                         "--episodes", "5"], capsys)
+    _assert_one_line(code, err, "--root has no effect with --data synthetic (the checkpoint's)")
 
 
 @pytest.mark.parametrize("content", ["random", "truncated", "list", "missing", "dir"])

@@ -232,7 +232,11 @@ def test_adapt_cli_writes_a_row_per_query_and_checks_its_inputs(folder, trained,
            ({"--checkpoint": str(junk)}, "not a fastmtl checkpoint"),
            ({"--shots": "9"}, "--shots 9 is larger"),
            ({"--query": str(tmp_path / "nope")}, "--query"),
-           ({"--out": str(tmp_path / "pred.txt")}, "--out")]
+           ({"--out": str(tmp_path / "pred.txt")}, "--out"),
+           # flags that would do nothing: refused, not ignored
+           ({"--seed": "3"}, "--seed has no effect with no --shots"),
+           ({"--query": str(query / "c25"), "--plot": str(tmp_path / "cm2.png")},
+            "--plot has no effect with an unlabelled --query")]
     for change, needle in bad:
         flags = {"--checkpoint": str(trained), "--support": str(support),
                  "--query": str(query), "--out": str(out), **change}

@@ -82,6 +82,8 @@ def test_compare_resume_keeps_finished_methods(run):
     (["--ways", "5", "1"], "--ways"),
     (["--ways", "5", "500"], "ways"),           # more ways than the test classes
     (["--eval-split", "train"], "--eval-split"),
+    (["--image-size", "0"], "--image-size"),     # was run at 28 px and recorded as 0
+    (["--eval-at", "1,nan"], "--eval-at"),
 ])
 def test_bad_input_fails_in_one_line_before_training(tmp_path, flags, needle):
     flags = list(flags)
@@ -190,6 +192,8 @@ def test_merge_averages_runs_point_by_point(run, tmp_path):
     (lambda p: p["results"].pop("anil"), "methods"),
     (lambda p: p["results"]["mtl"]["points"].pop(), "evaluation points"),
     (None, "two or more"),
+    (lambda p: p.update(results=3), "not a compare run"),   # a traceback before
+    (lambda p: p["results"]["mtl"].update(points=[{"accuracy": 1}]), "not a compare run"),
 ])
 def test_merge_bad_runs_fail_in_one_line(run, tmp_path, change, needle):
     out, _, _ = run

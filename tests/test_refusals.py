@@ -45,6 +45,7 @@ def _run(argv, capsys):
     (["--eval-episodes", "0", "--ways", "20"], "--eval-episodes 0"),
     (["--eval-episodes", "0", "--shots", "5"], "--eval-episodes 0"),
     (["--root", "somewhere"], "--data synthetic"),                # generated, not read
+    (["--train-split", "trainval"], "--no-val"),         # validated on training classes
 ])
 def test_a_setting_without_effect_is_refused_by_name(tmp_path, capsys, flags, needle):
     code, lines, seconds = _run(["train", "--data", "synthetic", "--epochs", "1",
@@ -157,6 +158,15 @@ def test_small_side_keeps_the_feature_size():
     # where no smaller side works at all (Conv-4 at 16 px) the run trains at full size
     with pytest.warns(RuntimeWarning, match="full size throughout"):
         assert _small_side(conv4(1), (1, 16, 16), 0.86) is None
+
+
+def test_runs_on_other_images_do_not_mix():
+    """A resumed or merged comparison must read the images the same way (--channels,
+    --skip-bad-images); a run recorded before these were is at their defaults."""
+    from fastmtl import compare
+    assert compare.differences({"channels": 1}, {"channels": 3}) == ["channels"]
+    assert compare.differences({"skip_bad_images": True}, {}) == ["skip_bad_images"]
+    assert compare.differences({}, {"channels": 3, "skip_bad_images": False}) == []
 
 
 def test_runs_on_other_thread_counts_do_not_mix():

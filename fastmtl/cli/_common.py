@@ -222,8 +222,8 @@ def add_eval_flags(p: argparse.ArgumentParser, episodes_flag: str,
     p.add_argument("--queries", type=int, default=15,
                    help="queries per class (default: 15; Omniglot has 20 images a class)")
     p.add_argument("--data-seed", type=int, default=None,
-                   help="seed of the generated synthetic data (default: 0, or for eval the "
-                        "checkpoint's)")
+                   help="seed of the generated synthetic data, or of the class split of "
+                        "--data folder (default: 0, or for eval the checkpoint's)")
     p.add_argument("--image-size", type=int, default=None,
                    help="resize images to this size (default: the data set's own; 28 for "
                         "Omniglot and synthetic)")

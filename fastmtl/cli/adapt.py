@@ -14,7 +14,7 @@ from .. import checks
 from ..checkpoint import atomic_savefig, atomic_write_json, atomic_write_text
 from ..classifier import FewShotClassifier
 from ..data import class_folders, image_files
-from ._common import HelpFormatter, Parser, say
+from ._common import HelpFormatter, Parser, parser_defaults, refuse_inert_flags, say
 
 # (class name, its image files) of each support class, as class_folders lists them
 _Support: TypeAlias = list[tuple[str, list[Path]]]
@@ -24,6 +24,8 @@ def _inputs(args: argparse.Namespace) -> tuple[_Support, list[str], list[str] | 
     """Support classes, query files (and their labels, if a labelled folder) after every check."""
     if args.shots is not None and args.shots < 1:
         raise ValueError(f"--shots must be >= 1, got {args.shots}")
+    refuse_inert_flags(args, parser_defaults(args.parser),
+                       [("seed", args.shots is not None, "no --shots (it seeds their choice)")])
     if not os.path.isdir(args.support):
         raise ValueError(f"--support {args.support!r} is not a folder")
     support = class_folders(args.support)
@@ -57,6 +59,9 @@ def _inputs(args: argparse.Namespace) -> tuple[_Support, list[str], list[str] | 
         raise ValueError(f"--query {' '.join(args.query)!r} holds no images")
     if truth is not None and len(truth) != len(query):
         raise ValueError("--query: give one labelled folder, or unlabelled images only")
+    if args.plot and truth is None:
+        raise ValueError("--plot has no effect with an unlabelled --query (the confusion "
+                         "matrix needs a folder of class folders)")
     out_ext = os.path.splitext(args.out)[1].lower()
     if out_ext not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {args.out!r}")

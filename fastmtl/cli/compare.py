@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 from typing import Any
@@ -47,7 +48,8 @@ def _eval_times(args: argparse.Namespace) -> None:
         except ValueError:
             raise ValueError(
                 f"--eval-at must be comma-separated seconds, got {args.eval_at!r}") from None
-        if not times or any(t <= 0 for t in times) or sorted(set(times)) != times:
+        if not times or any(not (0 < t < math.inf) for t in times) or \
+                sorted(set(times)) != times:
             raise ValueError(f"--eval-at must be increasing positive seconds, got {args.eval_at!r}")
         if times[0] > 60 * args.budget_minutes:
             raise ValueError(f"--eval-at: the first time ({times[0]:g} s) is past the budget "
@@ -102,6 +104,8 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         raise ValueError(f"--shots must be positive, got {args.shots}")
     if any(w < 2 for w in args.ways) or len(set(args.ways)) != len(args.ways):
         raise ValueError(f"--ways must be different numbers >= 2, got {args.ways}")
+    if args.image_size is not None and args.image_size < 8:
+        raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
     if args.episodes < 2:
         raise ValueError(f"--episodes must be >= 2 (a confidence interval needs two), got "
                          f"{args.episodes}")
@@ -118,6 +122,7 @@ def _payload(args: argparse.Namespace, methods: list[str], settings: dict[str, A
             "budget_minutes": args.budget_minutes, "eval_every": args.eval_every,
             "shots": list(args.shots), "ways": args.ways[0], "also_ways": args.ways[1:],
             "queries": args.queries, "episodes": args.episodes, "eval_split": args.eval_split,
+            "channels": args.channels, "skip_bad_images": args.skip_bad_images,
             "seed": args.seed, "recipe": args.recipe,
             "settings_overrides": settings, "machine": machine_info(),
             "versions": {"fastmtl": __version__, "torch": torch.__version__}, "results": {}}

@@ -64,6 +64,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if data_name is None:
         raise ValueError(f"--checkpoint {args.checkpoint!r} does not record its data set: "
                          f"pass --data (and --root)")
+    data = f"--data {data_name}" + ("" if args.data else " (the checkpoint's)")
+    refuse_inert_flags(args, parser_defaults(args.parser), [
+        ("data_seed", registry.uses(data_name, "seed"), data),
+        ("root", registry.uses(data_name, "root"), f"{data} (it is generated, not read)"),
+        ("image_size", registry.uses(data_name, "image_size"),
+         f"{data} (its files keep their own size)")])
     test = registry.load_dataset(
         data_name, args.root or run.get("root"), args.split,
         image_size=args.image_size or run.get("image_size"),

@@ -17,6 +17,7 @@ from ..checkpoint import atomic_save
 from ..checkpoint import load as load_checkpoint
 from ..config import TrainerConfig
 from ..mtl import RECIPES
+from ..sampling import check_fits
 from ..training import ProfileSteps, Trainer, check_same_run
 from ._common import (
     HelpFormatter,
@@ -75,6 +76,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         *[(f, args.eval_episodes > 0, "--eval-episodes 0 (no test evaluation)")
           for f in ("eval_seed", "ways", "shots", "queries")],
     ])
+    if args.train_split.endswith("trainval") and not args.no_val:
+        raise ValueError(f"--train-split {args.train_split} trains on the validation classes "
+                         f"too, so validating on them would pick epochs on training classes: "
+                         f"add --no-val")
     if args.no_val:
         refuse_inert_flags(args, defaults, [(f, False, "--no-val") for f in
                                             ("val_episodes", "val_ways", "val_shots",
@@ -82,8 +87,9 @@ def _check_flags(args: argparse.Namespace) -> None:
                                              "val_protocol") if f in defaults])
 
 
-def _check_files(args: argparse.Namespace, cfg: TrainerConfig) -> None:
-    """--out, --plot, --checkpoint-dir and --resume, checked before any data is read."""
+def _check_files(args: argparse.Namespace, cfg: TrainerConfig) -> dict[str, Any]:
+    """--out, --plot, --checkpoint-dir and --resume, checked before any data is read;
+    returns what the --resume checkpoint records of its training data (or nothing)."""
     if args.plot:
         checks.writable_file("--plot", args.plot)
     if args.profile:
@@ -99,6 +105,26 @@ def _check_files(args: argparse.Namespace, cfg: TrainerConfig) -> None:
                              f"not --backbone {args.backbone}")
         if not args.allow_changed_settings:
             check_same_run(state.get("config", {}), cfg, args.resume)
+            return dict(state.get("run") or {})
+    return {}
+
+
+# What a resumed run must train on as its checkpoint did (see _run_info): the data it
+# names, and the classes it read (so the same folder may have moved, but not changed).
+_SAME_DATA = ("data", "train_split", "rotations", "data_seed", "image_size", "channels",
+              "class_names")
+
+
+def _check_same_data(saved: dict[str, Any], now: dict[str, Any], path: str) -> None:
+    """ValueError if a resumed run's training data differs from its checkpoint's, naming
+    what differs (checkpoints that do not record it are not checked)."""
+    changed = [k for k in _SAME_DATA if k in saved and saved[k] != now[k]]
+    if changed:
+        what = "; ".join("class_names: other classes" if k == "class_names"
+                         else f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"resume: {path!r} was trained on other data ({what}); a resumed "
+                         f"run keeps its data: pass the same data flags, or "
+                         f"--allow-changed-settings")
 
 
 def _run_info(args: argparse.Namespace, train: FewShotDataset) -> dict[str, Any]:
@@ -109,10 +135,18 @@ def _run_info(args: argparse.Namespace, train: FewShotDataset) -> dict[str, Any]
             "train_split": args.train_split, "rotations": args.rotations}
 
 
-def _test_results(args: argparse.Namespace, trainer: Trainer) -> dict[str, Any]:
+def _load_test(args: argparse.Namespace) -> FewShotDataset:
+    """The test split, checked to hold the test episodes before any training."""
+    test = _load(args, "test")
+    check_fits(test.labels, args.ways, max(args.shots) + args.queries, ways_name="--ways",
+               need_name="--shots + --queries", where="test ", class_names=test.class_names)
+    return test
+
+
+def _test_results(args: argparse.Namespace, trainer: Trainer,
+                  test: FewShotDataset) -> dict[str, Any]:
     """The test split with the logistic protocol and, where the trainer has one, its own
     adaptation."""
-    test = _load(args, "test")
     rows = evaluate_all(trainer.backbone, test, args.shots, args.ways, args.queries,
                         args.eval_episodes, args.eval_seed)
     say(table(rows))
@@ -154,11 +188,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_flags(args)
     cfg = config_from(args, parser_defaults(args.parser), args.method, args.recipe)
     check_eval_flags(args, "--eval-episodes", allow_zero=True)
-    _check_files(args, cfg)
+    saved_run = _check_files(args, cfg)
     if args.data_seed is None:
         args.data_seed = 0
     train = _load(args, args.train_split, rotations=args.rotations)
     val = None if args.no_val else _load(args, "val")
+    test = _load_test(args) if args.eval_episodes > 0 else None
     say(f"train: {train!r}" + (f"\nval: {val!r}" if val is not None else ""))
     if _dist.is_distributed():
         say(f"distributed: {_dist.world_size()} ranks ({torch.distributed.get_backend()})")
@@ -166,6 +201,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer_cls, _, _ = registry.method(args.method)
     trainer = trainer_cls(registry.build_backbone(args.backbone, train.channels), cfg)
     trainer.run_info = _run_info(args, train)
+    if saved_run:
+        _check_same_data(saved_run, trainer.run_info, args.resume)
     history = _fit(args, trainer, train, val)
     payload = {"command": command_line(), "method": args.method, "data": args.data,
                "backbone": args.backbone, "rotations": args.rotations,
@@ -176,8 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = os.path.join(cfg.checkpoint_dir, "final.pt")
         atomic_save(trainer.state_dict(), final)
         say(f"wrote {final}")
-    if args.eval_episodes > 0:
-        payload.update(_test_results(args, trainer))
+    if test is not None:
+        payload.update(_test_results(args, trainer, test))
     payload["total_seconds"] = time.perf_counter() - t0
     write_json(args.out, payload)
     plot_history(args.plot, history, f"{args.method.upper()}, {args.backbone}, {args.data}")
@@ -212,7 +249,8 @@ def _add_profile_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="write a torch.profiler trace (trace.json, Perfetto) and a table of "
                         "the top operators (top_ops.txt) of a few steps after warm-up here; "
-                        "refused before training if the run has fewer steps than that")
+                        "refused before training if the run has fewer steps than that (under "
+                        "--max-minutes, which fixes no step count, said after training)")
     p.add_argument("--profile-warmup", type=positive("--profile-warmup", int), default=5,
                    help="steps before profiling starts")
     p.add_argument("--profile-steps", type=positive("--profile-steps", int), default=3,

@@ -21,11 +21,12 @@ __all__ = ["COMPARABLE", "differences", "speedup_tables", "merge_runs", "curve",
 # reads inside a key: the torch threads, which set every time axis). A resumed run must
 # match the saved one in these and the seed; runs merged must match in these and differ
 # in the seed.
-COMPARABLE = ("data", "root", "image_size", "data_seed", "backbone", "rotations",
-              "budget_minutes", "eval_every", "shots", "ways", "also_ways", "queries",
-              "episodes", "eval_split", "recipe", "settings_overrides", "machine.torch_threads")
+COMPARABLE = ("data", "root", "image_size", "data_seed", "channels", "skip_bad_images",
+              "backbone", "rotations", "budget_minutes", "eval_every", "shots", "ways",
+              "also_ways", "queries", "episodes", "eval_split", "recipe", "settings_overrides",
+              "machine.torch_threads")
 # What a key absent from a compare.json (one written before the key was recorded) means.
-_ABSENT = {"also_ways": [], "eval_split": "test"}
+_ABSENT = {"also_ways": [], "eval_split": "test", "channels": 3, "skip_bad_images": False}
 
 _Result = dict[str, Any]                    # one method's entry of compare.json's results
 _Reach = tuple[float, float] | None         # (seconds, FLOPs) of a crossing, None: never
@@ -45,7 +46,8 @@ def differences(a: dict[str, Any], b: dict[str, Any],
 
 def setting(payload: dict[str, Any], key: str) -> Any:
     """``payload[key]``, a dot reading inside a key (``"machine.torch_threads"``); where
-    absent, what its absence means (``also_ways``: none, ``eval_split``: test) or None.
+    absent, what its absence means (``also_ways``: none, ``eval_split``: test, the
+    folder flags their defaults) or None.
 
     Example:
         >>> setting({"machine": {"torch_threads": 2}}, "machine.torch_threads")
@@ -246,6 +248,18 @@ def _mean_point(points: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _check_shape(payload: Any, name: str) -> None:
+    """ValueError unless ``payload`` has a compare.json's layout where merging reads it."""
+    results = payload.get("results") if isinstance(payload, dict) else None
+    ok = isinstance(results, dict) and all(
+        isinstance(r, dict) and isinstance(r.get("points"), list)
+        and all(isinstance(x, dict) and isinstance(x.get("accuracy"), dict)
+                for x in r["points"]) for r in results.values())
+    if not ok:
+        raise ValueError(f"{name} is not a compare run: it needs 'results' mapping each "
+                         f"method to its evaluation 'points'")
+
+
 def _check_mergeable(payloads: Sequence[dict[str, Any]]) -> tuple[list[Any], list[str]]:
     """(seeds, methods) of runs :func:`merge_runs` can average; ValueError otherwise."""
     if not isinstance(payloads, (list, tuple)) or len(payloads) < 2:
@@ -255,6 +269,8 @@ def _check_mergeable(payloads: Sequence[dict[str, Any]]) -> tuple[list[Any], lis
     seeds = [p.get("seed") for p in payloads]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"payloads: runs must differ in their seed, got seeds {seeds}")
+    for i, p in enumerate(payloads):
+        _check_shape(p, f"payloads[{i}]")
     methods = [m for m, r in first["results"].items() if r["points"]]
     for i, p in enumerate(payloads[1:], 1):
         diff = differences(p, first)

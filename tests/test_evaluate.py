@@ -70,6 +70,27 @@ def test_evaluate_errors():
         evaluate(_Pixels(), ds, n_query=5, episodes=3, features=torch.zeros(3, 4), progress=False)
     with pytest.raises(ValueError, match="dataset"):
         evaluate(_Pixels(), np.zeros((5, 8, 8)), episodes=3, progress=False)
+    with pytest.raises(ValueError, match="tol"):
+        evaluate(_Pixels(), ds, n_query=5, episodes=3, tol=0.0, progress=False)
+
+
+def test_the_fits_stop_at_the_protocols_tolerance(monkeypatch):
+    """evaluate() fits at tol 1e-5 unless told (fit_logistic's own default is 1e-7), and
+    here that changes no prediction."""
+    import importlib
+    ev = importlib.import_module("fastmtl.evaluate")   # the module, not the function
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["tol"])
+        return fit(*args, **kwargs)
+    fit = ev.fit_logistic
+    monkeypatch.setattr(ev, "fit_logistic", spy)
+    ds = _blobs(noise=1.0)
+    loose = evaluate(_Pixels(), ds, k_shot=5, n_query=5, episodes=40, progress=False)
+    tight = evaluate(_Pixels(), ds, k_shot=5, n_query=5, episodes=40, tol=1e-7, progress=False)
+    assert seen == [1e-5, 1e-7] and loose["tol"] == 1e-5 and tight["tol"] == 1e-7
+    assert loose["accuracies"] == tight["accuracies"]
 
 
 # ----------------------------------------------------------- centring (SimpleShot's CL2N)

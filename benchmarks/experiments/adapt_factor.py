@@ -53,8 +53,8 @@ def _episodes(E: int, n_way: int, shot: int, views: int, d: int,
     return z, y
 
 
-def _real(checkpoint: str) -> tuple[torch.Tensor, np.ndarray]:
-    """The checkpoint's test split embedded as ``eval --centre --views`` embeds it."""
+def _real(checkpoint: str, split: str = "test") -> tuple[torch.Tensor, np.ndarray]:
+    """The checkpoint's ``split`` embedded as ``eval --centre --views`` embeds it."""
     from fastmtl import registry
     from fastmtl.checkpoint import load
     from fastmtl.classifier import backbone_from_checkpoint
@@ -65,7 +65,7 @@ def _real(checkpoint: str) -> tuple[torch.Tensor, np.ndarray]:
     opts = dict(image_size=run["image_size"], seed=run.get("data_seed", 0),
                 channels=run.get("channels", 3))
     train = registry.load_dataset(run["data"], run["root"], "train", **opts)
-    test = registry.load_dataset(run["data"], run["root"], "test", **opts)
+    test = registry.load_dataset(run["data"], run["root"], split, **opts)
     centre = feature_mean(backbone, train, progress=False)
     return embed(backbone, test, centre=centre, views=True, progress=False), test.labels
 

@@ -19,14 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from adapt_factor import _real
 
-from fastmtl import registry
 from fastmtl.adapt import fit_logistic
-from fastmtl.checkpoint import load
-from fastmtl.classifier import backbone_from_checkpoint
-from fastmtl.evaluate import embed, feature_mean
 from fastmtl.sampling import EpisodeSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _results
@@ -36,23 +34,9 @@ from _results import keep_freed_memory, write_result  # noqa: E402
 CASES = [(20, 5, 200), (20, 1, 500), (5, 5, 500), (5, 1, 500)]
 
 
-def _features(checkpoint: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``split`` of the checkpoint's data embedded as ``eval --centre --views`` does."""
-    state = load(checkpoint, what="--checkpoint")
-    run = state["run"]
-    backbone = backbone_from_checkpoint(state, checkpoint)
-    opts = dict(image_size=run["image_size"], seed=run.get("data_seed", 0),
-                channels=run.get("channels", 3))
-    train = registry.load_dataset(run["data"], run["root"], "train", **opts)
-    data = registry.load_dataset(run["data"], run["root"], split, **opts)
-    centre = feature_mean(backbone, train, progress=False)
-    z = embed(backbone, data, centre=centre, views=True, progress=False)
-    return z, torch.as_tensor(data.labels)
-
-
-def _case(z: torch.Tensor, labels: torch.Tensor, n_way: int, shot: int, episodes: int,
+def _case(z: torch.Tensor, labels: np.ndarray, n_way: int, shot: int, episodes: int,
           tols: list[float], repeats: int) -> list[dict]:
-    _, picked = EpisodeSampler(labels.numpy(), n_way, shot, 15, 0).episodes(0, episodes)
+    _, picked = EpisodeSampler(labels, n_way, shot, 15, 0).episodes(0, episodes)
     index = torch.as_tensor(picked)
     views = z.shape[1]
     zs = z[index[:, :, :shot].reshape(episodes, -1)].flatten(1, 2)
@@ -85,7 +69,7 @@ def main() -> None:
     args = p.parse_args()
     keep_freed_memory(mmap_threshold=1 << 30)
     tols = sorted(float(t) for t in args.tols.split(","))
-    z, labels = _features(args.checkpoint, args.split)
+    z, labels = _real(args.checkpoint, args.split)
     rows = []
     for n_way, shot, episodes in CASES:
         for row in _case(z, labels, n_way, shot, episodes, tols, args.repeats):

@@ -150,3 +150,42 @@ def test_checkpoints_of_the_previous_release_still_load(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(old), "--episodes", "3", "--shots", "1"]) == 0
     clf = fastmtl.FewShotClassifier.from_checkpoint(str(old))
     assert clf.backbone.spec["hidden"] == 64
+
+
+@pytest.mark.parametrize("name", ["cifarfs", "fc100", "miniimagenet", "tiered-npz",
+                                  "tiered-labels"])
+def test_data_set_files_cannot_run_code(tmp_path, name):
+    """The community's data files are pickles (and .npz with pickled object arrays), shared
+    like checkpoints: they are read with a data-only unpickler, and one that names
+    anything but arrays and plain containers is refused, naming the file, running
+    nothing."""
+    import pickle
+
+    import numpy as np
+
+    from fastmtl import registry
+    marker = tmp_path / "pwned"
+    evil = _Evil(f"touch {marker}")
+    pickle.loads(pickle.dumps(_Evil(f"touch {tmp_path / 'probe'}")))    # the attack works
+    assert (tmp_path / "probe").exists()
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    content = {"data": images, "labels": [0, 1], "extra": evil}
+    files = {"cifarfs": "CIFAR_FS_test.pickle", "fc100": "FC100_test.pickle",
+             "miniimagenet": "miniImageNet_category_split_test.pickle"}
+    if name in files:
+        (tmp_path / files[name]).write_bytes(pickle.dumps(content))
+        data = name
+    else:
+        labels = {"label_specific": [0, 1]}
+        if name == "tiered-labels":
+            labels["extra"] = evil
+            np.savez(tmp_path / "test_images.npz", images=images)
+        else:
+            encoded = np.empty(2, dtype=object)
+            encoded[:] = [evil, b"png"]
+            np.savez(tmp_path / "test_images.npz", images=encoded)
+        (tmp_path / "test_labels.pkl").write_bytes(pickle.dumps(labels))
+        data = "tieredimagenet"
+    with pytest.raises(ValueError, match="not loaded, as a pickle can run code"):
+        registry.load_dataset(data, str(tmp_path), "test")
+    assert not marker.exists()

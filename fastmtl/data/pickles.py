@@ -17,7 +17,9 @@ FC100             ``FC100_{split}.pickle``                                      
 
 The ``.pickle`` files are dicts with ``data`` (uint8 N, H, W, 3) and ``labels`` (ints);
 images may also be stored encoded (PNG/JPEG bytes), which are decoded with PIL. Many
-were written by Python 2 and are read with a ``latin1`` fallback. Labels are arbitrary
+were written by Python 2 and are read with a ``latin1`` fallback. They are read with a
+data-only unpickler (arrays, plain containers and values): a file that names anything
+else is refused with a ValueError, as a pickle can run code when loaded. Labels are arbitrary
 ids in the files and are remapped to 0..C-1 in sorted order. ``split="trainval"``
 concatenates train and val, keeping their classes apart.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -201,11 +204,7 @@ class TieredImageNet(_PickleBenchmark):
                               self._title)
         label_path = _require(root, [f"{part}_labels.pkl"], self._title)
         if image_path.suffix == ".npz":
-            # Encoded images are stored as an object array, which needs pickle support.
-            with np.load(image_path, allow_pickle=True) as npz:
-                if "images" not in npz.files:
-                    raise ValueError(f"{image_path} has no 'images' array (found {npz.files})")
-                raw = npz["images"]
+            raw = _npz_images(image_path)
         else:
             raw = _load_pickle(image_path)
         content = _load_pickle(label_path)
@@ -221,6 +220,27 @@ class TieredImageNet(_PickleBenchmark):
         return _as_images(raw, image_path), np.asarray(content[key]), names
 
 
+def _npz_images(path: Path) -> np.ndarray:
+    """The ``images`` array of an .npz; encoded images are an object array, which is
+    pickled inside it, and read with the data-only unpickler."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if "images.npy" not in zf.namelist():
+                found = [n.removesuffix(".npy") for n in zf.namelist()]
+                raise ValueError(f"{path} has no 'images' array (found {found})")
+            with zf.open("images.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                _, _, dtype = read(f)
+                if dtype.hasobject:
+                    return np.asarray(_safe_load(io.BytesIO(f.read()), path))
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not an .npz archive") from None
+    with np.load(path, allow_pickle=False) as npz:
+        return npz["images"]
+
+
 def _require(root: Path, candidates: list[str], title: str) -> Path:
     """The first of ``candidates`` present in ``root``, else a ValueError naming them."""
     for name in candidates:
@@ -230,14 +250,45 @@ def _require(root: Path, candidates: list[str], title: str) -> Path:
     raise ValueError(f"{title}: expected file {wanted} in root {str(root)!r}, not found")
 
 
-def _load_pickle(path: Path) -> Any:
-    with open(path, "rb") as f:
+# What a data pickle may hold: numpy arrays, their dtypes and scalars, and plain
+# containers and values. Anything else (a pickle can name any function, and call it while
+# loading) is refused, so a shared data file cannot run code.
+_SAFE_GLOBALS = frozenset(
+    {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+     for n in ("_reconstruct", "scalar")}
+    | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
+    | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+       ("collections", "OrderedDict")}
+    | {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytes",
+                                 "bytearray", "int", "float", "complex", "str", "bool")})
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+
+def _safe_load(f: Any, path: Path) -> Any:
+    """Unpickle data only (see :data:`_SAFE_GLOBALS`); ValueError naming ``path`` for a
+    pickle that names anything else, or is not one."""
+    start = f.tell()
+    try:
         try:
-            content = pickle.load(f)
+            return _SafeUnpickler(f).load()
         except UnicodeDecodeError:
             # Python 2 pickles hold numpy buffers as str; latin1 maps them byte for byte.
-            f.seek(0)
-            content = pickle.load(f, encoding="latin1")
+            f.seek(start)
+            return _SafeUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a data pickle of arrays, lists and dicts ({exc}); "
+                         f"it is not loaded, as a pickle can run code") from None
+
+
+def _load_pickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        content = _safe_load(f, path)
     if isinstance(content, dict):
         content = {k.decode("latin1") if isinstance(k, bytes) else k: v
                    for k, v in content.items()}

@@ -144,6 +144,8 @@ class LogisticHeads:
                              f"(E={E} episodes, d={d} features), got {tuple(z_query.shape)}")
         if not z_query.is_floating_point():
             raise ValueError(f"z_query must be a floating-point tensor, got {z_query.dtype}")
+        if not bool(torch.isfinite(z_query).all()):
+            raise ValueError("z_query contains NaN or infinite values")
         dtype = torch.promote_types(z_query.dtype, self.weight.dtype)
         weight = self.weight.to(device=z_query.device, dtype=dtype)
         bias = self.bias.to(device=z_query.device, dtype=dtype)

@@ -104,13 +104,11 @@ class FewShotClassifier:
         checks.one_of("head", head, ("logistic", "prototype"))
         checks.number("C", C)
         checks.integer("batch_size", batch_size, 1)
-        self.mean = tuple(float(m) for m in (mean if mean is not None else (0.0,) * channels))
-        self.std = tuple(float(s) for s in (std if std is not None else (1.0,) * channels))
-        if len(self.mean) != channels or len(self.std) != channels or min(self.std) <= 0:
-            raise ValueError(f"mean and std need {channels} value(s) each (std > 0), got "
-                             f"{self.mean} and {self.std}")
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.mean = _per_channel("mean", mean, 0.0, channels)
+        self.std = _per_channel("std", std, 1.0, channels)
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be > 0 for every channel, got {self.std}")
+        self.device = _device(device)
         self.backbone = backbone.to(self.device).eval()
         self.image_size, self.channels, self.head, self.C = image_size, channels, head, C
         self.batch_size = batch_size
@@ -147,7 +145,7 @@ class FewShotClassifier:
         Returns:
             self.
         """
-        values: list[Any] = list(labels)
+        values = _labels(labels)
         if len(values) != len(images):
             raise ValueError(f"labels must have one entry per image: {len(images)} images, "
                              f"{len(values)} labels")
@@ -175,6 +173,8 @@ class FewShotClassifier:
         if self._weight is None or self._bias is None:
             raise ValueError("call fit(support_images, labels) before predicting")
         z = self.features(images)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("images give non-finite features (NaN or infinite pixels?)")
         dtype = torch.promote_types(z.dtype, self._weight.dtype)
         w, b = self._weight.to(z.device, dtype), self._bias.to(z.device, dtype)
         # The product of LogisticHeads.logits, so predictions equal fastmtl.evaluate's.
@@ -198,6 +198,10 @@ class FewShotClassifier:
                              "arrays, or a (N, C, H, W) tensor)")
         if len(images) == 0:
             raise ValueError("images is empty")
+        if isinstance(images, np.ndarray) and (images.ndim == 2 or (
+                images.ndim == 3 and images.shape[-1] in (1, 3, 4) and images.shape[1] > 4)):
+            raise ValueError(f"images: an array of shape {images.shape} is one image; pass "
+                             f"[image], or a batch (N, H, W) or (N, H, W, C)")
         dtype = next((p.dtype for p in self.backbone.parameters()), torch.float32)
         out = []
         with torch.no_grad():
@@ -208,13 +212,13 @@ class FewShotClassifier:
 
     def _tensor(self, images: Iterable[Any]) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() == 4:
-            return images.float()
+            return self._checked(images)
         images = list(images)
         if all(isinstance(im, torch.Tensor) for im in images):
             bad = [tuple(im.shape) for im in images if im.dim() != 3]
             if bad:
                 raise ValueError(f"image tensors must be (C, H, W), got {bad[0]}")
-            return torch.stack([im.float() for im in images])
+            return self._checked(torch.stack(images))
         want = (self.image_size, self.image_size) + (() if self.channels == 1
                                                      else (self.channels,))
         raw = np.empty((len(images),) + want, dtype=np.uint8)
@@ -231,6 +235,15 @@ class FewShotClassifier:
         mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
         return (x - mean) / std
+
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """Image tensors as given: already normalized floats of this classifier's size."""
+        want = (self.channels, self.image_size, self.image_size)
+        if not x.is_floating_point() or tuple(x.shape[1:]) != want:
+            raise ValueError(f"image tensors must be normalized floats (C, H, W) = {want}, "
+                             f"got {x.dtype} {tuple(x.shape[1:])} (uint8 pixels: pass "
+                             f"arrays or PIL images, which are scaled and normalized)")
+        return x.float()
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str) -> None:
@@ -307,6 +320,55 @@ class FewShotClassifier:
             clf._weight = state["weight"].to(clf.device)
             clf._bias = state["bias"].to(clf.device)
         return clf
+
+
+def _per_channel(name: str, values: Any, default: float, channels: int) -> tuple[float, ...]:
+    """``mean`` or ``std``: ``channels`` finite numbers (None: ``default`` each)."""
+    if values is None:
+        return (default,) * channels
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of {channels} number(s), got "
+                         f"{values!r}") from None
+    if len(out) != channels or not all(np.isfinite(out)):
+        raise ValueError(f"{name} must hold {channels} finite number(s), one a channel, got "
+                         f"{out}")
+    return out
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    """The device to run on (None: CUDA when available, else CPU); ValueError naming
+    ``device`` for a bad name or an absent CUDA device."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        out = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got "
+                         f"{device!r}") from None
+    if out.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available")
+    return out
+
+
+def _labels(labels: Any) -> list[Any]:
+    """Class labels as plain values (tensors and arrays unwrapped), each hashable and not
+    NaN, else ValueError naming ``labels``."""
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+        labels = labels.tolist()
+    if labels is None or isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+        raise ValueError(f"labels must be a sequence, one label an image, got {labels!r}")
+    values = [v.item() if isinstance(v, np.generic) else v for v in labels]
+    for v in values:
+        if not isinstance(v, Hashable) or isinstance(v, torch.Tensor):
+            raise ValueError(f"labels must be hashable values such as str or int, got "
+                             f"{type(v).__name__} ({v!r})")
+        if isinstance(v, float) and v != v:
+            raise ValueError("labels: NaN is not a class label")
+    return values
 
 
 def _plain(label: Any) -> Any:

@@ -402,7 +402,9 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="z_support"):
         fit_logistic(nan, ys)
     heads = fit_logistic(zs, ys)
-    for z_query in (zq[0], zq[:, :, :-1], zq[:1], zq.long(), zq.numpy()):
+    nan_query = zq.clone()
+    nan_query[0, 0, 0] = float("nan")    # was predicted as class 0
+    for z_query in (zq[0], zq[:, :, :-1], zq[:1], zq.long(), zq.numpy(), nan_query):
         with pytest.raises(ValueError, match="z_query"):
             heads.predict(z_query)
 

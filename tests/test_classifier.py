@@ -209,6 +209,45 @@ def test_any_backbone_works():
     assert clf.predict(imgs).tolist() == [1, 1, 1, 2, 2, 2]
 
 
+def test_classifier_inputs_are_checked_not_misread():
+    """An API audit's cases: tensor labels were one class per image (0-d tensors hash by
+    identity), one (H, W, 3) array was read as H images, NaN pixels were predicted, and
+    bad settings failed deep inside torch."""
+    from fastmtl import FewShotClassifier
+    from fastmtl.models import conv4
+    net = conv4(in_channels=1, hidden=8)
+    clf = FewShotClassifier(net, image_size=28, channels=1, device="cpu")
+    x = torch.randn(4, 1, 28, 28)
+    for labels in (torch.tensor([0, 0, 1, 1]), np.array([0, 0, 1, 1])):
+        assert clf.fit(x, labels).classes_.tolist() == [0, 1]
+        assert clf.predict(x).dtype.kind == "i"      # labels as given, not tensors
+    bad_labels = [([0.0, float("nan"), 1.0, 1.0], "NaN"), ([[0], [0], [1], [1]], "hashable"),
+                  (None, "labels"), (torch.zeros(2, 2), "1-D")]
+    for labels, needle in bad_labels:
+        with pytest.raises(ValueError, match=needle):
+            clf.fit(x, labels)
+    clf.fit(x, ["a", "a", "b", "b"])
+    rgb = FewShotClassifier(conv4(in_channels=3, hidden=8), 28, 3, device="cpu")
+    for one in (np.zeros((28, 28, 3), np.uint8), np.zeros((28, 28), np.uint8)):
+        with pytest.raises(ValueError, match="is one image"):
+            rgb.features(one)
+    assert rgb.features([np.zeros((28, 28, 3), np.uint8)]).shape[0] == 1
+    with pytest.raises(ValueError, match="non-finite"):
+        clf.predict(torch.full((2, 1, 28, 28), float("nan")))
+    for images, needle in ((torch.zeros(2, 1, 28, 28, dtype=torch.uint8), "normalized floats"),
+                           (torch.zeros(2, 1, 50, 50), r"\(1, 28, 28\)")):
+        with pytest.raises(ValueError, match=needle):
+            clf.predict(images)
+    for kwargs, needle in ((dict(device="gpu"), "device"), (dict(mean=0.5), "mean"),
+                           (dict(std="a"), "std"), (dict(std=(float("nan"),)), "std"),
+                           (dict(mean=(0.1, 0.2)), "mean"), (dict(std=(0.0,)), "std")):
+        with pytest.raises(ValueError, match=needle):
+            FewShotClassifier(net, image_size=28, channels=1, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            FewShotClassifier(net, image_size=28, channels=1, device="cuda")
+
+
 def test_adapt_cli_writes_a_row_per_query_and_checks_its_inputs(folder, trained, tmp_path,
                                                                 capsys):
     root, _ = folder

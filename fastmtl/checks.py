@@ -61,6 +61,29 @@ def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def per_channel(name: str, values: Any, default: float, channels: int,
+                positive: bool = False) -> tuple[float, ...]:
+    """A per-channel ``mean`` or ``std``: one finite number a channel (> 0 with
+    ``positive``); None gives ``default`` for each.
+
+    Example:
+        >>> per_channel("std", [0.5], 1.0, 1, positive=True)
+        (0.5,)
+    """
+    if values is None:
+        return (float(default),) * channels
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of {channels} number(s), got "
+                         f"{values!r}") from None
+    if len(out) != channels or not all(math.isfinite(v) and (v > 0 or not positive)
+                                       for v in out):
+        raise ValueError(f"{name} must hold {channels} finite number(s){' > 0' if positive else ''}"
+                         f", one a channel, got {out}")
+    return out
+
+
 def writable_dir(name: str, path: str) -> str:
     """Create ``path`` as a directory if needed; ValueError unless it is a writable one.
 

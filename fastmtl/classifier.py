@@ -104,10 +104,8 @@ class FewShotClassifier:
         checks.one_of("head", head, ("logistic", "prototype"))
         checks.number("C", C)
         checks.integer("batch_size", batch_size, 1)
-        self.mean = _per_channel("mean", mean, 0.0, channels)
-        self.std = _per_channel("std", std, 1.0, channels)
-        if min(self.std) <= 0:
-            raise ValueError(f"std must be > 0 for every channel, got {self.std}")
+        self.mean = checks.per_channel("mean", mean, 0.0, channels)
+        self.std = checks.per_channel("std", std, 1.0, channels, positive=True)
         self.device = _device(device)
         self.backbone = backbone.to(self.device).eval()
         self.image_size, self.channels, self.head, self.C = image_size, channels, head, C
@@ -320,21 +318,6 @@ class FewShotClassifier:
             clf._weight = state["weight"].to(clf.device)
             clf._bias = state["bias"].to(clf.device)
         return clf
-
-
-def _per_channel(name: str, values: Any, default: float, channels: int) -> tuple[float, ...]:
-    """``mean`` or ``std``: ``channels`` finite numbers (None: ``default`` each)."""
-    if values is None:
-        return (default,) * channels
-    try:
-        out = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of {channels} number(s), got "
-                         f"{values!r}") from None
-    if len(out) != channels or not all(np.isfinite(out)):
-        raise ValueError(f"{name} must hold {channels} finite number(s), one a channel, got "
-                         f"{out}")
-    return out
 
 
 def _device(device: torch.device | str | None) -> torch.device:

@@ -86,7 +86,8 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
         unshifted image's first, each view centred and normalized on its own.
 
     Raises:
-        ValueError: ``centre`` not a finite float (d,) tensor for the backbone's d.
+        ValueError: a dataset that is not a :class:`FewShotDataset`, a ``batch_size``
+            below 1, or ``centre`` not a finite float (d,) tensor for the backbone's d.
 
     Example:
         >>> import fastmtl
@@ -94,6 +95,9 @@ def embed(backbone: nn.Module, dataset: FewShotDataset, batch_size: int = 256,
         >>> z.shape
         torch.Size([12, 64])
     """
+    if not isinstance(dataset, FewShotDataset):
+        raise ValueError(f"dataset must be a FewShotDataset, got {type(dataset).__name__}")
+    checks.integer("batch_size", batch_size, 1)
     if centre is not None:
         _check_centre(centre, None)      # before any work; its size once d is known
     if device is None:

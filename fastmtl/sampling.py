@@ -111,6 +111,8 @@ def check_fits(labels: npt.ArrayLike, n_way: int, need: int, ways_name: str = "n
     Example:
         >>> check_fits([0, 0, 1, 1, 2, 2], n_way=3, need=2)
     """
+    _check_int(ways_name, n_way, 1)
+    _check_int(need_name, need, 1)
     classes, counts = np.unique(np.asarray(labels), return_counts=True)
     _check_counts(classes, counts, n_way, need, ways_name, need_name, where, class_names)
 

@@ -241,6 +241,32 @@ def test_evaluate_arguments(glyphs, kwargs, needle):
         fastmtl.evaluate(conv4(hidden=8), glyphs, **args)
 
 
+def test_embedding_and_data_arguments(glyphs):
+    """An API audit's cases: a negative batch_size embedded nothing (feature_mean: NaN),
+    a two-value mean broadcast grey images to two channels, a zero std gave -inf, and
+    check_fits passed zero ways."""
+    import numpy as np
+
+    from fastmtl.data import FewShotDataset
+    from fastmtl.evaluate import embed, feature_mean
+    from fastmtl.sampling import check_fits
+    net = conv4(hidden=8)
+    for bs in (-1, 0, 2.5):
+        for fn in (embed, feature_mean):
+            with pytest.raises(ValueError, match="batch_size"):
+                fn(net, glyphs, batch_size=bs)
+    with pytest.raises(ValueError, match="dataset"):
+        embed(net, np.zeros((4, 28, 28), np.uint8))
+    images, labels = np.zeros((4, 8, 8), np.uint8), [0, 0, 1, 1]
+    for kwargs, needle in ((dict(mean=(0.5, 0.5)), "mean"), (dict(std=(0.0,)), "std"),
+                           (dict(std=(float("nan"),)), "std"), (dict(std=0.5), "std")):
+        with pytest.raises(ValueError, match=needle):
+            FewShotDataset(images, labels, ["a", "b"], **kwargs)
+    for n_way, need, needle in ((0, 2, "n_way"), (2, 0, "k_shot"), (2, -1, "k_shot")):
+        with pytest.raises(ValueError, match=needle):
+            check_fits(labels, n_way=n_way, need=need)
+
+
 def test_one_episode_has_no_confidence_interval(glyphs):
     res = fastmtl.evaluate(conv4(hidden=8), glyphs, n_way=5, k_shot=1, n_query=2, episodes=1,
                            progress=False)

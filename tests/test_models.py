@@ -261,3 +261,33 @@ def test_vmap_over_tasks_resnet12():
     tasks = _images(2 * 5, (3, 32, 32)).view(2, 5, 3, 32, 32)
     out = vmap(lambda x: functional_call(net, params, (x,)), randomness="different")(tasks)
     assert out.shape == (2, 5, NARROW[-1]) and torch.isfinite(out).all()
+
+
+def test_model_arguments_are_checked_and_specs_stay_plain(tmp_path):
+    """An API audit's cases: junk widths built models ("8888" as four 8s, 8.7 as 8,
+    avg_pool="no" as True), and a numpy width made a classifier file that would not load."""
+    import numpy as np
+
+    from fastmtl import FewShotClassifier
+    for kwargs, needle in ((dict(hidden=True), "hidden"), (dict(in_channels="1"), "in_channels"),
+                           (dict(out_channels=0), "out_channels")):
+        with pytest.raises(ValueError, match=needle):
+            conv4(**kwargs)
+    for kwargs, needle in ((dict(channels="8888"), "channels"),
+                           (dict(channels=(8.7, 8, 8, 8)), r"channels\[0\]"),
+                           (dict(channels=(8, 8, 8)), "channels"),
+                           (dict(avg_pool="no"), "avg_pool"), (dict(drop_rate=1.0), "drop_rate"),
+                           (dict(in_channels=0), "in_channels")):
+        with pytest.raises(ValueError, match=needle):
+            resnet12(**kwargs)
+    net = conv4(in_channels=1, hidden=8, out_channels=np.int64(16))
+    assert type(net.spec["out_channels"]) is int
+    for shape in ("128", (1, 28.9, 28), (1, 28)):
+        with pytest.raises(ValueError, match="image_shape"):
+            feature_dim(net, shape)
+    with pytest.raises(ValueError, match="backbone"):
+        feature_dim(None, (1, 28, 28))
+    clf = FewShotClassifier(net, image_size=28, channels=1, device="cpu")
+    clf.fit(torch.randn(4, 1, 28, 28), ["a", "a", "b", "b"])
+    clf.save(str(tmp_path / "c.pt"))
+    assert FewShotClassifier.load(str(tmp_path / "c.pt")).classes_.tolist() == ["a", "b"]

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .. import checks
+
 __all__ = ["FewShotDataset"]
 
 
@@ -65,8 +67,8 @@ class FewShotDataset:
         self.labels = labels
         self.class_names = list(class_names)
         channels = 1 if images.ndim == 3 else images.shape[3]
-        self.mean = tuple(mean) if mean is not None else (0.0,) * channels
-        self.std = tuple(std) if std is not None else (1.0,) * channels
+        self.mean = checks.per_channel("mean", mean, 0.0, channels)
+        self.std = checks.per_channel("std", std, 1.0, channels, positive=True)
         self.name = name
 
     def __len__(self) -> int:
@@ -129,3 +131,4 @@ class FewShotDataset:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
         return x.reshape(*shape, *x.shape[1:])
+

@@ -1,6 +1,7 @@
 """Backbones: Conv-4 and ResNet-12, plain ``nn.Module``s mapping (B, C, H, W) images to (B, d)."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -34,9 +35,15 @@ def feature_dim(backbone: nn.Module, image_shape: Sequence[int]) -> int:
         >>> feature_dim(conv4(in_channels=1), (1, 28, 28))
         64
     """
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    ok = isinstance(image_shape, (tuple, list, torch.Size)) and len(image_shape) == 3 and all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1
+        for s in image_shape)
+    if not ok:
+        raise ValueError(f"image_shape must be three positive integers (C, H, W), got "
+                         f"{image_shape!r}")
     shape = tuple(int(s) for s in image_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
     param = next(iter(backbone.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -7,6 +7,8 @@ from typing import Any, Literal, Self
 import torch
 from torch import nn
 
+from .. import checks
+
 __all__ = ["Conv4", "conv4"]
 
 # Four 2x max-pools: anything smaller than 16 pixels would pool down to nothing.
@@ -48,9 +50,11 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 1, hidden: int = 64, out_channels: int = 64,
                  channels_last: bool | None = None):
         super().__init__()
-        if min(in_channels, hidden, out_channels) < 1:
-            raise ValueError(f"channel counts must be >= 1, got in_channels={in_channels}, "
-                             f"hidden={hidden}, out_channels={out_channels}")
+        for name, count in (("in_channels", in_channels), ("hidden", hidden),
+                            ("out_channels", out_channels)):
+            checks.integer(name, count, 1)
+        # Plain ints (numpy integers too), so the spec a checkpoint stores loads again.
+        in_channels, hidden, out_channels = int(in_channels), int(hidden), int(out_channels)
         if channels_last not in (None, True, False):
             raise ValueError(f"channels_last must be None, True or False, got {channels_last!r}")
         self.in_channels = in_channels

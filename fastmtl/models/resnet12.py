@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from .conv4 import _check_input, _init_weights
 
 __all__ = ["ResNet12", "resnet12"]
@@ -57,15 +58,22 @@ class ResNet12(nn.Module):
                  drop_rate: float = 0.1, dropblock_size: int = 5, avg_pool: bool = True, *,
                  dropblock_ramp: int = 40_000):
         super().__init__()
-        widths = tuple(int(c) for c in channels)
-        if len(widths) != 4 or min(widths) < 1 or in_channels < 1:
-            raise ValueError(f"channels must be four positive widths and in_channels >= 1, "
-                             f"got channels={widths}, in_channels={in_channels}")
-        if not 0.0 <= drop_rate < 1.0:
+        if isinstance(channels, (str, bytes)) or not hasattr(channels, "__len__") or \
+                len(channels) != 4:
+            raise ValueError(f"channels must be four widths, got {channels!r}")
+        for i, c in enumerate(channels):
+            checks.integer(f"channels[{i}]", c, 1)
+        checks.integer("in_channels", in_channels, 1)
+        checks.number("drop_rate", drop_rate, 0.0, inclusive=True)
+        if not drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-        if dropblock_size < 1 or dropblock_ramp < 0:
-            raise ValueError(f"dropblock_size must be >= 1 and dropblock_ramp >= 0, got "
-                             f"{dropblock_size} and {dropblock_ramp}")
+        checks.integer("dropblock_size", dropblock_size, 1)
+        checks.integer("dropblock_ramp", dropblock_ramp, 0)
+        checks.one_of("avg_pool", avg_pool, (True, False))
+        # Plain values (numpy numbers too), so the spec a checkpoint stores loads again.
+        widths = tuple(int(c) for c in channels)
+        in_channels, drop_rate = int(in_channels), float(drop_rate)
+        dropblock_size, dropblock_ramp = int(dropblock_size), int(dropblock_ramp)
         self.in_channels = in_channels
         self.avg_pool = avg_pool
         # What the backbone is, as plain values (see Conv4.spec).

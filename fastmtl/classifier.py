@@ -296,6 +296,7 @@ class FewShotClassifier:
         state = safe_load(path, "classifier", "a fastmtl checkpoint (a saved FewShotClassifier)")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"classifier {path!r} is not a saved FewShotClassifier")
+        _check_saved(state, path)
         if "module" in state and state.get("backbone") is None:
             raise ValueError(f"classifier {path!r} was saved by an older fastmtl with the "
                              f"whole backbone pickled, which is no longer loaded: re-save "
@@ -318,6 +319,20 @@ class FewShotClassifier:
             clf._weight = state["weight"].to(clf.device)
             clf._bias = state["bias"].to(clf.device)
         return clf
+
+
+def _check_saved(state: dict[str, Any], path: str) -> None:
+    """ValueError naming ``path`` unless the saved settings and head fit together."""
+    settings, classes = state.get("settings"), state.get("classes")
+    bad = not isinstance(settings, dict) or not isinstance(state.get("backbone"), dict)
+    if not bad and classes is not None:
+        weight, bias = state.get("weight"), state.get("bias")
+        bad = not isinstance(classes, list) or not isinstance(weight, torch.Tensor) or \
+            not isinstance(bias, torch.Tensor) or weight.dim() != 2 or \
+            tuple(bias.shape) != (len(classes),) or weight.shape[0] != len(classes)
+    if bad:
+        raise ValueError(f"classifier {path!r} is damaged: its settings, weights, classes "
+                         f"and head do not fit together")
 
 
 def _device(device: torch.device | str | None) -> torch.device:

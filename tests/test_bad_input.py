@@ -387,3 +387,38 @@ def test_renamed_fields_work_one_more_release_with_a_warning(tmp_path, capsys):
     args = build_parser("maml").parse_args(["train", "--method", "maml", "--meta-batch", "2"])
     assert args.tasks_per_step == 2
     assert "--meta-batch is deprecated" in capsys.readouterr().err
+
+
+def test_head_functions_check_what_they_can_without_reading_values():
+    """prototype_logits and ridge_regression run every step: they check shapes, dtypes,
+    n_way and a float lam (an API audit found float labels, lam=-1 and lists accepted)."""
+    from fastmtl.gbml import prototype_logits, ridge_regression
+    zs, ys, zq = torch.randn(2, 4, 8), torch.tensor([[0, 0, 1, 1]] * 2), torch.randn(2, 3, 8)
+    assert prototype_logits(zs, ys, zq, 2).shape == (2, 3, 2)
+    assert ridge_regression(zs, ys, 2, 1.0).shape == (2, 8, 2)
+    for args, needle in (((zs, ys.float(), zq, 2), "y_support"), ((zs.tolist(), ys, zq, 2),
+                         "z_support"), ((zs, ys, zq[..., :4], 2), "z_query"),
+                         ((zs, ys, zq, 0), "n_way")):
+        with pytest.raises(ValueError, match=needle):
+            prototype_logits(*args)
+    for lam in (-1.0, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="lam"):
+            ridge_regression(zs, ys, 2, lam)
+    with pytest.raises(ValueError, match="y_support"):
+        ridge_regression(zs, ys[:, :3], 2, 1.0)
+
+
+def test_dataset_indices_are_checked():
+    """An API audit: -1 wrapped to the last image, floats and masks failed inside numpy or
+    torch, and subset([0.7, 1.9]) truncated to [0, 1]."""
+    import numpy as np
+
+    from fastmtl.data import FewShotDataset
+    data = FewShotDataset(np.zeros((4, 8, 8), np.uint8), [0, 0, 1, 1], ["a", "b"])
+    assert data.tensor(np.array([[3, 0]])).shape == (1, 2, 1, 8, 8)
+    for index in ([4], [-1], [0.5], [True, False, True, False]):
+        with pytest.raises(ValueError, match="index"):
+            data.tensor(np.array(index))
+    for classes in ([0.7, 1.9], [0, 0], [[0, 1]]):
+        with pytest.raises(ValueError, match="classes"):
+            data.subset(classes)

@@ -248,6 +248,23 @@ def test_classifier_inputs_are_checked_not_misread():
             FewShotClassifier(net, image_size=28, channels=1, device="cuda")
 
 
+def test_a_damaged_classifier_file_is_one_clear_error(tmp_path):
+    """Safe to load but inconsistent (an API audit: a missing settings dict was a
+    TypeError; three classes over two weight rows loaded and predicted)."""
+    from fastmtl import FewShotClassifier
+    from fastmtl.models import conv4
+    clf = FewShotClassifier(conv4(in_channels=1, hidden=8), 28, 1, device="cpu")
+    clf.fit(torch.randn(4, 1, 28, 28), ["a", "a", "b", "b"])
+    path = tmp_path / "c.pt"
+    clf.save(str(path))
+    good = torch.load(path, weights_only=True)
+    for change in (dict(settings=None), dict(weight=None), dict(classes=["a", "b", "c"]),
+                   dict(bias=torch.zeros(3))):
+        torch.save({**good, **change}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match="damaged"):
+            FewShotClassifier.load(str(tmp_path / "bad.pt"))
+
+
 def test_adapt_cli_writes_a_row_per_query_and_checks_its_inputs(folder, trained, tmp_path,
                                                                 capsys):
     root, _ = folder

@@ -96,7 +96,11 @@ class FewShotDataset:
 
     def subset(self, classes: Sequence[int], name: str | None = None) -> FewShotDataset:
         """The images of ``classes``, relabelled 0..len(classes)-1 in the given order."""
-        picked = np.asarray(classes, dtype=np.int64)
+        given = np.asarray(classes)
+        if given.ndim != 1 or (given.size and given.dtype.kind not in "iu") or \
+                len(np.unique(given)) != given.size:
+            raise ValueError(f"classes must be distinct integer class indices, got {classes!r}")
+        picked = given.astype(np.int64)
         if picked.size and (picked.min() < 0 or picked.max() >= self.n_classes):
             raise ValueError(f"classes must lie in [0, {self.n_classes})")
         remap = np.full(self.n_classes, -1, dtype=np.int64)
@@ -117,6 +121,12 @@ class FewShotDataset:
             shape = (len(self),)
         else:
             index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index)
+            if index.dtype.kind not in "iu" or (index.size and (
+                    index.min() < 0 or index.max() >= len(self))):
+                raise ValueError(f"index must hold integer image indices in [0, {len(self)}), "
+                                 f"got {index.dtype} values" + (
+                                     f" in [{index.min()}, {index.max()}]"
+                                     if index.size and index.dtype.kind in "iuf" else ""))
             shape = index.shape
             raw = self.images[index.reshape(-1)]
         x = torch.from_numpy(np.ascontiguousarray(raw))

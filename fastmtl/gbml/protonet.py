@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import setting
-from ._common import _EpisodicConfig, _FeatureHeadTrainer, _Learner
+from ._common import _check_episode, _EpisodicConfig, _FeatureHeadTrainer, _Learner, _shape
 
 __all__ = ["ProtoNetConfig", "ProtoNet", "prototype_logits"]
 
@@ -37,10 +37,11 @@ def prototype_logits(z_support: torch.Tensor, y_support: torch.Tensor, z_query: 
         >>> prototype_logits(zs, torch.tensor([[0, 1]]), torch.tensor([[[1.0, 0.0]]]), 2)
         tensor([[[-1., -9.]]])
     """
-    if z_support.dim() != 3 or z_query.dim() != 3 or y_support.shape != z_support.shape[:2]:
-        raise ValueError(f"expected z_support (T, S, d), y_support (T, S), z_query (T, Q, d), "
-                         f"got {tuple(z_support.shape)}, {tuple(y_support.shape)}, "
-                         f"{tuple(z_query.shape)}")
+    _check_episode(z_support, y_support, n_way)
+    if not isinstance(z_query, torch.Tensor) or z_query.dim() != 3 or \
+            z_query.shape[::2] != z_support.shape[::2]:
+        raise ValueError(f"z_query must be (T, Q, d) to match z_support "
+                         f"{tuple(z_support.shape)}, got {_shape(z_query)}")
     onehot = F.one_hot(y_support.long(), n_way).to(z_support.dtype)         # (T, S, n)
     protos = (onehot.transpose(1, 2) @ z_support) / onehot.sum(1).unsqueeze(-1)  # (T, n, d)
     # |q|^2 - 2 q.c + |c|^2 as one batched matmul, not a (T, Q, n, d) difference tensor.

@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import checks
 from ..config import setting
-from ._common import _EpisodicConfig, _FeatureHeadTrainer, _Learner
+from ._common import _check_episode, _EpisodicConfig, _FeatureHeadTrainer, _Learner
 
 __all__ = ["R2D2Config", "R2D2", "ridge_regression"]
 
@@ -48,9 +49,9 @@ def ridge_regression(z_support: torch.Tensor, y_support: torch.Tensor, n_way: in
         >>> w.shape
         torch.Size([2, 64, 5])
     """
-    if z_support.dim() != 3 or y_support.shape != z_support.shape[:2]:
-        raise ValueError(f"z_support must be (T, S, d) and y_support (T, S), got "
-                         f"{tuple(z_support.shape)} and {tuple(y_support.shape)}")
+    _check_episode(z_support, y_support, n_way)
+    if not isinstance(lam, torch.Tensor):
+        checks.number("lam", lam)
     T, S, _ = z_support.shape
     targets = F.one_hot(y_support.long(), n_way).to(z_support.dtype)          # (T, S, n)
     gram = z_support @ z_support.transpose(1, 2)                              # (T, S, S)

@@ -24,6 +24,7 @@ from .adapt import fit_logistic
 from .checkpoint import atomic_save, check_readable, safe_load
 from .checkpoint import load as load_checkpoint
 from .data.folder import read_image
+from .evaluate import TOL
 
 __all__ = ["FewShotClassifier", "backbone_from_checkpoint"]
 
@@ -157,7 +158,8 @@ class FewShotClassifier:
         y = torch.tensor([index[v] for v in values], device=self.device)
         z = self.features(images)
         if self.head == "logistic":
-            heads = fit_logistic(z[None], y[None], C=self.C, n_classes=len(classes))
+            heads = fit_logistic(z[None], y[None], C=self.C, n_classes=len(classes),
+                                 tol=TOL)
             self._weight, self._bias = heads.weight[0], heads.bias[0]
         else:
             onehot = F.one_hot(y, len(classes)).to(z.dtype)
@@ -296,11 +298,11 @@ class FewShotClassifier:
         state = safe_load(path, "classifier", "a fastmtl checkpoint (a saved FewShotClassifier)")
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"classifier {path!r} is not a saved FewShotClassifier")
-        _check_saved(state, path)
         if "module" in state and state.get("backbone") is None:
             raise ValueError(f"classifier {path!r} was saved by an older fastmtl with the "
                              f"whole backbone pickled, which is no longer loaded: re-save "
                              f"it with this version (FewShotClassifier.save)")
+        _check_saved(state, path)
         if backbone is not None:
             try:
                 backbone.load_state_dict(state["backbone"])

@@ -37,8 +37,14 @@ from .data.base import FewShotDataset
 from .data.omniglot_runs import OneShotRuns, read_one_shot_runs
 from .sampling import EpisodeSampler
 
-__all__ = ["evaluate", "embed", "feature_mean", "summary", "check_episodes", "one_shot_runs",
+__all__ = ["TOL", "evaluate", "embed", "feature_mean", "summary", "check_episodes", "one_shot_runs",
            "SHIFTS", "shifted_views"]
+
+#: Where the protocol's logistic fits stop: a gradient norm of 1e-5 in scikit-learn's
+#: units, ten times tighter than scikit-learn's default (:func:`fastmtl.adapt.fit_logistic`
+#: defaults to 1e-7; eval_tol_cpu.json: 1.6-2.0x faster fits, 1 of 285,000 predictions
+#: changed). :func:`evaluate`, the one-shot runs and :class:`fastmtl.FewShotClassifier` use it.
+TOL = 1e-5
 
 #: The (rows, columns) shifts of ``views=True``: the image itself first, then its eight
 #: one-pixel neighbours.
@@ -170,7 +176,7 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
              n_query: int = 15, episodes: int = 1000, seed: int = 0, C: float = 3.0,
              device: torch.device | str | None = None, features: torch.Tensor | None = None,
              chunk: int = 500, progress: bool = True, centre: torch.Tensor | None = None,
-             views: bool = False, tol: float = 1e-5) -> dict[str, Any]:
+             views: bool = False, tol: float = TOL) -> dict[str, Any]:
     """Mean accuracy (percent) and 95% CI over ``episodes`` seeded test episodes.
 
     Args:
@@ -188,8 +194,8 @@ def evaluate(backbone: nn.Module, dataset: FewShotDataset, n_way: int = 5, k_sho
         views: embed each image also at its one-pixel shifts (:data:`SHIFTS`): the head
             is fitted on every view of each support image, each query scored on the
             normalized mean of its views; with ``features``, pass it to :func:`embed`.
-        tol: where each head's fit stops (:func:`fastmtl.adapt.fit_logistic`'s own default
-            is 1e-7; 1e-5 fits 1.6-2.0x faster: eval_tol_cpu.json).
+        tol: where each head's fit stops (default :data:`TOL`, 1e-5;
+            :func:`fastmtl.adapt.fit_logistic`'s own default is 1e-7).
 
     In a distributed run every rank must call it (all return the full result).
 
@@ -380,7 +386,7 @@ def _one_shot_errors(z: torch.Tensor, runs: OneShotRuns,
     n_runs, n_way = runs.train_index.shape
     nearest = torch.bmm(zq, zs.transpose(1, 2)).argmax(2)
     labels = torch.arange(n_way, device=z.device).expand(n_runs, -1)
-    heads = fit_logistic(zs, labels, C=C, n_classes=n_way)
+    heads = fit_logistic(zs, labels, C=C, n_classes=n_way, tol=TOL)
     nn_err = (nearest != answers).double().mean(1).cpu().numpy() * 100.0
     lr_err = (heads.predict(zq) != answers).double().mean(1).cpu().numpy() * 100.0
     return nn_err, lr_err, int((~heads.converged).sum())

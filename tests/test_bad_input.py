@@ -138,7 +138,7 @@ def test_resume_refuses_other_data(capsys, run_dir, flags, needle):
     code, err, seconds = _cli(["train", *TINY, "--resume", str(run_dir / "last.pt"),
                                "--epochs", "2", *flags], capsys)
     _assert_one_line(code, err, needle)
-    assert "other data" in err and seconds < 10
+    assert "other data" in err and seconds < 30      # before training (which is longer)
 
 
 def test_eval_refuses_data_flags_its_data_does_not_use(capsys, run_dir):

@@ -189,3 +189,28 @@ def test_data_set_files_cannot_run_code(tmp_path, name):
     with pytest.raises(ValueError, match="not loaded, as a pickle can run code"):
         registry.load_dataset(data, str(tmp_path), "test")
     assert not marker.exists()
+
+
+def test_data_pickles_cannot_build_arrays_over_raw_memory(tmp_path):
+    """numpy.ndarray called directly with an object dtype over raw bytes makes objects of
+    made-up addresses (a crash, or worse, when used): it is refused; the arrays of real
+    files, at every pickle protocol, Python 2's names for builtins included, still load."""
+    import pickle
+
+    import numpy as np
+
+    from fastmtl import registry
+
+    class Raw:
+        def __reduce__(self):
+            return (np.ndarray, ((2,), np.dtype("O"), bytearray(b"A" * 16)))
+    path = tmp_path / "CIFAR_FS_test.pickle"
+    path.write_bytes(pickle.dumps({"data": Raw(), "labels": [0, 1]}))
+    with pytest.raises(ValueError, match="calls numpy.ndarray directly"):
+        registry.load_dataset("cifarfs", str(tmp_path), "test")
+    images = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        path.write_bytes(pickle.dumps({"data": images, "labels": np.array([0, 1]),
+                                       "extra": {1, 2}, "raw": bytearray(b"x")}, protocol))
+        got = registry.load_dataset("cifarfs", str(tmp_path), "test")
+        assert np.array_equal(got.images, images), protocol

@@ -122,7 +122,9 @@ def _payload(args: argparse.Namespace, methods: list[str], settings: dict[str, A
             "budget_minutes": args.budget_minutes, "eval_every": args.eval_every,
             "shots": list(args.shots), "ways": args.ways[0], "also_ways": args.ways[1:],
             "queries": args.queries, "episodes": args.episodes, "eval_split": args.eval_split,
-            "channels": args.channels, "skip_bad_images": args.skip_bad_images,
+            # the folder flags where they are read (elsewhere absent: their defaults)
+            **({"channels": args.channels, "skip_bad_images": args.skip_bad_images}
+               if registry.uses(args.data, "channels") else {}),
             "seed": args.seed, "recipe": args.recipe,
             "settings_overrides": settings, "machine": machine_info(),
             "versions": {"fastmtl": __version__, "torch": torch.__version__}, "results": {}}

@@ -254,6 +254,9 @@ def _check_shape(payload: Any, name: str) -> None:
     ok = isinstance(results, dict) and all(
         isinstance(r, dict) and isinstance(r.get("points"), list)
         and all(isinstance(x, dict) and isinstance(x.get("accuracy"), dict)
+                and all(isinstance(by_protocol, dict) and all(
+                    isinstance(e, dict) and "mean" in e for e in by_protocol.values())
+                    for by_protocol in x["accuracy"].values())
                 for x in r["points"]) for r in results.values())
     if not ok:
         raise ValueError(f"{name} is not a compare run: it needs 'results' mapping each "
@@ -265,12 +268,12 @@ def _check_mergeable(payloads: Sequence[dict[str, Any]]) -> tuple[list[Any], lis
     if not isinstance(payloads, (list, tuple)) or len(payloads) < 2:
         raise ValueError(f"payloads: merging needs two or more runs, got "
                          f"{len(payloads) if isinstance(payloads, (list, tuple)) else payloads!r}")
+    for i, p in enumerate(payloads):
+        _check_shape(p, f"payloads[{i}]")
     first = payloads[0]
     seeds = [p.get("seed") for p in payloads]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"payloads: runs must differ in their seed, got seeds {seeds}")
-    for i, p in enumerate(payloads):
-        _check_shape(p, f"payloads[{i}]")
     methods = [m for m, r in first["results"].items() if r["points"]]
     for i, p in enumerate(payloads[1:], 1):
         diff = differences(p, first)

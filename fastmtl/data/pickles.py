@@ -30,6 +30,7 @@ mini-ImageNet values for both), :data:`CIFAR_MEAN`/:data:`CIFAR_STD` for CIFAR-F
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import os
 import pickle
@@ -234,7 +235,7 @@ def _npz_images(path: Path) -> np.ndarray:
                     np.lib.format.read_array_header_2_0
                 _, _, dtype = read(f)
                 if dtype.hasobject:
-                    return np.asarray(_safe_load(io.BytesIO(f.read()), path))
+                    return np.asarray(_safe_load(f, path))
     except zipfile.BadZipFile:
         raise ValueError(f"{path} is not an .npz archive") from None
     with np.load(path, allow_pickle=False) as npz:
@@ -252,7 +253,9 @@ def _require(root: Path, candidates: list[str], title: str) -> Path:
 
 # What a data pickle may hold: numpy arrays, their dtypes and scalars, and plain
 # containers and values. Anything else (a pickle can name any function, and call it while
-# loading) is refused, so a shared data file cannot run code.
+# loading) is refused, so a shared data file cannot run code. ``numpy.ndarray`` itself is
+# only ever handed to ``_reconstruct`` (see _SafeUnpickler): called directly it builds an
+# object array over raw bytes, i.e. over made-up memory addresses.
 _SAFE_GLOBALS = frozenset(
     {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
      for n in ("_reconstruct", "scalar")}
@@ -263,16 +266,40 @@ _SAFE_GLOBALS = frozenset(
                                  "bytearray", "int", "float", "complex", "str", "bool")})
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle names something outside :data:`_SAFE_GLOBALS`."""
+
+
+class _NdarrayToken:
+    """What ``numpy.ndarray`` unpickles as: accepted by ``_reconstruct`` alone."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _Refused("it calls numpy.ndarray directly")
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+    if subtype is not _NdarrayToken:
+        raise _Refused("_reconstruct of something other than numpy.ndarray")
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"it names {module}.{name}")
+        # Python 2 pickles spell builtins __builtin__.*, mapped as the unpickler maps them.
+        mapped = _compat_pickle.NAME_MAPPING.get(
+            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+        if mapped not in _SAFE_GLOBALS:
+            raise _Refused(f"it names {module}.{name}")
+        if mapped == ("numpy", "ndarray"):
+            return _NdarrayToken
+        if mapped[1] == "_reconstruct":
+            return _reconstruct
+        return super().find_class(module, name)
 
 
 def _safe_load(f: Any, path: Path) -> Any:
     """Unpickle data only (see :data:`_SAFE_GLOBALS`); ValueError naming ``path`` for a
-    pickle that names anything else, or is not one."""
+    pickle that names anything else, or one that does not unpickle."""
     start = f.tell()
     try:
         try:
@@ -281,9 +308,11 @@ def _safe_load(f: Any, path: Path) -> Any:
             # Python 2 pickles hold numpy buffers as str; latin1 maps them byte for byte.
             f.seek(start)
             return _SafeUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+    except _Refused as exc:
         raise ValueError(f"{path} is not a data pickle of arrays, lists and dicts ({exc}); "
                          f"it is not loaded, as a pickle can run code") from None
+    except Exception as exc:   # a damaged or foreign file: whatever unpickling raised
+        raise ValueError(f"{path} does not unpickle: {type(exc).__name__}: {exc}") from None
 
 
 def _load_pickle(path: Path) -> Any:

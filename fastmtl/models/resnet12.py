@@ -72,7 +72,7 @@ class ResNet12(nn.Module):
         checks.one_of("avg_pool", avg_pool, (True, False))
         # Plain values (numpy numbers too), so the spec a checkpoint stores loads again.
         widths = tuple(int(c) for c in channels)
-        in_channels, drop_rate = int(in_channels), float(drop_rate)
+        in_channels, drop_rate, avg_pool = int(in_channels), float(drop_rate), bool(avg_pool)
         dropblock_size, dropblock_ramp = int(dropblock_size), int(dropblock_ramp)
         self.in_channels = in_channels
         self.avg_pool = avg_pool

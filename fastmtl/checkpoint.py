@@ -77,8 +77,9 @@ def _replace(tmp: str, path: str) -> None:
     renamed over is gone for every program on the machine)."""
     if os.path.exists(path) and not os.path.isfile(path):
         os.remove(tmp)
-        raise ValueError(f"{path!r} is not a regular file (a device, pipe or socket); "
-                         f"give a file path")
+        what = "a directory" if os.path.isdir(path) else "not a regular file (a device, " \
+            "pipe or socket)"
+        raise ValueError(f"{path!r} is {what}; give a file path")
     os.replace(tmp, path)
 
 

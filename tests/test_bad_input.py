@@ -213,6 +213,10 @@ def test_atomic_writes_never_replace_a_special_file(tmp_path):
         with pytest.raises(ValueError, match="not a regular file"):
             write(str(fifo))
         assert fifo.is_fifo() and os.listdir(tmp_path) == ["pipe"]
+        (tmp_path / "folder").mkdir()          # said as what it is (an API audit)
+        with pytest.raises(ValueError, match="is a directory"):
+            write(str(tmp_path / "folder"))
+        (tmp_path / "folder").rmdir()
 
 
 def test_help_and_behaviour_agree_on_zero_episodes(capsys):

@@ -371,7 +371,7 @@ def one_shot_runs(backbone: nn.Module, path: str | os.PathLike, image_size: int 
             "nn_errors": nn_err.tolist(), "logistic_errors": lr_err.tolist(),
             "runs": list(runs.run_names), "n_runs": n_runs, "n_way": n_way,
             "n_test": int(runs.test_index.shape[1]), "image_size": int(image_size),
-            "C": C, "logistic_unconverged": unconverged}
+            "C": C, "tol": TOL, "logistic_unconverged": unconverged}
 
 
 def _one_shot_errors(z: torch.Tensor, runs: OneShotRuns,

@@ -195,6 +195,7 @@ def test_merge_averages_runs_point_by_point(run, tmp_path):
     (lambda p: p.update(results=3), "not a compare run"),   # a traceback before
     (lambda p: p["results"]["mtl"].update(points=[{"accuracy": 1}]), "not a compare run"),
     (lambda p: p["results"]["mtl"]["points"][0].update(accuracy={"1": 3}), "not a compare run"),
+    (lambda p: p["results"]["mtl"].pop("flops_per_step"), "not complete"),
 ])
 def test_merge_bad_runs_fail_in_one_line(run, tmp_path, change, needle):
     out, _, _ = run

@@ -214,3 +214,46 @@ def test_data_pickles_cannot_build_arrays_over_raw_memory(tmp_path):
                                        "extra": {1, 2}, "raw": bytearray(b"x")}, protocol))
         got = registry.load_dataset("cifarfs", str(tmp_path), "test")
         assert np.array_equal(got.images, images), protocol
+
+
+def test_data_pickles_cannot_forge_a_dtype():
+    """A dtype whose pickled state claims other flags (an object dtype without its
+    'holds objects' flag) or fields makes object arrays over raw bytes through numpy's
+    allowed helpers (_frombuffer, scalar, _reconstruct): a segfault, or worse. Refused;
+    every plain dtype, in either byte order, still loads."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    from fastmtl.data.pickles import _safe_load
+    core = np._core if hasattr(np, "_core") else np.core
+
+    class Forged:
+        def __reduce__(self):
+            return (np.dtype, ("O8", False, True), (3, "|", None, None, None, -1, -1, 0))
+
+    class Call:
+        def __init__(self, *reduced):
+            self.reduced = reduced
+
+        def __reduce__(self):
+            return self.reduced
+    attacks = [Call(core.numeric._frombuffer, (b"A" * 8, Forged(), (1,), "C")),
+               Call(core.multiarray.scalar, (Forged(), b"A" * 8)),
+               Call(core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                    (1, (1,), Forged(), False, b"A" * 8)),
+               Call(np.dtype, ([("a", "<i8")], False, True))]          # fields
+    for obj in attacks:
+        for protocol in (2, 4):
+            with pytest.raises(ValueError, match="not loaded, as a pickle can run code"):
+                _safe_load(io.BytesIO(pickle.dumps({"x": obj}, protocol)), pathlib.Path("x"))
+    plain = {"a": np.arange(6, dtype=">i4").reshape(2, 3), "b": np.arange(3, dtype="<f8"),
+             "u": np.array(["ab", "c"]), "o": np.array([b"x", b"yz"], dtype=object),
+             "t": np.array([True, False])}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        data = pickle.dumps({**plain, "s": np.float32(1.5)}, protocol)
+        got, free = _safe_load(io.BytesIO(data), pathlib.Path("p")), pickle.loads(data)
+        assert got["s"] == np.float32(1.5), protocol
+        assert all(np.array_equal(got[k], v) and got[k].dtype == free[k].dtype
+                   for k, v in plain.items()), protocol       # as unpickled freely

@@ -213,6 +213,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError("runs: " + re.sub(r"payloads\[(\d+)\]",
                                            lambda m: repr(args.runs[int(m.group(1))]),
                                            str(exc)).removeprefix("payloads: ")) from None
+    except (KeyError, TypeError, AttributeError) as exc:   # a file missing what runs hold
+        raise ValueError(f"runs: not complete fastmtl compare.json files "
+                         f"({type(exc).__name__}: {exc})") from None
     merged["command"] = command_line()
     merged["runs"] = list(args.runs)
     atomic_write_json(os.path.join(args.out, "compare.json"), merged)

@@ -217,16 +217,17 @@ def test_data_pickles_cannot_build_arrays_over_raw_memory(tmp_path):
 
 
 def test_data_pickles_cannot_forge_a_dtype():
-    """A dtype whose pickled state claims other flags (an object dtype without its
-    'holds objects' flag) or fields makes object arrays over raw bytes through numpy's
-    allowed helpers (_frombuffer, scalar, _reconstruct): a segfault, or worse. Refused;
-    every plain dtype, in either byte order, still loads."""
+    """numpy's own unpickling helpers trust their input: a dtype whose pickled state drops
+    an object dtype's has-objects flag, an object array's list shorter than its shape, a
+    view of another array, structured dtypes or a bare allocation made arrays over raw
+    memory (segfaults, or worse) or ate memory. The data-only unpickler builds arrays
+    itself and refuses each; every plain dtype, in either byte order, still loads."""
     import io
     import pickle
 
     import numpy as np
 
-    from fastmtl.data.pickles import _safe_load
+    from fastmtl.data._safe_pickle import safe_load as _safe_load
     core = np._core if hasattr(np, "_core") else np.core
 
     class Forged:
@@ -239,21 +240,30 @@ def test_data_pickles_cannot_forge_a_dtype():
 
         def __reduce__(self):
             return self.reduced
+    built = Call(core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                 (1, (4,), np.dtype("u1"), False, b"AAAA"))
     attacks = [Call(core.numeric._frombuffer, (b"A" * 8, Forged(), (1,), "C")),
-               Call(core.multiarray.scalar, (Forged(), b"A" * 8)),
                Call(core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
                     (1, (1,), Forged(), False, b"A" * 8)),
-               Call(np.dtype, ([("a", "<i8")], False, True))]          # fields
+               Call(core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),   # short list
+                    (1, (100000,), np.dtype("O"), False, [])),
+               Call(core.numeric._frombuffer, (built, np.dtype("u1"), (4,), "C")),  # a view
+               Call(np.dtype, ([("a", "<i8")], False, True)),         # fields
+               Call(bytes, (1 << 31,))]                               # 2 GiB from 20 bytes
     for obj in attacks:
         for protocol in (2, 4):
             with pytest.raises(ValueError, match="not loaded, as a pickle can run code"):
                 _safe_load(io.BytesIO(pickle.dumps({"x": obj}, protocol)), pathlib.Path("x"))
+    # an object scalar is its object: the forged dtype's bytes stay bytes
+    got = _safe_load(io.BytesIO(pickle.dumps(Call(core.multiarray.scalar, (Forged(), b"A" * 8)))),
+                     pathlib.Path("x"))
+    assert got == b"A" * 8
     plain = {"a": np.arange(6, dtype=">i4").reshape(2, 3), "b": np.arange(3, dtype="<f8"),
              "u": np.array(["ab", "c"]), "o": np.array([b"x", b"yz"], dtype=object),
              "t": np.array([True, False])}
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         data = pickle.dumps({**plain, "s": np.float32(1.5)}, protocol)
-        got, free = _safe_load(io.BytesIO(data), pathlib.Path("p")), pickle.loads(data)
-        assert got["s"] == np.float32(1.5), protocol
-        assert all(np.array_equal(got[k], v) and got[k].dtype == free[k].dtype
-                   for k, v in plain.items()), protocol       # as unpickled freely
+        got = _safe_load(io.BytesIO(data), pathlib.Path("p"))
+        assert got["s"] == np.float32(1.5) and got["s"].dtype == np.float32, protocol
+        assert all(np.array_equal(got[k], v) and got[k].dtype == v.dtype
+                   for k, v in plain.items()), protocol

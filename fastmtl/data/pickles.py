@@ -30,10 +30,8 @@ mini-ImageNet values for both), :data:`CIFAR_MEAN`/:data:`CIFAR_STD` for CIFAR-F
 """
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import os
-import pickle
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ._safe_pickle import safe_load
 from .base import FewShotDataset
 
 __all__ = ["MiniImageNet", "TieredImageNet", "CIFARFS", "FC100", "IMAGENET_MEAN",
@@ -235,7 +234,7 @@ def _npz_images(path: Path) -> np.ndarray:
                     np.lib.format.read_array_header_2_0
                 _, _, dtype = read(f)
                 if dtype.hasobject:
-                    return np.asarray(_safe_load(f, path))
+                    return np.asarray(safe_load(f, path))
     except zipfile.BadZipFile:
         raise ValueError(f"{path} is not an .npz archive") from None
     with np.load(path, allow_pickle=False) as npz:
@@ -251,119 +250,9 @@ def _require(root: Path, candidates: list[str], title: str) -> Path:
     raise ValueError(f"{title}: expected file {wanted} in root {str(root)!r}, not found")
 
 
-# What a data pickle may hold: numpy arrays, their dtypes and scalars, and plain
-# containers and values. Anything else (a pickle can name any function, and call it while
-# loading) is refused, so a shared data file cannot run code. numpy's own names are
-# guarded further (see _SafeUnpickler): ``numpy.ndarray`` is only handed to
-# ``_reconstruct``, and a dtype is only built from a plain type string and may only be
-# given the state numpy itself pickles for that string (a forged state, or fields, make
-# object arrays over raw bytes, i.e. over made-up memory addresses).
-_SAFE_GLOBALS = frozenset(
-    {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-     for n in ("_reconstruct", "scalar")}
-    | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
-    | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-       ("collections", "OrderedDict")}
-    | {("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "bytes",
-                                 "bytearray", "int", "float", "complex", "str", "bool")})
-
-
-class _Refused(pickle.UnpicklingError):
-    """A pickle names something outside :data:`_SAFE_GLOBALS`, or misuses numpy's names."""
-
-
-class _NdarrayToken:
-    """What ``numpy.ndarray`` unpickles as: accepted by ``_reconstruct`` alone."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        raise _Refused("it calls numpy.ndarray directly")
-
-
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
-    if subtype is not _NdarrayToken:
-        raise _Refused("_reconstruct of something other than numpy.ndarray")
-    return np.ndarray.__new__(np.ndarray, shape, _checked_dtype(dtype))
-
-
-def _checked_dtype(dtype: Any) -> np.dtype:
-    if isinstance(dtype, np.dtype):
-        return dtype
-    if isinstance(dtype, (str, bytes)):
-        return _dtype(dtype.decode("latin1") if isinstance(dtype, bytes) else dtype)
-    raise _Refused(f"a dtype given as {type(dtype).__name__}")
-
-
-def _dtype(obj: Any, align: Any = False, copy: Any = True) -> np.dtype:
-    """``numpy.dtype`` from a plain type string only: no fields, sub-arrays or voids."""
-    if not isinstance(obj, str):
-        raise _Refused(f"a dtype built from {type(obj).__name__}")
-    plain = np.dtype(obj)
-    if plain.fields is not None or plain.subdtype is not None or plain.kind == "V":
-        raise _Refused(f"a structured dtype {obj!r}")
-    return np.dtype(obj, bool(align), True)      # a copy: its state may be set below
-
-
-def _dtype_state(dtype: np.dtype, state: Any) -> Any:
-    """The state numpy pickles for ``dtype`` in the byte order ``state`` asks for."""
-    order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
-    plain = np.dtype(dtype.str)
-    return (plain.newbyteorder(order) if order in ("<", ">") else plain).__reduce__()[2]
-
-
-class _SafeUnpickler(pickle._Unpickler):
-    """The pure-Python unpickler with :data:`_SAFE_GLOBALS` and a checked BUILD (the C
-    one cannot intercept BUILD, which sets a dtype's state)."""
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def find_class(self, module: str, name: str) -> Any:
-        # Python 2 pickles spell builtins __builtin__.*, mapped as the unpickler maps them.
-        mapped = _compat_pickle.NAME_MAPPING.get(
-            (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
-        if mapped not in _SAFE_GLOBALS:
-            raise _Refused(f"it names {module}.{name}")
-        if mapped == ("numpy", "ndarray"):
-            return _NdarrayToken
-        if mapped == ("numpy", "dtype"):
-            return _dtype
-        if mapped[1] == "_reconstruct":
-            return _reconstruct
-        return super().find_class(*mapped)
-
-    def load_build(self) -> None:
-        state, inst = self.stack[-1], self.stack[-2]  # type: ignore[attr-defined]
-        if isinstance(inst, np.dtype) and state != _dtype_state(inst, state):
-            raise _Refused(f"it sets a {inst.str} dtype's state to {state!r}")
-        if isinstance(inst, np.ndarray) and not (
-                isinstance(state, tuple) and len(state) == 5
-                and isinstance(state[2], np.dtype)):
-            raise _Refused("it sets an array's state to something other than an array's")
-        super().load_build()  # type: ignore[misc]
-
-    dispatch[pickle.BUILD[0]] = load_build  # type: ignore[assignment]
-
-
-def _safe_load(f: Any, path: Path) -> Any:
-    """Unpickle data only (see :data:`_SAFE_GLOBALS`); ValueError naming ``path`` for a
-    pickle that names anything else, or one that does not unpickle."""
-    start = f.tell()
-    try:
-        try:
-            return _SafeUnpickler(f).load()
-        except UnicodeDecodeError:
-            # Python 2 pickles hold numpy buffers as str; latin1 maps them byte for byte.
-            f.seek(start)
-            return _SafeUnpickler(f, encoding="latin1").load()
-    except _Refused as exc:
-        raise ValueError(f"{path} is not a data pickle of arrays, lists and dicts ({exc}); "
-                         f"it is not loaded, as a pickle can run code") from None
-    except Exception as exc:   # a damaged or foreign file: whatever unpickling raised
-        raise ValueError(f"{path} does not unpickle: {type(exc).__name__}: {exc}") from None
-
-
 def _load_pickle(path: Path) -> Any:
     with open(path, "rb") as f:
-        content = _safe_load(f, path)
+        content = safe_load(f, path)
     if isinstance(content, dict):
         content = {k.decode("latin1") if isinstance(k, bytes) else k: v
                    for k, v in content.items()}

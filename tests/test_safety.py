@@ -222,12 +222,9 @@ def test_data_pickles_cannot_forge_a_dtype():
     view of another array, structured dtypes or a bare allocation made arrays over raw
     memory (segfaults, or worse) or ate memory. The data-only unpickler builds arrays
     itself and refuses each; every plain dtype, in either byte order, still loads."""
-    import io
     import pickle
 
     import numpy as np
-
-    from fastmtl.data._safe_pickle import safe_load as _safe_load
     core = np._core if hasattr(np, "_core") else np.core
 
     class Forged:
@@ -253,17 +250,58 @@ def test_data_pickles_cannot_forge_a_dtype():
     for obj in attacks:
         for protocol in (2, 4):
             with pytest.raises(ValueError, match="not loaded, as a pickle can run code"):
-                _safe_load(io.BytesIO(pickle.dumps({"x": obj}, protocol)), pathlib.Path("x"))
+                _load(pickle.dumps({"x": obj}, protocol))
     # an object scalar is its object: the forged dtype's bytes stay bytes
-    got = _safe_load(io.BytesIO(pickle.dumps(Call(core.multiarray.scalar, (Forged(), b"A" * 8)))),
-                     pathlib.Path("x"))
+    got = _load(pickle.dumps(Call(core.multiarray.scalar, (Forged(), b"A" * 8))))
     assert got == b"A" * 8
     plain = {"a": np.arange(6, dtype=">i4").reshape(2, 3), "b": np.arange(3, dtype="<f8"),
              "u": np.array(["ab", "c"]), "o": np.array([b"x", b"yz"], dtype=object),
              "t": np.array([True, False])}
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         data = pickle.dumps({**plain, "s": np.float32(1.5)}, protocol)
-        got = _safe_load(io.BytesIO(data), pathlib.Path("p"))
+        got = _load(data)
         assert got["s"] == np.float32(1.5) and got["s"].dtype == np.float32, protocol
         assert all(np.array_equal(got[k], v) and got[k].dtype == v.dtype
                    for k, v in plain.items()), protocol
+
+
+def _load(data: bytes):
+    import io
+
+    from fastmtl.data._safe_pickle import safe_load
+    return safe_load(io.BytesIO(data), pathlib.Path("x"), len(data))
+
+
+def test_data_pickles_cannot_exhaust_the_machine_or_leak_addresses():
+    """A fourth review's cases: tiny files that asked for huge shapes, allocations,
+    reads or exponentially shared containers, an object array's pointers read through
+    READONLY_BUFFER, and stand-ins reaching the caller; and a legitimate optimized pickle
+    (no memo, so ids are reused) that was refused."""
+    import pickle
+    import pickletools
+    import struct
+
+    import numpy as np
+    nested: list = [0]
+    for _ in range(40):
+        nested = [nested, nested]          # 2^40 elements from a few hundred bytes
+    class Call:
+        def __init__(self, *reduced):
+            self.reduced = reduced
+
+        def __reduce__(self):
+            return self.reduced
+    refused = [pickle.dumps({"x": nested}, 2),
+               pickle.dumps(Call(bytes, (np.int64(1 << 28),)), 2),     # 256 MB from 70 B
+               b"\x80\x05\x96" + struct.pack("<Q", 1 << 40) + b".",  # BYTEARRAY8 of 1 TB
+               pickle.dumps(np.array([b"x"], dtype=object), 5)[:-1] + b"\x98.",  # pointers
+               b"\x80\x02cnumpy\nndarray\nq\x00)\x81q\x01."]       # NEWOBJ on a stand-in
+    for data in refused:
+        with pytest.raises(ValueError):
+            _load(data)
+    shared = (np.arange(2),)
+    got = _load(pickle.dumps([shared, shared], 2))
+    assert all(type(t[0]) is np.ndarray for t in got)
+    data = pickletools.optimize(pickle.dumps({"a": np.arange(3.0), "b": np.arange(4)}, 2))
+    got = _load(data)
+    assert got["a"].tolist() == [0.0, 1.0, 2.0] and got["b"].tolist() == [0, 1, 2, 3]

@@ -234,7 +234,8 @@ def _npz_images(path: Path) -> np.ndarray:
                     np.lib.format.read_array_header_2_0
                 _, _, dtype = read(f)
                 if dtype.hasobject:
-                    return np.asarray(safe_load(f, path))
+                    left = zf.getinfo("images.npy").file_size - f.tell()
+                    return np.asarray(safe_load(f, path, left))
     except zipfile.BadZipFile:
         raise ValueError(f"{path} is not an .npz archive") from None
     with np.load(path, allow_pickle=False) as npz:
@@ -252,7 +253,7 @@ def _require(root: Path, candidates: list[str], title: str) -> Path:
 
 def _load_pickle(path: Path) -> Any:
     with open(path, "rb") as f:
-        content = safe_load(f, path)
+        content = safe_load(f, path, os.fstat(f.fileno()).st_size)
     if isinstance(content, dict):
         content = {k.decode("latin1") if isinstance(k, bytes) else k: v
                    for k, v in content.items()}

@@ -137,7 +137,7 @@ class LogisticHeads:
         runs about twice as fast on a CPU as (E, Q, d) @ (E, d, n_classes)."""
         if not isinstance(z_query, torch.Tensor) or z_query.dim() != 3:
             raise ValueError("z_query must be a 3-D tensor (E, Q, d), got "
-                             f"{_describe(z_query)}")
+                             f"{checks.describe(z_query)}")
         E, _, d = self.weight.shape
         if z_query.shape[0] != E or z_query.shape[2] != d:
             raise ValueError(f"z_query must have shape ({E}, Q, {d}) to match the heads "
@@ -202,16 +202,10 @@ def fit_logistic(z_support: torch.Tensor, y_support: torch.Tensor, C: float = 3.
                          converged)
 
 
-def _describe(t: object) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"shape {tuple(t.shape)}"
-    return type(t).__name__
-
-
 def _check_support(z: Tensor, y: Tensor,
                    n_classes: int | None) -> tuple[Tensor, Tensor, int]:
     if not isinstance(z, torch.Tensor) or z.dim() != 3:
-        raise ValueError(f"z_support must be a 3-D tensor (E, S, d), got {_describe(z)}")
+        raise ValueError(f"z_support must be a 3-D tensor (E, S, d), got {checks.describe(z)}")
     if not z.is_floating_point():
         raise ValueError(f"z_support must be a floating-point tensor, got {z.dtype}")
     E, S, d = z.shape

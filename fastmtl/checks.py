@@ -61,6 +61,18 @@ def one_of(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def describe(value: Any) -> str:
+    """What an argument is, for an error message: its shape if it has one (tensors,
+    arrays), else its type.
+
+    Example:
+        >>> describe([1, 2]), describe(math)
+        ('list', 'module')
+    """
+    shape = getattr(value, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else type(value).__name__
+
+
 def per_channel(name: str, values: Any, default: float, channels: int,
                 positive: bool = False) -> tuple[float, ...]:
     """A per-channel ``mean`` or ``std``: one finite number a channel (> 0 with

@@ -250,6 +250,24 @@ def check_same_run(saved: dict[str, Any], config: TrainerConfig, path: str) -> N
                          f"these, or start a new run")
 
 
+# What a resumed run must train on as its checkpoint did (``Trainer.run_info``, which the
+# CLI sets): the data it names, and the classes it read (the folder may have moved).
+_SAME_DATA = ("data", "train_split", "rotations", "data_seed", "image_size", "channels",
+              "class_names")
+
+
+def _check_same_data(saved: dict[str, Any], now: dict[str, Any], path: str) -> None:
+    """ValueError if a resumed run's recorded training data differs from its
+    checkpoint's, naming what differs (what either side does not record is not checked)."""
+    changed = [k for k in _SAME_DATA if k in saved and k in now and saved[k] != now[k]]
+    if changed:
+        what = "; ".join("class_names: other classes" if k == "class_names"
+                         else f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"resume: {path!r} was trained on other data ({what}); a resumed "
+                         f"run keeps its data: pass the same data, or allow changed "
+                         f"settings (--allow-changed-settings)")
+
+
 # -- the training clock and callbacks --------------------------------------------------------
 class TrainingClock:
     """Seconds of training: wall time since ``start`` minus the time spent in ``paused()``.
@@ -847,6 +865,7 @@ class Trainer:
                            what="resume")
         if not getattr(self, "_allow_changed", False):
             check_same_run(state.get("config", {}), self.config, path)
+            _check_same_data(state.get("run") or {}, self.run_info or {}, path)
         _ckpt.load_learner(self._built_learner(), state, path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:

@@ -193,10 +193,15 @@ def check_eval_flags(args: argparse.Namespace, episodes_flag: str, allow_zero: b
         raise ValueError(f"--ways must be >= 2 (one class is no classification), got {args.ways}")
     if args.queries < 1:
         raise ValueError(f"--queries must be >= 1, got {args.queries}")
-    if args.image_size is not None and args.image_size < 8:
-        raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
+    check_image_size(args)
     if args.out:
         checks.writable_file("--out", args.out)
+
+
+def check_image_size(args: argparse.Namespace) -> None:
+    """--image-size, where given: at least 8 pixels (Conv-4's four poolings)."""
+    if args.image_size is not None and args.image_size < 8:
+        raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
 
 
 def positive(name: str, kind: type[int] | type[float] = float) -> Callable[[str], float]:

@@ -18,6 +18,7 @@ from ._common import (
     HelpFormatter,
     Parser,
     add_folder_flags,
+    check_image_size,
     command_line,
     folder_kwargs,
     parser_defaults,
@@ -104,8 +105,7 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
         raise ValueError(f"--shots must be positive, got {args.shots}")
     if any(w < 2 for w in args.ways) or len(set(args.ways)) != len(args.ways):
         raise ValueError(f"--ways must be different numbers >= 2, got {args.ways}")
-    if args.image_size is not None and args.image_size < 8:
-        raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
+    check_image_size(args)
     if args.episodes < 2:
         raise ValueError(f"--episodes must be >= 2 (a confidence interval needs two), got "
                          f"{args.episodes}")

@@ -87,9 +87,8 @@ def _check_flags(args: argparse.Namespace) -> None:
                                              "val_protocol") if f in defaults])
 
 
-def _check_files(args: argparse.Namespace, cfg: TrainerConfig) -> dict[str, Any]:
-    """--out, --plot, --checkpoint-dir and --resume, checked before any data is read;
-    returns what the --resume checkpoint records of its training data (or nothing)."""
+def _check_files(args: argparse.Namespace, cfg: TrainerConfig) -> None:
+    """--out, --plot, --checkpoint-dir and --resume, checked before any data is read."""
     if args.plot:
         checks.writable_file("--plot", args.plot)
     if args.profile:
@@ -105,26 +104,6 @@ def _check_files(args: argparse.Namespace, cfg: TrainerConfig) -> dict[str, Any]
                              f"not --backbone {args.backbone}")
         if not args.allow_changed_settings:
             check_same_run(state.get("config", {}), cfg, args.resume)
-            return dict(state.get("run") or {})
-    return {}
-
-
-# What a resumed run must train on as its checkpoint did (see _run_info): the data it
-# names, and the classes it read (so the same folder may have moved, but not changed).
-_SAME_DATA = ("data", "train_split", "rotations", "data_seed", "image_size", "channels",
-              "class_names")
-
-
-def _check_same_data(saved: dict[str, Any], now: dict[str, Any], path: str) -> None:
-    """ValueError if a resumed run's training data differs from its checkpoint's, naming
-    what differs (checkpoints that do not record it are not checked)."""
-    changed = [k for k in _SAME_DATA if k in saved and saved[k] != now[k]]
-    if changed:
-        what = "; ".join("class_names: other classes" if k == "class_names"
-                         else f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"resume: {path!r} was trained on other data ({what}); a resumed "
-                         f"run keeps its data: pass the same data flags, or "
-                         f"--allow-changed-settings")
 
 
 def _run_info(args: argparse.Namespace, train: FewShotDataset) -> dict[str, Any]:
@@ -188,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_flags(args)
     cfg = config_from(args, parser_defaults(args.parser), args.method, args.recipe)
     check_eval_flags(args, "--eval-episodes", allow_zero=True)
-    saved_run = _check_files(args, cfg)
+    _check_files(args, cfg)
     if args.data_seed is None:
         args.data_seed = 0
     train = _load(args, args.train_split, rotations=args.rotations)
@@ -201,8 +180,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer_cls, _, _ = registry.method(args.method)
     trainer = trainer_cls(registry.build_backbone(args.backbone, train.channels), cfg)
     trainer.run_info = _run_info(args, train)
-    if saved_run:
-        _check_same_data(saved_run, trainer.run_info, args.resume)
     history = _fit(args, trainer, train, val)
     payload = {"command": command_line(), "method": args.method, "data": args.data,
                "backbone": args.backbone, "rotations": args.rotations,

@@ -126,20 +126,17 @@ class _EpisodicConfig(TrainerConfig):
 _functorch_wrapped = is_wrapped
 
 
-def _shape(t: object) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_episode(z_support: Any, y_support: Any, n_way: Any) -> None:
     """The checks a head function can make without reading its tensors' values (it runs
     every step, and a label check would wait on the device): shapes, dtypes, n_way."""
     if not isinstance(z_support, torch.Tensor) or z_support.dim() != 3 or \
             not z_support.is_floating_point():
-        raise ValueError(f"z_support must be a float tensor (T, S, d), got {_shape(z_support)}")
+        raise ValueError(f"z_support must be a float tensor (T, S, d), got "
+                         f"{checks.describe(z_support)}")
     if not isinstance(y_support, torch.Tensor) or y_support.shape != z_support.shape[:2] or \
             y_support.is_floating_point() or y_support.dtype == torch.bool:
         raise ValueError(f"y_support must be integer labels (T, S) = "
-                         f"{tuple(z_support.shape[:2])}, got {_shape(y_support)}"
+                         f"{tuple(z_support.shape[:2])}, got {checks.describe(y_support)}"
                          + (f" {y_support.dtype}" if isinstance(y_support, torch.Tensor) else ""))
     checks.integer("n_way", n_way, 1)
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..config import setting
-from ._common import _check_episode, _EpisodicConfig, _FeatureHeadTrainer, _Learner, _shape
+from ._common import _check_episode, _EpisodicConfig, _FeatureHeadTrainer, _Learner
 
 __all__ = ["ProtoNetConfig", "ProtoNet", "prototype_logits"]
 
@@ -41,7 +42,7 @@ def prototype_logits(z_support: torch.Tensor, y_support: torch.Tensor, z_query: 
     if not isinstance(z_query, torch.Tensor) or z_query.dim() != 3 or \
             z_query.shape[::2] != z_support.shape[::2]:
         raise ValueError(f"z_query must be (T, Q, d) to match z_support "
-                         f"{tuple(z_support.shape)}, got {_shape(z_query)}")
+                         f"{tuple(z_support.shape)}, got {checks.describe(z_query)}")
     onehot = F.one_hot(y_support.long(), n_way).to(z_support.dtype)         # (T, S, n)
     protos = (onehot.transpose(1, 2) @ z_support) / onehot.sum(1).unsqueeze(-1)  # (T, n, d)
     # |q|^2 - 2 q.c + |c|^2 as one batched matmul, not a (T, Q, n, d) difference tensor.

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from fastmtl.cli import main
 
@@ -272,3 +273,112 @@ def test_several_ways_on_the_validation_classes(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "fastmtl", *base, "--resume"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "also_ways" in proc.stderr and "eval_split" in proc.stderr
+
+
+def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys):
+    """--centre: every point of every method holds "centred" beside the logistic protocol
+    (and the baselines' own); the tables pair MTL's centred head with each baseline's
+    centred and own rows; a run resumed with --centre keeps the finished methods (their
+    rows without "centred") and records what ran them."""
+    out = tmp_path / "c"
+    base = ["compare", "--data", "synthetic", "--methods", "mtl,protonet", "--budget-minutes",
+            "0.03", "--eval-every", "1", "--episodes", "4", "--shots", "1", "--out", str(out)]
+    assert main([*base, "--centre"]) == 0
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["centre"] is True
+    for m, res in payload["results"].items():
+        for p in res["points"]:
+            assert sorted(p["accuracy"]["1"]) == (["centred", "logistic"] if m == "mtl"
+                                                  else ["centred", "logistic", "own"])
+    rows = payload["tables"]["1"]["mtl_vs_baselines"]
+    assert [(r["mtl_protocol"], r["protocol"]) for r in rows] == [
+        ("logistic", "logistic"), ("logistic", "own"), ("centred", "centred"),
+        ("centred", "own")]
+    md = (out / "compare.md").read_text()
+    assert "protonet *centred* |" in md and "protonet *own* (MTL centred) |" in md
+    assert "1-shot centred final" in md and "unless marked *centred* or *own*" in md
+    # Resuming a run without --centre: the kept baseline has no centred rows.
+    old = dict(payload, centre=False, command="the first command")
+    for p in old["results"]["protonet"]["points"]:
+        p["accuracy"]["1"].pop("centred")
+    old["results"].pop("mtl")
+    (out / "compare.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main([*base, "--centre", "--resume"]) == 0
+    said = capsys.readouterr()
+    assert "the kept protonet ran without it" in said.out + said.err
+    again = json.loads((out / "compare.json").read_text())
+    assert again["resumed_from"]["methods"] == ["protonet"]
+    assert again["resumed_from"]["command"] == "the first command"
+    assert again["results"]["protonet"] == old["results"]["protonet"]
+    rows = again["tables"]["1"]["mtl_vs_baselines"]
+    assert [(r["mtl_protocol"], r["protocol"]) for r in rows] == [
+        ("logistic", "logistic"), ("logistic", "own"), ("centred", "own")]
+
+
+def test_the_centred_protocol_is_eval_centre_on_the_sample_mean():
+    """compare's "centred" accuracy is fastmtl.evaluate(..., centre=the mean feature of the
+    seeded training sample), the path of `fastmtl eval --centre`; the sample is seeded,
+    drawn from the training images without repeats, all of them where there are fewer."""
+    import numpy as np
+
+    from fastmtl.compare import centre_sample, config_for
+    from fastmtl.compare.run import _evaluate_point
+    from fastmtl.data import SyntheticGlyphs
+    from fastmtl.evaluate import evaluate, feature_mean
+    from fastmtl.models import conv4
+    train, test = SyntheticGlyphs(6, 5, seed=0), SyntheticGlyphs(6, 6, seed=1)
+    a, b = centre_sample(train, 3, n=12), centre_sample(train, 3, n=12)
+    assert len(a) == 12 and np.array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, centre_sample(train, 4, n=12).images)
+    rows = {bytes(x) for x in train.images}
+    assert len({bytes(x) for x in a.images}) == 12 and {bytes(x) for x in a.images} <= rows
+    assert len(centre_sample(train, 0, n=10_000)) == len(train)
+    with pytest.raises(ValueError, match="n"):
+        centre_sample(train, 0, n=0)
+    cls, cfg = config_for("mtl", budget_minutes=0.01)
+    torch.manual_seed(0)
+    trainer = cls(conv4(hidden=8), cfg)
+    acc = _evaluate_point(trainer, test, [1, 2], [5], 3, 6, 0, centre_from=a)
+    for k in (1, 2):
+        want = evaluate(trainer.backbone, test, n_way=5, k_shot=k, n_query=3, episodes=6,
+                        seed=0, centre=feature_mean(trainer.backbone, a), progress=False)
+        assert acc[str(k)]["centred"]["mean"] == want["mean"]
+        plain = evaluate(trainer.backbone, test, n_way=5, k_shot=k, n_query=3, episodes=6,
+                         seed=0, progress=False)
+        assert acc[str(k)]["logistic"]["mean"] == plain["mean"]      # as before --centre
+
+
+def test_merge_keeps_the_protocols_every_run_measured():
+    """A run without the centred protocol merged with one that has it: the mean curves
+    hold only the shared protocols, and each seed's speed-up is matched to the mean
+    table's row by baseline and protocols, not by position."""
+    from fastmtl.compare import markdown, merge_runs
+
+    def run(seed, centred):
+        def pt(t, a):
+            acc = {"logistic": {"mean": a, "ci95": 1.0}, "own": {"mean": a + 1, "ci95": 1.0}}
+            if centred:
+                acc["centred"] = {"mean": a + 0.5, "ci95": 1.0}
+            return {"train_seconds": t, "steps": t, "images": t, "flops": t * 1e9,
+                    "eval_seconds": 1.0, "peak_memory_bytes": 1, "accuracy": {"1": acc}}
+        res = {m: {"points": [pt(10, a0), pt(20, a0 + 6), pt(40, a0 + 8)], "steps": 40,
+                   "flops_per_step": 1e9, "images_per_step": 1.0, "train_seconds": 40,
+                   "eval_seconds": 3.0}
+               for m, a0 in (("mtl", 85.0), ("protonet", 80.0), ("r2d2", 84.0))}
+        del res["mtl"]["points"][0]["accuracy"]["1"]["own"]
+        for p in res["mtl"]["points"][1:]:
+            del p["accuracy"]["1"]["own"]
+        return {"seed": seed, "shots": [1], "ways": 5, "eval_every": 10, "data": "synthetic",
+                "backbone": "conv4", "budget_minutes": 1, "queries": 15, "episodes": 10,
+                "machine": {"cpu": "x", "torch_threads": 1}, "results": res}
+    merged = merge_runs([run(0, True), run(1, False)])
+    for res in merged["results"].values():
+        assert all("centred" not in p["accuracy"]["1"] for p in res["points"])
+    assert len(merged["per_seed_tables"][0]["1"]["mtl_vs_baselines"]) == 8
+    assert len(merged["tables"]["1"]["mtl_vs_baselines"]) == 4
+    md = markdown(merged)
+    seeds = md[md.index("MTL's speed-up in each run"):]
+    # r2d2's own row is the 4th of the mean table and of seed 1's, the 6th of seed 0's
+    assert "| r2d2 *own* | 1.0x (1.0x) | 1.0x (1.0x) | 1.0x (1.0x) | 1.0x |" in seeds
+    assert "| protonet *own* | 2.0x (2.0x) | 2.0x (2.0x) | 2.0x (2.0x) | 2.0x |" in seeds

@@ -122,6 +122,7 @@ def _payload(args: argparse.Namespace, methods: list[str], settings: dict[str, A
             "budget_minutes": args.budget_minutes, "eval_every": args.eval_every,
             "shots": list(args.shots), "ways": args.ways[0], "also_ways": args.ways[1:],
             "queries": args.queries, "episodes": args.episodes, "eval_split": args.eval_split,
+            "centre": args.centre,
             # the folder flags where they are read (elsewhere absent: their defaults)
             **({"channels": args.channels, "skip_bad_images": args.skip_bad_images}
                if registry.uses(args.data, "channels") else {}),
@@ -142,6 +143,15 @@ def _resumed(json_path: str, payload: dict[str, Any], methods: list[str]) -> dic
                          f"({what})")
     done = {m: r for m, r in old["results"].items() if m in methods}
     say(f"resuming: keeping {', '.join(done) or 'nothing'}")
+    if done:     # what ran them, beside this run's command and machine
+        payload["resumed_from"] = {"methods": list(done), **{
+            k: old.get(k) for k in ("command", "machine", "versions", "centre",
+                                   "resumed_from")}}
+    plain = [m for m, r in done.items() if r["points"] and not all(
+        "centred" in by_shot for p in r["points"] for by_shot in p["accuracy"].values())]
+    if payload.get("centre") and plain:
+        say(f"--centre: the kept {', '.join(plain)} ran without it: their centred rows are "
+            f"missing from the tables")
     return done
 
 
@@ -154,6 +164,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     train = registry.load_dataset(args.data, args.root, "train", rotations=rotations, **opts)
     test = registry.load_dataset(args.data, args.root, args.eval_split, **opts)
     say(f"train: {train!r}\n{args.eval_split}: {test!r}")
+    # --centre: eval --centre's images, the training split without rotations
+    centre_from = None if not args.centre else train if not rotations else \
+        registry.load_dataset(args.data, args.root, "train", rotations=False, **opts)
     json_path = os.path.join(args.out, "compare.json")
     payload = _payload(args, methods, settings, rotations)
     done = _resumed(json_path, payload, methods) if args.resume and os.path.exists(json_path) \
@@ -173,7 +186,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 budget_minutes=args.budget_minutes, eval_every=args.eval_every,
                 shots=args.shots, ways=args.ways, queries=args.queries,
                 episodes=args.episodes, seed=args.seed, settings=settings,
-                recipe=args.recipe, done=done, on_method_done=save)
+                recipe=args.recipe, centre_from=centre_from, done=done,
+                on_method_done=save)
     save()
     write_outputs(payload, args.out)
     return 0
@@ -254,6 +268,11 @@ def _add_test_flags(p: argparse.ArgumentParser) -> None:
                    help="queries per class in test episodes")
     p.add_argument("--episodes", type=int, default=300,
                    help="test episodes per shot setting and time point")
+    p.add_argument("--centre", action="store_true",
+                   help="also evaluate every method by the logistic protocol on features "
+                        "centred on the mean feature of 4,096 training images, without "
+                        "rotations (protocol 'centred', as `fastmtl eval --centre` without "
+                        "--views; off the training clock)")
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .analysis import (
     COMPARABLE,
+    PROTOCOL_PAIRS,
     accuracy_key,
     accuracy_keys,
     differences,
@@ -27,9 +28,19 @@ from .analysis import (
     speedup_tables,
 )
 from .report import markdown, plot
-from .run import check_data, compare, config_for, flop_counter, flops_per_step, run_method
+from .run import (
+    CENTRE_IMAGES,
+    centre_sample,
+    check_data,
+    compare,
+    config_for,
+    flop_counter,
+    flops_per_step,
+    run_method,
+)
 
 __all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_step",
-           "run_method", "COMPARABLE", "accuracy_key", "accuracy_keys", "differences",
+           "run_method", "centre_sample", "CENTRE_IMAGES", "COMPARABLE", "PROTOCOL_PAIRS",
+           "accuracy_key", "accuracy_keys", "differences",
            "setting", "speedup_tables", "merge_runs",
            "markdown", "plot"]

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["COMPARABLE", "differences", "speedup_tables", "merge_runs", "curve", "setting",
-           "accuracy_key", "accuracy_keys"]
+__all__ = ["COMPARABLE", "PROTOCOL_PAIRS", "differences", "speedup_tables", "merge_runs",
+           "curve", "setting", "accuracy_key", "accuracy_keys"]
 
 # What makes two comparison runs measure the same thing (their compare.json keys; a dot
 # reads inside a key: the torch threads, which set every time axis). A resumed run must
@@ -140,23 +140,27 @@ def _ratio(a: _Reach, b: _Reach, i: int) -> float | None:
 
 
 def _mtl_vs(ref: _Result, b: str, res: _Result, shot: str, protocol: str,
-            ref_best: float) -> dict[str, Any] | None:
-    """How soon MTL (``ref``) reaches baseline ``b``'s best - 1 under ``protocol``."""
+            mtl_protocol: str = "logistic") -> dict[str, Any] | None:
+    """How soon MTL (``ref``, by ``mtl_protocol``) reaches baseline ``b``'s best - 1 under
+    ``protocol``; None where either curve was not measured."""
     times, _, accs = curve(res, shot, protocol)
-    if not accs:
+    mtl_accs = curve(ref, shot, mtl_protocol)[2]
+    if not accs or not mtl_accs:
         return None
     target = max(accs) - 1.0
-    tb, tm = _first_reach(res, shot, protocol, target), _first_reach(ref, shot, "logistic", target)
+    tb = _first_reach(res, shot, protocol, target)
+    tm = _first_reach(ref, shot, mtl_protocol, target)
     assert tb is not None  # the baseline reaches its own best - 1
     tbi = _first_reach_interpolated(res, shot, protocol, target)
-    tmi = _first_reach_interpolated(ref, shot, "logistic", target)
-    mtl_at = _at_time(ref, shot, "logistic", times[-1])
-    return {"baseline": b, "protocol": protocol, "best": max(accs), "final": accs[-1],
+    tmi = _first_reach_interpolated(ref, shot, mtl_protocol, target)
+    mtl_at = _at_time(ref, shot, mtl_protocol, times[-1])
+    return {"baseline": b, "protocol": protocol, "mtl_protocol": mtl_protocol,
+            "best": max(accs), "final": accs[-1],
             "target": target, "baseline_seconds": tb[0], "baseline_flops": tb[1],
             "mtl_seconds": tm[0] if tm else None, "mtl_flops": tm[1] if tm else None,
             "speedup_time": _ratio(tb, tm, 0), "speedup_flops": _ratio(tb, tm, 1),
             "speedup_time_interpolated": _ratio(tbi, tmi, 0),
-            "speedup_flops_interpolated": _ratio(tbi, tmi, 1), "mtl_best": ref_best,
+            "speedup_flops_interpolated": _ratio(tbi, tmi, 1), "mtl_best": max(mtl_accs),
             "mtl_minus_baseline_at_equal_time":
                 (mtl_at - accs[-1]) if mtl_at is not None else None,
             "equal_time_seconds": times[-1]}
@@ -180,12 +184,21 @@ def _baseline_vs(ref: _Result, b: str, res: _Result, shot: str,
             "baseline_best": max(curve(res, shot, "logistic")[2])}
 
 
+# (MTL's protocol, the baseline's) of the rows of MTL's speed-up, where both were
+# measured: the shared logistic protocol; the baseline's own adaptation against MTL's
+# logistic head; with ``compare --centre`` the shared protocol on centred features, and
+# the baseline's own adaptation against MTL's centred head (``fastmtl eval --centre``).
+PROTOCOL_PAIRS = (("logistic", "logistic"), ("logistic", "own"), ("centred", "centred"),
+                  ("centred", "own"))
+
+
 def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str, Any]:
     """Per shot setting: MTL's speed-up over each baseline, and each baseline's over MTL.
 
-    For baseline b (protocol p: logistic, or b's own adaptation): target
-    a_b = b's best accuracy - 1; the first time (and FLOPs) b reached a_b and MTL
-    (logistic) reached a_b; the ratios; MTL minus b at b's last evaluation time. The other
+    For baseline b and each pair of :data:`PROTOCOL_PAIRS` both measured (MTL's protocol
+    q, b's protocol p: logistic, centred, or b's own adaptation): target
+    a_b = b's best accuracy under p - 1; the first time (and FLOPs) b reached a_b and MTL
+    (under q) reached a_b; the ratios; MTL minus b at b's last evaluation time. The other
     way round: target a = MTL's best - 1, and when b first reached it. Times are those
     of the first evaluation at or above the target (conservative: the crossing lies
     between it and the one before); ``*_interpolated`` place the crossing linearly
@@ -217,8 +230,8 @@ def speedup_tables(results: dict[str, Any], reference: str = "mtl") -> dict[str,
     for shot in ref["points"][0]["accuracy"]:
         ref_best = max(curve(ref, shot, "logistic")[2])
         baselines = [(b, r) for b, r in results.items() if b != reference and r["points"]]
-        rows = [_mtl_vs(ref, b, r, shot, p, ref_best) for b, r in baselines
-                for p in ("logistic", "own")]
+        rows = [_mtl_vs(ref, b, r, shot, p, q) for b, r in baselines
+                for q, p in PROTOCOL_PAIRS]
         tables[shot] = {"mtl_vs_baselines": [r for r in rows if r is not None],
                         "baselines_vs_mtl": [_baseline_vs(ref, b, r, shot, ref_best)
                                              for b, r in baselines]}
@@ -236,7 +249,8 @@ def _mean_point(points: list[dict[str, Any]]) -> dict[str, Any]:
     acc: dict[str, Any] = {}
     for shot, protocols in points[0]["accuracy"].items():
         acc[shot] = {}
-        for prot in protocols:
+        # the protocols every run measured (a resumed run may lack a newer one)
+        for prot in [q for q in protocols if all(q in p["accuracy"][shot] for p in points)]:
             means = [p["accuracy"][shot][prot]["mean"] for p in points]
             cis = [p["accuracy"][shot][prot]["ci95"] for p in points]
             # The runs' test episodes are independent draws (the seed differs), so the
@@ -342,10 +356,16 @@ def merge_runs(payloads: list[dict[str, Any]]) -> dict[str, Any]:
     first = payloads[0]
     results = {m: _mean_result([p["results"][m] for p in payloads], seeds) for m in methods}
     merged = {k: v for k, v in first.items()
-              if k not in ("results", "tables", "seed", "command", "machine")}
+              if k not in ("results", "tables", "seed", "command", "machine", "resumed_from",
+                           "centre")}
     merged.update(seeds=seeds, commands=[p.get("command") for p in payloads],
                   machine=first.get("machine", {}),
                   machines=[p.get("machine") for p in payloads], results=results,
+                  **({"resumed_from": [p.get("resumed_from") for p in payloads]}
+                     if any("resumed_from" in p for p in payloads) else {}),
+                  # the centred protocol is in the mean curves only where every run has it
+                  **({"centre": all(p.get("centre") for p in payloads)}
+                     if any("centre" in p for p in payloads) else {}),
                   tables=speedup_tables(results),
                   per_seed_tables=[speedup_tables({m: p["results"][m] for m in methods})
                                    for p in payloads])

@@ -31,31 +31,51 @@ def _merge_note(payload: dict[str, Any]) -> list[str]:
             "run's own speed-ups follow them."]
 
 
+def _row_name(row: dict[str, Any]) -> str:
+    """A speed-up row's label: the baseline, its protocol where not the logistic one, and
+    MTL's where that is not the logistic one (rows written before MTL's was recorded:
+    logistic)."""
+    mtl = row.get("mtl_protocol", "logistic")
+    name = row["baseline"] + ("" if row["protocol"] == "logistic" else f" *{row['protocol']}*")
+    return name + (f" (MTL {mtl})" if mtl != row["protocol"] and mtl != "logistic" else "")
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["baseline"], row["protocol"], row.get("mtl_protocol", "logistic")
+
+
 def _small_step(result: dict[str, Any]) -> str:
     """" (x small)": the GFLOPs of a step on small images, where a run had such steps."""
     small = result.get("flops_per_small_step")
     return "" if small is None else f" ({small / 1e9:.2f} small)"
 
 
-def _method_rows(payload: dict[str, Any]) -> list[str]:
-    """A Markdown table row per method: costs, final and best accuracy per shot."""
+def _measured(payload: dict[str, Any], protocol: str) -> bool:
+    """Whether any method of ``payload`` was evaluated by ``protocol`` at any point."""
+    return any(protocol in by_shot for r in payload["results"].values() for p in r["points"]
+               for by_shot in p["accuracy"].values())
+
+
+def _method_rows(payload: dict[str, Any], extra: list[str]) -> list[str]:
+    """A Markdown table row per method: costs, final and best accuracy per shot (logistic
+    protocol), then the final accuracy by each protocol of ``extra`` per shot."""
     lines = []
     for m, r in payload["results"].items():
         if not r["points"]:
             continue
         cells = []
-        own = []
         for key, _ in accuracy_keys(payload):
             _, _, acc = curve(r, key, "logistic")
             cells.append(f"{acc[-1]:.1f} / {max(acc):.1f}")
-            _, _, oacc = curve(r, key, "own")
-            own.append(f"{oacc[-1]:.1f}" if oacc else "-")
+        for protocol in extra:
+            for key, _ in accuracy_keys(payload):
+                _, _, other = curve(r, key, protocol)
+                cells.append(f"{other[-1]:.1f}" if other else "-")
         peak = max(p["peak_memory_bytes"] for p in r["points"]) / 2**20
         lines.append(f"| {m} | {r['steps']:,.0f} | {r['images_per_step']:.0f} | "
                      f"{r['flops_per_step'] / 1e9:.2f}{_small_step(r)} | "
                      f"{r['train_seconds']:.0f} | "
-                     f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " | "
-                     + " | ".join(own) + " |")
+                     f"{r['eval_seconds']:.0f} | {peak:.0f} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -70,18 +90,22 @@ def markdown(payload: dict[str, Any]) -> str:
     ways = "- and ".join(str(w) for w in [payload["ways"], *setting(payload, "also_ways")])
     split = setting(payload, "eval_split")
     split_note = "" if split == "test" else f" on the {split} classes (a tuning run)"
+    extra = [p for p in ("centred",) if _measured(payload, p)] + ["own"]
+    marks = " or ".join(f"*{p}*" for p in extra)
+    centred = (" *centred*: the same protocol on features centred on the mean feature of "
+               "training images (`fastmtl eval --centre`)." if "centred" in extra else "")
     lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
              f"{payload['budget_minutes']:g} min of training each", "",
              f"Machine: {machine.get('cpu')}, {machine.get('torch_threads')} threads{cuda}. "
              f"Test{split_note}: {ways}-way, {payload['queries']} queries a class, "
              f"{payload['episodes']} episodes a point (the same for every method and point), "
-             f"logistic-regression protocol unless marked *own*.", "",
+             f"logistic-regression protocol unless marked {marks}.{centred}", "",
              "| method | steps | images/step | GFLOPs/step | train s | eval s | peak memory (MB) | "
              + " | ".join(f"{label} final / best" for _, label in keys)
-             + " | " + " | ".join(f"{label} own final" for _, label in keys) + " |",
-             "|---" * (7 + 2 * len(keys)) + "|"]
+             + "".join(f" | {label} {p} final" for p in extra for _, label in keys) + " |",
+             "|---" * (7 + (1 + len(extra)) * len(keys)) + "|"]
     lines[1:1] = _merge_note(payload)
-    lines += _method_rows(payload)
+    lines += _method_rows(payload, extra)
     for key, t in tables.items():
         shot = labels.get(key, f"{key}-shot")
         lines += ["", f"## {shot}: how much sooner MTL reaches each baseline's best - 1",
@@ -90,7 +114,7 @@ def markdown(payload: dict[str, Any]) -> str:
                   "MTL - baseline at equal time |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in t["mtl_vs_baselines"]:
-            name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
+            name = _row_name(r)
             mtl = (f"{r['mtl_seconds']:.0f} ({r['mtl_flops'] / 1e12:.2f})"
                    if r["mtl_seconds"] is not None
                    else f"not reached (MTL best {r['mtl_best']:.1f})")
@@ -128,21 +152,23 @@ def _per_seed_markdown(payload: dict[str, Any]) -> list[str]:
                   "time (FLOPs)", "",
                   "| baseline | mean curves | " + " | ".join(f"seed {s}" for s in payload["seeds"])
                   + " | smallest |", "|---" * (3 + len(per_seed)) + "|"]
-        for i, r in enumerate(t["mtl_vs_baselines"]):
-            runs = [tables[shot]["mtl_vs_baselines"][i] for tables in per_seed]
+        for r in t["mtl_vs_baselines"]:
+            runs = [next((x for x in tables[shot]["mtl_vs_baselines"]
+                          if _row_key(x) == _row_key(r)), None) for tables in per_seed]
             cells = [f"{_fmt(x['speedup_time'], suffix='x')} "
-                     f"({_fmt(x['speedup_flops'], suffix='x')})" for x in [r] + runs]
-            times = [x["speedup_time"] for x in runs]
+                     f"({_fmt(x['speedup_flops'], suffix='x')})" if x else "-"
+                     for x in [r] + runs]
+            times = [x["speedup_time"] if x else None for x in runs]
             low = "-" if None in times else f"{min(times):.1f}x"
-            name = r["baseline"] + (" *own*" if r["protocol"] == "own" else "")
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {low} |")
+            lines.append(f"| {_row_name(r)} | " + " | ".join(cells) + f" | {low} |")
     return lines
 
 
 def plot(payload: dict[str, Any], path: str) -> None:
     """Accuracy against training seconds (top) and FLOPs (bottom), both on log axes (the
     race is decided early), a column per shot: the logistic-regression protocol with its
-    95% CI band, and each method's own adaptation dashed.
+    95% CI band, each method's own adaptation dashed and the centred protocol dotted
+    (where measured).
 
     Args:
         payload: the contents of ``compare.json``.
@@ -156,6 +182,7 @@ def plot(payload: dict[str, Any], path: str) -> None:
     keys = accuracy_keys(payload)
     shots = [k for k, _ in keys]
     labels = dict(keys)
+    centred = _measured(payload, "centred")
     fig = Figure(figsize=(5.5 * len(shots), 7.5))
     axes = fig.subplots(2, len(shots), squeeze=False)
     # the colour cycle is longer than the methods: each method its own, in registry order
@@ -171,7 +198,8 @@ def plot(payload: dict[str, Any], path: str) -> None:
             ax.set_ylabel(f"{labels[shot]} accuracy (%)")
             ax.grid(alpha=0.3, which="both")
             ax.set_xscale("log")
-        axes[0][j].set_title(f"{labels[shot]}: logistic protocol (dashed: own)")
+        axes[0][j].set_title(f"{labels[shot]}: logistic protocol (dashed: own"
+                             + (", dotted: centred)" if centred else ")"))
     axes[0][0].legend(fontsize=8, ncol=2)
     fig.suptitle(f"fastmtl compare: {payload['data']}, {payload['backbone']}")
     fig.tight_layout()
@@ -183,13 +211,15 @@ def _plot_method(axes: Any, method: str, pts: list[dict[str, Any]], shot: str,
     """One method's curves on the time axis and the FLOP axis of one shot column."""
     acc = np.array([p["accuracy"][shot]["logistic"]["mean"] for p in pts])
     ci = np.array([p["accuracy"][shot]["logistic"]["ci95"] for p in pts])
-    own = [p for p in pts if "own" in p["accuracy"][shot]]
-    own_acc = np.array([p["accuracy"][shot]["own"]["mean"] for p in own])
     for i, key in enumerate(("train_seconds", "flops")):
         x = np.array([p[key] for p in pts], dtype=float)
         ax = axes[i]
         ax.plot(x, acc, "o-", ms=3, color=color, label=method)
         ax.fill_between(x, acc - ci, acc + ci, color=color, alpha=0.2)
-        if own:       # the method's own adaptation, dashed, no band
-            ax.plot(np.array([p[key] for p in own], dtype=float), own_acc, "--", lw=1,
-                    color=color, label=f"{method}, own" if i == 0 else None)
+        for protocol, style in (("own", "--"), ("centred", ":")):   # no band
+            some = [p for p in pts if protocol in p["accuracy"][shot]]
+            if some:
+                ax.plot(np.array([p[key] for p in some], dtype=float),
+                        np.array([p["accuracy"][shot][protocol]["mean"] for p in some]),
+                        style, lw=1, color=color,
+                        label=f"{method}, {protocol}" if i == 0 else None)

@@ -4,9 +4,10 @@
 the same architecture, for the same training-time budget, one method at a time. At fixed
 points of *training* time (an :class:`fastmtl.training.EveryTrainingSeconds` callback,
 so the evaluation is kept off the training clock) it evaluates the model on the same
-seeded test episodes: the logistic-regression protocol for every method and, where a
-trainer has its own adaptation, that too. No model selection happens on test episodes:
-each curve is what the model is at each time point.
+seeded test episodes: the logistic-regression protocol for every method, with
+``centre_from`` the same protocol on features centred on the training images' mean (CL2N,
+as ``fastmtl eval --centre``) and, where a trainer has its own adaptation, that too. No model
+selection happens on test episodes: each curve is what the model is at each time point.
 
 The cost axes: training seconds (this machine), FLOPs (``torch.utils.flop_counter`` on a
 real step of each method, so the axis holds on any hardware; ops it cannot count, such
@@ -21,13 +22,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import checks, registry
 from ..config import TrainerConfig, renamed_fields
 from ..data import FewShotDataset
-from ..evaluate import embed, evaluate
+from ..evaluate import embed, evaluate, feature_mean
 from ..sampling import check_fits
 from ..training import AtTrainingSeconds, Callback, EveryTrainingSeconds, Trainer, TrainState
 from .analysis import accuracy_key
@@ -39,7 +41,14 @@ if TYPE_CHECKING:
 TrainerClass = Callable[..., Trainer]
 
 __all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_step",
-           "run_method"]
+           "run_method", "centre_sample", "CENTRE_IMAGES"]
+
+# Training images whose mean feature centres the "centred" protocol: a seeded sample of
+# this many of the training split without rotations (all of them where there are fewer),
+# drawn once per comparison, the same for every method and point. The mean of 4,096
+# features is within sampling noise of the whole set's, and a point then costs the same
+# on a set of 50,000 images as on 5,000.
+CENTRE_IMAGES = 4096
 
 
 def config_for(method: str, overrides: dict[str, Any] | None = None, seed: int = 0,
@@ -234,19 +243,45 @@ def _flops(trainer: Trainer, state: TrainState, flops: int, small_flops: int | N
     return small * small_flops + (state.step - small) * flops
 
 
+def centre_sample(train: FewShotDataset, seed: int = 0,
+                  n: int = CENTRE_IMAGES) -> FewShotDataset:
+    """The training images whose mean feature centres the "centred" protocol: ``n`` of
+    ``train`` drawn without replacement by ``seed`` (all of them where there are fewer).
+
+    Example:
+        >>> import fastmtl
+        >>> len(centre_sample(fastmtl.data.SyntheticGlyphs(4, 5), n=8))
+        8
+    """
+    checks.integer("n", n, 1)
+    if not isinstance(train, FewShotDataset):
+        raise ValueError(f"train must be a FewShotDataset, got {type(train).__name__}")
+    if len(train) == 0:
+        raise ValueError("train holds no images")
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.permutation(len(train))[:n])
+    return FewShotDataset(train.images[index], np.zeros(len(index), np.int64), ["sample"],
+                          train.mean, train.std, f"{train.name} (centre sample)")
+
+
 def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int],
                     ways: Sequence[int], queries: int, episodes: int,
-                    seed: int) -> dict[str, Any]:
+                    seed: int, centre_from: FewShotDataset | None = None) -> dict[str, Any]:
     """Accuracy at each (ways, shots) setting, keyed by :func:`accuracy_key`: the logistic
-    protocol on features embedded once, and the trainer's own adaptation where it has one
-    for those ways."""
+    protocol on features embedded once, with ``centre_from`` (training images) also on
+    those features centred on its mean ("centred"), and the trainer's own adaptation where
+    it has one for those ways."""
     out: dict[str, Any] = {}
-    feats = embed(trainer.backbone, test, progress=False)
+    raw = embed(trainer.backbone, test, normalize=False, progress=False)
+    feats = {"logistic": torch.nn.functional.normalize(raw, dim=-1)}
+    if centre_from is not None:
+        mu = feature_mean(trainer.backbone, centre_from)
+        feats["centred"] = torch.nn.functional.normalize(raw - mu, dim=-1)
     for w in ways:
         for k in shots:
-            res: dict[str, dict[str, Any]] = {"logistic": evaluate(
+            res: dict[str, dict[str, Any]] = {p: evaluate(
                 trainer.backbone, test, n_way=w, k_shot=k, n_query=queries, episodes=episodes,
-                seed=seed, features=feats, progress=False)}
+                seed=seed, features=f, progress=False) for p, f in feats.items()}
             if trainer.own_adaptation and trainer.supports_ways(w):
                 res["own"] = trainer.evaluate(test, n_way=w, k_shot=k, n_query=queries,
                                               episodes=episodes, seed=seed, progress=False)
@@ -281,9 +316,11 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
                make_backbone: Callable[[], torch.nn.Module], train: FewShotDataset,
                test: FewShotDataset, *, eval_every: float | Sequence[float],
                shots: Sequence[int], ways: int | Sequence[int], queries: int, episodes: int,
-               seed: int, bar: tqdm | None = None) -> dict[str, Any]:
+               seed: int, bar: tqdm | None = None,
+               centre_from: FewShotDataset | None = None) -> dict[str, Any]:
     """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s
-    (``ways``: one number of ways, or several, the first the main one)."""
+    (``ways``: one number of ways, or several, the first the main one; ``centre_from``:
+    training images whose mean feature centres the "centred" protocol, None: not run)."""
     ways = _ways_list(ways)
     flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
     torch.manual_seed(seed)
@@ -302,7 +339,7 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
         t0 = time.perf_counter()
         if bar is not None:
             bar.set_description(f"{method}: evaluating")
-        acc = _evaluate_point(tr, test, shots, ways, queries, episodes, seed)
+        acc = _evaluate_point(tr, test, shots, ways, queries, episodes, seed, centre_from)
         if tr.learner is not None:
             tr.learner.train()
         _reset_peak(device)
@@ -360,7 +397,7 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
             ways: int | Sequence[int] = 5,
             queries: int = 15, episodes: int = 300, seed: int = 0,
             settings: dict[str, dict[str, Any]] | None = None, recipe: str | None = None,
-            done: dict[str, Any] | None = None,
+            centre_from: FewShotDataset | None = None, done: dict[str, Any] | None = None,
             on_method_done: Callable[[str, dict[str, Any]], None] | None = None,
             progress: bool = True) -> dict[str, Any]:
     """Train and evaluate each method; returns ``{method: result}``.
@@ -378,6 +415,10 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
             every point; accuracies keyed by :func:`fastmtl.compare.accuracy_key`).
         settings: per-method overrides of the registry's comparison settings.
         recipe: MTL's recipe (None: the registry's, the fast one).
+        centre_from: the training images without rotations (``fastmtl eval --centre``'s):
+            also evaluate every method by the logistic protocol on features centred on the
+            mean feature of :data:`CENTRE_IMAGES` of them (:func:`centre_sample`, drawn
+            once, the same for every method and point), protocol ``"centred"``; None: not.
         done: results of methods already run (``--resume``): those are kept, not rerun.
         on_method_done: called with (method, result) after each method (to save).
         progress: show a progress bar per method.
@@ -399,7 +440,14 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
                              recipe if registry.METHODS[m].recipe else None) for m in methods}
     for m, (_, cfg) in configs.items():
         check_data(m, cfg, train, test, shots, ways, queries)
+    if centre_from is not None and (not isinstance(centre_from, FewShotDataset)
+                                    or centre_from.image_shape != train.image_shape):
+        got = (centre_from.image_shape if isinstance(centre_from, FewShotDataset)
+               else type(centre_from).__name__)
+        raise ValueError(f"centre_from must be a FewShotDataset of the training images' "
+                         f"shape {train.image_shape}, got {got}")
     results = dict(done or {})
+    sample = centre_sample(centre_from, seed) if centre_from is not None else None
     for m in methods:
         if m in results:
             continue
@@ -409,7 +457,8 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
                   disable=not progress) as bar:
             results[m] = run_method(m, cfg, cls, make_backbone, train, test,
                                     eval_every=eval_every, shots=list(shots), ways=ways,
-                                    queries=queries, episodes=episodes, seed=seed, bar=bar)
+                                    queries=queries, episodes=episodes, seed=seed, bar=bar,
+                                    centre_from=sample)
         if on_method_done is not None:
             on_method_done(m, results[m])
     return results

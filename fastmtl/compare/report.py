@@ -158,8 +158,8 @@ def _per_seed_markdown(payload: dict[str, Any]) -> list[str]:
             cells = [f"{_fmt(x['speedup_time'], suffix='x')} "
                      f"({_fmt(x['speedup_flops'], suffix='x')})" if x else "-"
                      for x in [r] + runs]
-            times = [x["speedup_time"] if x else None for x in runs]
-            low = "-" if None in times else f"{min(times):.1f}x"
+            times = [x["speedup_time"] for x in runs if x and x["speedup_time"] is not None]
+            low = f"{min(times):.1f}x" if len(times) == len(runs) else "-"
             lines.append(f"| {_row_name(r)} | " + " | ".join(cells) + f" | {low} |")
     return lines
 

@@ -264,6 +264,21 @@ def centre_sample(train: FewShotDataset, seed: int = 0,
                           train.mean, train.std, f"{train.name} (centre sample)")
 
 
+def _centre_images(centre_from: object, train: FewShotDataset,
+                   seed: int) -> FewShotDataset | None:
+    """:func:`compare`'s sample of ``centre_from`` (None: none); ValueError unless it is
+    a data set of the training images' shape."""
+    if centre_from is None:
+        return None
+    if not isinstance(centre_from, FewShotDataset) or \
+            centre_from.image_shape != train.image_shape:
+        got = (centre_from.image_shape if isinstance(centre_from, FewShotDataset)
+               else type(centre_from).__name__)
+        raise ValueError(f"centre_from must be a FewShotDataset of the training images' "
+                         f"shape {train.image_shape}, got {got}")
+    return centre_sample(centre_from, seed)
+
+
 def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int],
                     ways: Sequence[int], queries: int, episodes: int,
                     seed: int, centre_from: FewShotDataset | None = None) -> dict[str, Any]:
@@ -394,8 +409,7 @@ def _check_compare_args(methods: Sequence[str], budget_minutes: float,
 def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
             make_backbone: Callable[[], torch.nn.Module], *, budget_minutes: float,
             eval_every: float | Sequence[float], shots: Sequence[int] = (1, 5),
-            ways: int | Sequence[int] = 5,
-            queries: int = 15, episodes: int = 300, seed: int = 0,
+            ways: int | Sequence[int] = 5, queries: int = 15, episodes: int = 300, seed: int = 0,
             settings: dict[str, dict[str, Any]] | None = None, recipe: str | None = None,
             centre_from: FewShotDataset | None = None, done: dict[str, Any] | None = None,
             on_method_done: Callable[[str, dict[str, Any]], None] | None = None,
@@ -407,18 +421,17 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
         train, test: :class:`fastmtl.data.FewShotDataset` s (disjoint classes).
         make_backbone: builds a fresh backbone (the same architecture for every method).
         budget_minutes: training-time budget of each method (> 0).
-        eval_every: seconds of training between evaluations (<= the budget), or a list
-            of increasing training times to evaluate at; the end of training is always
-            evaluated too.
+        eval_every: seconds of training between evaluations (<= the budget), or a list of
+            increasing training times to evaluate at; the end of training always too.
         shots, ways, queries, episodes, seed: the test episodes (the same for every
             method and time point); ``ways`` one number or several (each evaluated at
             every point; accuracies keyed by :func:`fastmtl.compare.accuracy_key`).
         settings: per-method overrides of the registry's comparison settings.
         recipe: MTL's recipe (None: the registry's, the fast one).
-        centre_from: the training images without rotations (``fastmtl eval --centre``'s):
-            also evaluate every method by the logistic protocol on features centred on the
-            mean feature of :data:`CENTRE_IMAGES` of them (:func:`centre_sample`, drawn
-            once, the same for every method and point), protocol ``"centred"``; None: not.
+        centre_from: the training images without rotations (``eval --centre``'s): also
+            evaluate every method by the logistic protocol on features centred on the mean
+            feature of :data:`CENTRE_IMAGES` of them (:func:`centre_sample`, drawn once, the
+            same for every method and point), protocol ``"centred"``.
         done: results of methods already run (``--resume``): those are kept, not rerun.
         on_method_done: called with (method, result) after each method (to save).
         progress: show a progress bar per method.
@@ -440,21 +453,12 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
                              recipe if registry.METHODS[m].recipe else None) for m in methods}
     for m, (_, cfg) in configs.items():
         check_data(m, cfg, train, test, shots, ways, queries)
-    if centre_from is not None and (not isinstance(centre_from, FewShotDataset)
-                                    or centre_from.image_shape != train.image_shape):
-        got = (centre_from.image_shape if isinstance(centre_from, FewShotDataset)
-               else type(centre_from).__name__)
-        raise ValueError(f"centre_from must be a FewShotDataset of the training images' "
-                         f"shape {train.image_shape}, got {got}")
+    sample = _centre_images(centre_from, train, seed)
     results = dict(done or {})
-    sample = centre_sample(centre_from, seed) if centre_from is not None else None
-    for m in methods:
-        if m in results:
-            continue
+    for m in [m for m in methods if m not in results]:
         cls, cfg = configs[m]
-        with tqdm(total=60 * budget_minutes, desc=f"{m}: training", unit="s",
-                  bar_format="{desc} {bar} {n:.0f}/{total:.0f}s {postfix}",
-                  disable=not progress) as bar:
+        with tqdm(total=60 * budget_minutes, desc=f"{m}: training", unit="s", disable=not progress,
+                  bar_format="{desc} {bar} {n:.0f}/{total:.0f}s {postfix}") as bar:
             results[m] = run_method(m, cfg, cls, make_backbone, train, test,
                                     eval_every=eval_every, shots=list(shots), ways=ways,
                                     queries=queries, episodes=episodes, seed=seed, bar=bar,

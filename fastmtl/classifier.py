@@ -391,4 +391,5 @@ def _as_array(classes: list) -> np.ndarray:
 
 
 def _has_batch_stats(module: nn.Module) -> bool:
-    return any(type(m).__name__ == "_BatchStatNorm" for m in module.modules())
+    from .gbml import has_batch_stats
+    return has_batch_stats(module)

@@ -103,7 +103,7 @@ def test_resume_with_the_wrong_file_is_one_line(tmp_path, capsys, run_dir):
     foreign = tmp_path / "foreign.pt"
     torch.save({"backbone": {}}, foreign)
     other = tmp_path / "other.pt"
-    state = torch.load(run_dir / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "last.pt", weights_only=True)
     state["backbone_spec"] = {"name": "resnet12", "in_channels": 1}
     torch.save(state, other)
     truncated = tmp_path / "truncated.pt"
@@ -168,7 +168,7 @@ def test_eval_of_any_checkpoint_knows_its_data(tmp_path, capsys, run_dir):
                              "--shots", "1"], capsys)
         assert code == 0, (name, err)
     bare = tmp_path / "bare.pt"
-    state = torch.load(run_dir / "final.pt", weights_only=False)
+    state = torch.load(run_dir / "final.pt", weights_only=True)
     state["run"] = {}
     torch.save(state, bare)
     code, err, _ = _cli(["eval", "--checkpoint", str(bare), "--episodes", "5"], capsys)
@@ -410,6 +410,24 @@ def test_head_functions_check_what_they_can_without_reading_values():
             ridge_regression(zs, ys, 2, lam)
     with pytest.raises(ValueError, match="y_support"):
         ridge_regression(zs, ys[:, :3], 2, 1.0)
+
+
+def test_head_functions_check_label_values_on_cpu():
+    """On CPU the labels are read too: out of [0, n_way) (one_hot used to raise a
+    RuntimeError) and, for prototypes, a class with no support (its prototype was 0/0, NaN
+    logits) are ValueErrors naming y_support; ridge heads allow an absent class."""
+    from fastmtl.gbml import prototype_logits, ridge_regression
+    zs, zq = torch.randn(2, 4, 8), torch.randn(2, 3, 8)
+    for bad in ([[0, 0, 1, 2]] * 2, [[0, -1, 1, 1]] * 2):
+        for fn in (lambda y: prototype_logits(zs, y, zq, 2),
+                   lambda y: ridge_regression(zs, y, 2, 1.0)):
+            with pytest.raises(ValueError, match=r"y_support must hold labels in \[0, n_way=2\)"):
+                fn(torch.tensor(bad))
+    missing = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="task 1 has no support of class 1"):
+        prototype_logits(zs, missing, zq, 2)
+    w = ridge_regression(zs, missing, 2, 1.0)
+    assert torch.isfinite(w).all() and w[1, :, 1].abs().max() == 0
 
 
 def test_dataset_indices_are_checked():

@@ -144,7 +144,7 @@ def trained(folder, tmp_path_factory):
 
 
 def test_checkpoint_records_what_a_user_needs(trained):
-    state = torch.load(trained, weights_only=False)
+    state = torch.load(trained, weights_only=True)
     run = state["run"]
     assert run["data"] == "folder" and run["image_size"] == 28 and run["channels"] == 1
     assert len(run["mean"]) == 1 and len(run["class_names"]) == 18

@@ -297,8 +297,13 @@ def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys):
     md = (out / "compare.md").read_text()
     assert "protonet *centred* |" in md and "protonet *own* (MTL centred) |" in md
     assert "1-shot centred final" in md and "unless marked *centred* or *own*" in md
-    # Resuming a run without --centre: the kept baseline has no centred rows.
+    assert payload["results"]["mtl"]["shared_protocol_norm"] == "running statistics"
+    assert payload["results"]["protonet"]["shared_protocol_norm"].startswith("statistics of")
+    assert "In these protocols protonet (batch-statistics BatchNorm) normalize" in md
+    # Resuming a run without --centre, from before the frozen statistics: the kept
+    # baseline has no centred rows, and its shared rows used per-batch statistics.
     old = dict(payload, centre=False, command="the first command")
+    old["results"]["protonet"].pop("shared_protocol_norm")
     for p in old["results"]["protonet"]["points"]:
         p["accuracy"]["1"].pop("centred")
     old["results"].pop("mtl")
@@ -307,6 +312,8 @@ def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys):
     assert main([*base, "--centre", "--resume"]) == 0
     said = capsys.readouterr()
     assert "the kept protonet ran without it" in said.out + said.err
+    assert "their logistic and centred rows used each embedding batch's statistics" in \
+        said.out + said.err
     again = json.loads((out / "compare.json").read_text())
     assert again["resumed_from"]["methods"] == ["protonet"]
     assert again["resumed_from"]["command"] == "the first command"
@@ -348,6 +355,35 @@ def test_the_centred_protocol_is_eval_centre_on_the_sample_mean():
                          seed=0, progress=False)
         assert acc[str(k)]["logistic"]["mean"] == plain["mean"]      # as before --centre
 
+
+
+def test_batch_stat_baselines_use_training_statistics_in_the_shared_protocols():
+    """For a batch-statistics backbone (the GBML baselines) the logistic and centred
+    protocols run on fastmtl.gbml.freeze_batch_stats of it with the seeded training sample
+    (each embedding batch's own statistics skewed support against query; measured on the
+    validation alphabets); MTL keeps its running statistics; the own head is unchanged."""
+    from fastmtl.compare import centre_sample, config_for
+    from fastmtl.compare.run import _evaluate_point, _stats_images
+    from fastmtl.data import SyntheticGlyphs
+    from fastmtl.evaluate import evaluate, feature_mean
+    from fastmtl.gbml import freeze_batch_stats
+    from fastmtl.models import conv4
+    train, test = SyntheticGlyphs(6, 5, seed=0), SyntheticGlyphs(6, 6, seed=1)
+    cls, cfg = config_for("protonet", budget_minutes=0.01)
+    torch.manual_seed(0)
+    trainer = cls(conv4(hidden=8), cfg)
+    stats = _stats_images(trainer.backbone, train, 3)
+    assert torch.equal(stats, centre_sample(train, 3).tensor())
+    mtl_cls, mtl_cfg = config_for("mtl", budget_minutes=0.01)
+    assert _stats_images(mtl_cls(conv4(hidden=8), mtl_cfg).backbone, train, 3) is None
+    sample = centre_sample(train, 1, n=12)
+    acc = _evaluate_point(trainer, test, [1], [5], 3, 6, 0, sample, stats)
+    frozen = freeze_batch_stats(trainer.backbone, stats)
+    kw = dict(n_way=5, k_shot=1, n_query=3, episodes=6, seed=0, progress=False)
+    assert acc["1"]["logistic"]["mean"] == evaluate(frozen, test, **kw)["mean"]
+    assert acc["1"]["centred"]["mean"] == evaluate(
+        frozen, test, centre=feature_mean(frozen, sample), **kw)["mean"]
+    assert acc["1"]["own"]["mean"] == trainer.evaluate(test, **kw)["mean"]
 
 def test_merge_keeps_the_protocols_every_run_measured():
     """A run without the centred protocol merged with one that has it: the mean curves

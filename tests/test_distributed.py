@@ -157,7 +157,7 @@ def test_two_ranks_equal_one_process(kind, tmp_path):
     codes, hung, seconds = _launch(2, kind, tmp_path)
     errors = {p.name: p.read_text() for p in tmp_path.glob("error*.txt")}
     assert not hung and codes == [0, 0], (codes, hung, errors)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = _train(kind)
     for params, buffers, history, result in ranks:
         # Both ranks hold the single-process parameters (and BatchNorm running statistics).
@@ -217,7 +217,7 @@ def test_single_process_checkpoint_resumes_on_two_ranks(tmp_path):
     single = _train("mtl", resume=str(ck / "last.pt"))
     assert single[2][0] == first[2][0]  # epoch 1 comes from the checkpoint
     for r in range(2):
-        params, buffers, history, _ = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        params, buffers, history, _ = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert [h["epoch"] for h in history] == [1, 2, 3]
         _assert_same(params, single[0], "parameter")
         _assert_same(buffers, single[1], "buffer")

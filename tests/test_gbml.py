@@ -504,3 +504,59 @@ def test_stacked_maml_checks_its_input_and_keeps_tasks_apart():
         tr.meta_loss(xs.expand(-1, -1, 3, -1, -1), ys, xq.expand(-1, -1, 3, -1, -1), yq)
     with pytest.raises(ValueError, match="at least 16x16"):
         tr.meta_loss(xs[..., :8, :8], ys, xq[..., :8, :8], yq)
+
+
+@pytest.mark.parametrize("n,batch_size", [(37, 5), (16, 16), (9, 64)])
+def test_freeze_batch_stats_uses_the_images_statistics(n, batch_size):
+    """freeze_batch_stats: each norm takes the mean and biased variance its input has when
+    all the images pass as ONE batch (float64 reference: hooks on the batch-statistics
+    net), computed in batches (ragged ones too); the copy then normalizes any batch the
+    same way (a row's output does not depend on its batch), and the original is kept."""
+    from fastmtl.gbml import freeze_batch_stats, has_batch_stats
+    from fastmtl.gbml._common import _BatchStatNorm
+    torch.manual_seed(n)
+    net = use_batch_stats(conv4(hidden=8)).double()
+    x = torch.randn(n, 1, 28, 28, dtype=torch.float64)
+    want = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: want.append(
+        (a[0].mean((0, 2, 3)), a[0].var((0, 2, 3), unbiased=False))))
+        for m in net.modules() if isinstance(m, _BatchStatNorm)]
+    with torch.no_grad():
+        ref = net(x)
+    for h in hooks:
+        h.remove()
+    frozen = freeze_batch_stats(net, x, batch_size=batch_size)
+    got = [(m.mean, m.var) for m in frozen.modules() if type(m).__name__ == "_FrozenNorm"]
+    assert len(got) == len(want) == 4 and not has_batch_stats(frozen) and has_batch_stats(net)
+    for (gm, gv), (wm, wv) in zip(got, want, strict=True):
+        torch.testing.assert_close(gm, wm, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gv, wv, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(frozen(x), ref, rtol=1e-9, atol=1e-9)
+    y = torch.randn(7, 1, 28, 28, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(frozen(y)[:3], frozen(y[:3]), rtol=1e-12, atol=1e-12)
+    # backward: the input gradient equals one through an explicit normalization
+    (g,) = torch.autograd.grad(frozen(y).pow(2).sum(), y)
+    it = iter(want)
+
+    def explicit(mod, args):
+        mean, var = next(it)
+        shape = (1, -1, 1, 1)
+        return (args[0] - mean.view(shape)) / torch.sqrt(var.view(shape) + mod.eps) * \
+            mod.weight.view(shape) + mod.bias.view(shape)
+    hooks = [m.register_forward_hook(lambda m, a, out: explicit(m, a))
+             for m in net.modules() if isinstance(m, _BatchStatNorm)]
+    (g_ref,) = torch.autograd.grad(net(y).pow(2).sum(), y)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_freeze_batch_stats_bad_input():
+    from fastmtl.gbml import freeze_batch_stats
+    net = use_batch_stats(conv4(hidden=8))
+    x = torch.randn(4, 1, 28, 28)
+    for args, needle in (((conv4(hidden=8), x), "no batch-statistics norm"),
+                         ((net, x.long()), "images"), ((net, x[:1]), "images"),
+                         ((net, x, 0), "batch_size")):
+        with pytest.raises(ValueError, match=needle):
+            freeze_batch_stats(*args)

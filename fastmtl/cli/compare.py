@@ -152,6 +152,12 @@ def _resumed(json_path: str, payload: dict[str, Any], methods: list[str]) -> dic
     if payload.get("centre") and plain:
         say(f"--centre: the kept {', '.join(plain)} ran without it: their centred rows are "
             f"missing from the tables")
+    per_batch = [m for m, r in done.items() if "shared_protocol_norm" not in r and
+                 m != "mtl"]
+    if per_batch:
+        say(f"--resume: the kept {', '.join(per_batch)} ran before compare normalized "
+            f"batch-statistics backbones with training statistics in the shared protocols: "
+            f"their logistic and centred rows used each embedding batch's statistics")
     return done
 
 

@@ -315,7 +315,11 @@ def _mean_result(runs: list[dict[str, Any]], seeds: list[Any]) -> dict[str, Any]
                          "eval_seconds", "steps")},
             "steps_per_seed": [r["steps"] for r in runs],
             **({"flops_per_small_step": sum(r["flops_per_small_step"] for r in runs) / len(runs)}
-               if all("flops_per_small_step" in r for r in runs) else {})}
+               if all("flops_per_small_step" in r for r in runs) else {}),
+            # how the shared protocols normalized it, where every run says the same
+            **({"shared_protocol_norm": runs[0]["shared_protocol_norm"]}
+               if len({r.get("shared_protocol_norm") for r in runs}) == 1
+               and "shared_protocol_norm" in runs[0] else {})}
 
 
 def merge_runs(payloads: list[dict[str, Any]]) -> dict[str, Any]:

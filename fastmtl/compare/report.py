@@ -79,6 +79,19 @@ def _method_rows(payload: dict[str, Any], extra: list[str]) -> list[str]:
     return lines
 
 
+def _frozen_note(payload: dict[str, Any]) -> str:
+    """Which methods the shared protocols normalized with training statistics ("": none,
+    as in runs from before that)."""
+    frozen = [m for m, r in payload["results"].items()
+              if r.get("shared_protocol_norm", "running statistics") != "running statistics"]
+    if not frozen:
+        return ""
+    return (f" In these protocols {', '.join(frozen)} (batch-statistics BatchNorm) normalize "
+            f"with the statistics of a seeded sample of training images "
+            f"(`fastmtl.gbml.freeze_batch_stats`), as MTL's running statistics; their own "
+            f"adaptation uses each test episode's.")
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """The comparison as Markdown (the text of ``compare.md``) from ``payload``, the
     contents of ``compare.json``: per-method figures, then the speed-up tables."""
@@ -94,6 +107,7 @@ def markdown(payload: dict[str, Any]) -> str:
     marks = " or ".join(f"*{p}*" for p in extra)
     centred = (" *centred*: the same protocol on features centred on the mean feature of "
                "training images (`fastmtl eval --centre`)." if "centred" in extra else "")
+    centred += _frozen_note(payload)
     lines = [f"# fastmtl compare: {payload['data']}, {payload['backbone']}, "
              f"{payload['budget_minutes']:g} min of training each", "",
              f"Machine: {machine.get('cpu')}, {machine.get('torch_threads')} threads{cuda}. "

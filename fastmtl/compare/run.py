@@ -279,23 +279,43 @@ def _centre_images(centre_from: object, train: FewShotDataset,
     return centre_sample(centre_from, seed)
 
 
+def _stats_images(backbone: torch.nn.Module, train: FewShotDataset,
+                  seed: int) -> torch.Tensor | None:
+    """A batch-statistics backbone's normalization statistics in the shared protocols: a
+    seeded sample of its training images, as they are trained on (None: other backbones,
+    which keep running statistics)."""
+    from ..gbml import has_batch_stats
+    return centre_sample(train, seed).tensor() if has_batch_stats(backbone) else None
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int],
                     ways: Sequence[int], queries: int, episodes: int,
-                    seed: int, centre_from: FewShotDataset | None = None) -> dict[str, Any]:
+                    seed: int, centre_from: FewShotDataset | None = None,
+                    stats_from: torch.Tensor | None = None) -> dict[str, Any]:
     """Accuracy at each (ways, shots) setting, keyed by :func:`accuracy_key`: the logistic
     protocol on features embedded once, with ``centre_from`` (training images) also on
     those features centred on its mean ("centred"), and the trainer's own adaptation where
-    it has one for those ways."""
+    it has one for those ways. ``stats_from``: training images whose statistics a
+    batch-statistics backbone normalizes with in the shared protocols
+    (:func:`fastmtl.gbml.freeze_batch_stats`)."""
     out: dict[str, Any] = {}
-    raw = embed(trainer.backbone, test, normalize=False, progress=False)
+    backbone = trainer.backbone
+    if stats_from is not None:
+        from ..gbml import freeze_batch_stats
+        backbone = freeze_batch_stats(backbone, stats_from.to(_device_of(backbone)))
+    raw = embed(backbone, test, normalize=False, progress=False)
     feats = {"logistic": torch.nn.functional.normalize(raw, dim=-1)}
     if centre_from is not None:
-        mu = feature_mean(trainer.backbone, centre_from)
+        mu = feature_mean(backbone, centre_from)
         feats["centred"] = torch.nn.functional.normalize(raw - mu, dim=-1)
     for w in ways:
         for k in shots:
             res: dict[str, dict[str, Any]] = {p: evaluate(
-                trainer.backbone, test, n_way=w, k_shot=k, n_query=queries, episodes=episodes,
+                backbone, test, n_way=w, k_shot=k, n_query=queries, episodes=episodes,
                 seed=seed, features=f, progress=False) for p, f in feats.items()}
             if trainer.own_adaptation and trainer.supports_ways(w):
                 res["own"] = trainer.evaluate(test, n_way=w, k_shot=k, n_query=queries,
@@ -340,6 +360,7 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
     flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
     torch.manual_seed(seed)
     trainer = cls(make_backbone(), cfg)
+    stats_from = _stats_images(trainer.backbone, train, seed)
     device = trainer.device
     _reset_peak(device)
     points: list[dict[str, Any]] = []
@@ -354,7 +375,8 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
         t0 = time.perf_counter()
         if bar is not None:
             bar.set_description(f"{method}: evaluating")
-        acc = _evaluate_point(tr, test, shots, ways, queries, episodes, seed, centre_from)
+        acc = _evaluate_point(tr, test, shots, ways, queries, episodes, seed, centre_from,
+                              stats_from)
         if tr.learner is not None:
             tr.learner.train()
         _reset_peak(device)
@@ -376,6 +398,8 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
                           callbacks=[_timer(eval_every, at_point), _Bar(bar, budget)])
     wall = time.perf_counter() - t0
     return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops,
+            "shared_protocol_norm": "running statistics" if stats_from is None else
+            f"statistics of {len(stats_from)} seeded training images (freeze_batch_stats)",
             **({"flops_per_small_step": small_flops} if small_flops is not None else {}),
             "points": points,
             "train_seconds": points[-1]["train_seconds"] if points else 0.0,

@@ -37,6 +37,7 @@ shows progress and writes checkpoints; evaluation splits its episodes across ran
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -126,9 +127,12 @@ class _EpisodicConfig(TrainerConfig):
 _functorch_wrapped = is_wrapped
 
 
-def _check_episode(z_support: Any, y_support: Any, n_way: Any) -> None:
-    """The checks a head function can make without reading its tensors' values (it runs
-    every step, and a label check would wait on the device): shapes, dtypes, n_way."""
+def _check_episode(z_support: Any, y_support: Any, n_way: Any,
+                   every_class: bool = False) -> None:
+    """The checks of a head function's episode: shapes, dtypes, ``n_way``; on CPU also the
+    label values (in [0, n_way), and with ``every_class`` each class in every task). On an
+    accelerator the values are not read (it runs every step, and reading them would wait
+    on the device), nor under ``torch.func`` transforms."""
     if not isinstance(z_support, torch.Tensor) or z_support.dim() != 3 or \
             not z_support.is_floating_point():
         raise ValueError(f"z_support must be a float tensor (T, S, d), got "
@@ -139,6 +143,18 @@ def _check_episode(z_support: Any, y_support: Any, n_way: Any) -> None:
                          f"{tuple(z_support.shape[:2])}, got {checks.describe(y_support)}"
                          + (f" {y_support.dtype}" if isinstance(y_support, torch.Tensor) else ""))
     checks.integer("n_way", n_way, 1)
+    if y_support.device.type != "cpu" or _functorch_wrapped(y_support) or not y_support.numel():
+        return
+    low, high = int(y_support.min()), int(y_support.max())
+    if low < 0 or high >= n_way:
+        raise ValueError(f"y_support must hold labels in [0, n_way={n_way}), got values in "
+                         f"[{low}, {high}]")
+    if every_class:
+        present = F.one_hot(y_support.long(), n_way).amax(1)                 # (T, n)
+        if not bool(present.all()):
+            task, label = (present == 0).nonzero()[0].tolist()
+            raise ValueError(f"y_support must hold every class of [0, n_way={n_way}) in "
+                             f"every task; task {task} has no support of class {label}")
 
 
 class _BatchStatNorm(nn.Module):
@@ -257,6 +273,117 @@ def use_batch_stats(module: nn.Module) -> nn.Module:
         else:
             use_batch_stats(child)
     return module
+
+
+def has_batch_stats(module: nn.Module) -> bool:
+    """Whether ``module`` normalizes with batch statistics (:func:`use_batch_stats`).
+
+    Example:
+        >>> from fastmtl.models import conv4
+        >>> has_batch_stats(conv4()), has_batch_stats(use_batch_stats(conv4()))
+        (False, True)
+    """
+    return any(isinstance(m, _BatchStatNorm) for m in module.modules())
+
+
+class _FrozenNorm(nn.Module):
+    """A batch-statistics norm frozen at fixed statistics (an eval-mode BatchNorm)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+
+    def __init__(self, norm: _BatchStatNorm, mean: torch.Tensor, var: torch.Tensor):
+        super().__init__()
+        self.num_features, self.eps = norm.num_features, norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+        self.register_buffer("mean", mean)
+        self.register_buffer("var", var)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.mean, self.var, self.weight, self.bias, training=False,
+                            momentum=0.0, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, frozen statistics"
+
+
+class _Reached(Exception):
+    """Ends a forward at the norm whose input statistics are being gathered."""
+
+
+def freeze_batch_stats(backbone: nn.Module, images: torch.Tensor,
+                       batch_size: int = 512) -> nn.Module:
+    """A copy of ``backbone`` whose batch-statistics norms use the statistics of ``images``.
+
+    Each norm of :func:`use_batch_stats` in the copy uses the mean and biased variance its
+    input has when all of ``images`` pass as one batch (computed in batches of
+    ``batch_size``, norm by norm, in float64): an eval-mode BatchNorm whose running
+    statistics are those of ``images``. With training images every test image is
+    normalized alike, whatever batch or episode it comes in (inductive, as MTL's running
+    statistics); a GBML backbone itself normalizes each batch with that batch's statistics.
+
+    Raises:
+        ValueError: ``backbone`` has no batch-statistics norm, ``images`` is not a float
+            tensor (N, ...) of at least two images, or ``batch_size`` < 1.
+
+    Example:
+        >>> import torch
+        >>> from fastmtl.models import conv4
+        >>> net = use_batch_stats(conv4())
+        >>> x = torch.randn(16, 1, 28, 28)
+        >>> frozen = freeze_batch_stats(net, x, batch_size=5)
+        >>> bool(torch.allclose(frozen(x), net(x), atol=1e-4))
+        True
+    """
+    _check_images(images, batch_size)
+    net = copy.deepcopy(backbone)
+    norms = [(n, m) for n, m in net.named_modules() if isinstance(m, _BatchStatNorm)]
+    if not norms:
+        raise ValueError("backbone has no batch-statistics norm (fastmtl.gbml.use_batch_stats)")
+    was_training = net.training
+    net.eval()
+    for name, norm in norms:            # in forward order: the ones before are frozen already
+        mean, var = _input_stats(net, norm, images, batch_size)
+        parent, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, attr,
+                _FrozenNorm(norm, mean.to(images.dtype), var.to(images.dtype)))
+    return net.train(was_training)
+
+
+def _check_images(images: Any, batch_size: Any) -> None:
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or \
+            images.dim() < 2 or len(images) < 2:
+        raise ValueError(f"images must be a float tensor of at least two images (N, ...), "
+                         f"got {checks.describe(images)}")
+    checks.integer("batch_size", batch_size, 1)
+
+
+def _input_stats(net: nn.Module, norm: nn.Module, images: torch.Tensor,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``norm``'s input over all of ``images``."""
+    sums: list[torch.Tensor] = []
+
+    def gather(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].double().transpose(0, 1).flatten(1)            # (C, batch * positions)
+        sums.append(torch.stack([x.new_tensor(x.shape[1]).expand(len(x)), x.sum(1),
+                                 (x * x).sum(1)]))
+        raise _Reached
+
+    handle = norm.register_forward_pre_hook(gather)
+    try:
+        with torch.no_grad():
+            for lo in range(0, len(images), batch_size):
+                try:
+                    net(images[lo:lo + batch_size])
+                except _Reached:
+                    pass
+    finally:
+        handle.remove()
+    if not sums:
+        raise ValueError("backbone never reached one of its norms on images")
+    n, total, square = torch.stack(sums).sum(0)
+    mean = total / n
+    return mean, (square / n - mean * mean).clamp_min(0.0)
 
 
 class _MetaLoss(nn.Module):

@@ -38,7 +38,7 @@ def prototype_logits(z_support: torch.Tensor, y_support: torch.Tensor, z_query: 
         >>> prototype_logits(zs, torch.tensor([[0, 1]]), torch.tensor([[[1.0, 0.0]]]), 2)
         tensor([[[-1., -9.]]])
     """
-    _check_episode(z_support, y_support, n_way)
+    _check_episode(z_support, y_support, n_way, every_class=True)
     if not isinstance(z_query, torch.Tensor) or z_query.dim() != 3 or \
             z_query.shape[::2] != z_support.shape[::2]:
         raise ValueError(f"z_query must be (T, Q, d) to match z_support "

@@ -19,7 +19,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     t0 = time.perf_counter()
     code = main(["compare", "--data", "synthetic", "--methods", METHODS, "--budget-minutes",
-                 "0.06", "--eval-every", "1.5", "--episodes", "10", "--out", str(out),
+                 "0.06", "--eval-every", "1.8", "--episodes", "10", "--out", str(out),
                  "--threads", "2"])
     wall = time.perf_counter() - t0
     return out, code, wall
@@ -65,7 +65,7 @@ def test_compare_resume_keeps_finished_methods(run):
     before = json.loads((out / "compare.json").read_text())["results"]
     t0 = time.perf_counter()
     code = main(["compare", "--data", "synthetic", "--methods", METHODS, "--budget-minutes",
-                 "0.06", "--eval-every", "1.5", "--episodes", "10", "--out", str(out),
+                 "0.06", "--eval-every", "1.8", "--episodes", "10", "--out", str(out),
                  "--resume"])
     assert code == 0 and time.perf_counter() - t0 < 30
     assert json.loads((out / "compare.json").read_text())["results"] == before
@@ -356,7 +356,6 @@ def test_the_centred_protocol_is_eval_centre_on_the_sample_mean():
         assert acc[str(k)]["logistic"]["mean"] == plain["mean"]      # as before --centre
 
 
-
 def test_batch_stat_baselines_use_training_statistics_in_the_shared_protocols():
     """For a batch-statistics backbone (the GBML baselines) the logistic and centred
     protocols run on fastmtl.gbml.freeze_batch_stats of it with the seeded training sample
@@ -384,6 +383,7 @@ def test_batch_stat_baselines_use_training_statistics_in_the_shared_protocols():
     assert acc["1"]["centred"]["mean"] == evaluate(
         frozen, test, centre=feature_mean(frozen, sample), **kw)["mean"]
     assert acc["1"]["own"]["mean"] == trainer.evaluate(test, **kw)["mean"]
+
 
 def test_merge_keeps_the_protocols_every_run_measured():
     """A run without the centred protocol merged with one that has it: the mean curves

@@ -551,12 +551,75 @@ def test_freeze_batch_stats_uses_the_images_statistics(n, batch_size):
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
 
 
-def test_freeze_batch_stats_bad_input():
+class _LateFirst(nn.Module):
+    """A norm registered before the one that runs ahead of it, and a linear between."""
+
+    def __init__(self):
+        super().__init__()
+        self.late, self.lin, self.early = nn.BatchNorm1d(4), nn.Linear(3, 4), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.late(self.lin(self.early(x)))
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.norm(self.norm(x) * 2)
+
+
+def test_freeze_batch_stats_follows_the_forward_and_bad_input():
+    """The norms are frozen in the order a forward meets them, not the order they were
+    registered in (with batches smaller than the images, the one-batch output comes back
+    only so); a norm used at two places, and bad arguments, are ValueErrors."""
     from fastmtl.gbml import freeze_batch_stats
+    torch.manual_seed(0)
+    late = use_batch_stats(_LateFirst()).double()
+    x = torch.randn(50, 3, dtype=torch.float64) * 3 + 1
+    torch.testing.assert_close(freeze_batch_stats(late, x, batch_size=7)(x), late(x),
+                               rtol=1e-9, atol=1e-9)
     net = use_batch_stats(conv4(hidden=8))
     x = torch.randn(4, 1, 28, 28)
     for args, needle in (((conv4(hidden=8), x), "no batch-statistics norm"),
                          ((net, x.long()), "images"), ((net, x[:1]), "images"),
-                         ((net, x, 0), "batch_size")):
+                         ((net, x, 0), "batch_size"),
+                         ((use_batch_stats(_Twice()), torch.randn(5, 3)), "several places")):
         with pytest.raises(ValueError, match=needle):
             freeze_batch_stats(*args)
+
+
+def test_cli_evaluates_a_gbml_backbone_frozen_at_training_statistics(tmp_path):
+    """`fastmtl train --method protonet` and `fastmtl eval` of its checkpoint run the
+    logistic protocol on the backbone frozen at the statistics of the seeded training
+    sample (as compare does), and record it; the numbers are the API's on that copy."""
+    from fastmtl.cli import main
+    from fastmtl.compare import centre_sample
+    from fastmtl.evaluate import evaluate
+    from fastmtl.gbml import freeze_batch_stats
+    ck, out, ev = tmp_path / "ck", tmp_path / "train.json", tmp_path / "eval.json"
+    assert main(["train", "--method", "protonet", "--data", "synthetic", "--epochs", "1",
+                 "--no-val", "--tasks-per-epoch", "4", "--tasks-per-step", "2", "--n-way", "5",
+                 "--eval-episodes", "6", "--shots", "1", "--checkpoint-dir", str(ck),
+                 "--out", str(out)]) == 0
+    trained = json.loads(out.read_text())
+    assert trained["batchnorm"].startswith("statistics of")
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--episodes", "6",
+                 "--shots", "1", "--out", str(ev)]) == 0
+    got = json.loads(ev.read_text())
+    assert got["batchnorm"] == trained["batchnorm"]
+    assert got["results"][0]["mean"] == trained["results"][0]["mean"]   # the same copy
+    state = fastmtl.checkpoint.load(str(ck / "final.pt"))
+    net = fastmtl.classifier.backbone_from_checkpoint(state)
+    run = state["run"]
+    train = registry.load_dataset("synthetic", None, run.get("train_split", "train"),
+                                  image_size=run.get("image_size"),
+                                  seed=run.get("data_seed", 0), channels=run.get("channels", 3))
+    test = registry.load_dataset("synthetic", None, "test", image_size=run.get("image_size"),
+                                 seed=run.get("data_seed", 0), channels=run.get("channels", 3))
+    frozen = freeze_batch_stats(net, centre_sample(train, 0).tensor())
+    want = evaluate(frozen, test, n_way=5, k_shot=1, n_query=15, episodes=6, seed=0,
+                    progress=False)
+    assert got["results"][0]["mean"] == want["mean"]

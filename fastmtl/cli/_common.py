@@ -79,6 +79,8 @@ def evaluate_all(backbone: nn.Module, test: FewShotDataset, shots: Iterable[int]
                  queries: int, episodes: int, seed: int,
                  progress: bool = True, C: float = 3.0,
                  centre: Tensor | None = None, views: bool = False) -> list[dict[str, Any]]:
+    """The logistic protocol at each shot; the features embedded once. Give a
+    batch-statistics backbone frozen (:func:`frozen_for_eval`)."""
     from ..evaluate import embed, evaluate
     progress = progress and _dist.is_main()
     feats = embed(backbone, test, progress=progress, centre=centre, views=views)
@@ -89,6 +91,21 @@ def evaluate_all(backbone: nn.Module, test: FewShotDataset, shots: Iterable[int]
         r.pop("accuracies")
         out.append(r)
     return out
+
+
+def frozen_for_eval(backbone: nn.Module, train: FewShotDataset,
+                    seed: int = 0) -> tuple[nn.Module, str]:
+    """The backbone the logistic protocol evaluates, and how it normalizes: a GBML
+    backbone (batch statistics) frozen at the statistics of a seeded sample of ``train``,
+    as ``fastmtl compare`` does; any other as it is (running statistics)."""
+    from ..compare import centre_sample
+    from ..gbml import freeze_batch_stats, has_batch_stats
+    if not has_batch_stats(backbone):
+        return backbone, "running statistics"
+    sample = centre_sample(train, seed).tensor()
+    device = next(backbone.parameters()).device
+    return (freeze_batch_stats(backbone, sample.to(device)),
+            f"statistics of {len(sample)} seeded training images (freeze_batch_stats)")
 
 
 # -- config flags -------------------------------------------------------------------------

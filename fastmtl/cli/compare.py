@@ -153,7 +153,7 @@ def _resumed(json_path: str, payload: dict[str, Any], methods: list[str]) -> dic
         say(f"--centre: the kept {', '.join(plain)} ran without it: their centred rows are "
             f"missing from the tables")
     per_batch = [m for m, r in done.items() if "shared_protocol_norm" not in r and
-                 m != "mtl"]
+                 registry.METHODS[m].recipe is None]        # the GBML methods
     if per_batch:
         say(f"--resume: the kept {', '.join(per_batch)} ran before compare normalized "
             f"batch-statistics backbones with training statistics in the shared protocols: "

@@ -16,6 +16,7 @@ from ._common import (
     check_eval_flags,
     command_line,
     evaluate_all,
+    frozen_for_eval,
     parser_defaults,
     positive,
     refuse_inert_flags,
@@ -26,6 +27,8 @@ from ._common import (
 
 if TYPE_CHECKING:  # for the annotations only
     from torch import Tensor, nn
+
+    from ..data.base import FewShotDataset
 
 
 def _one_shot_runs(args: argparse.Namespace, backbone: nn.Module, run: dict[str, Any]) -> int:
@@ -76,7 +79,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.data_seed if args.data_seed is not None else run.get("data_seed", 0),
         channels=run.get("channels", 3))
     say(f"eval: {test!r}")
-    centre = _training_mean(args, backbone, run) if args.centre else None
+    backbone, norm = _frozen(args, run, backbone)
+    centre = _training_mean(backbone, _training_images(args, run, "--centre")) \
+        if args.centre else None
     rows = evaluate_all(backbone, test, args.shots, args.ways, args.queries, args.episodes,
                         args.seed, C=args.C, centre=centre, views=args.views)
     say(table(rows))
@@ -87,27 +92,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      f"fitted on every support view, each query the mean of its views")
     write_json(args.out, {"command": command_line(), "checkpoint": args.checkpoint,
                           "data": data_name, "split": args.split, "results": rows,
-                          "features": features, "machine": machine_info()})
+                          "features": features, "batchnorm": norm,
+                          "machine": machine_info()})
     return 0
 
 
-def _training_mean(args: argparse.Namespace, backbone: nn.Module,
-                   run: dict[str, Any]) -> Tensor:
-    """--centre: the mean feature of the images the checkpoint was trained on (its
-    training split, without rotations, read again: from --root where that names the same
-    data set, else from where it was trained; at the test images' size)."""
+def _frozen(args: argparse.Namespace, run: dict[str, Any],
+            backbone: nn.Module) -> tuple[nn.Module, str]:
+    """A GBML backbone frozen at the statistics of its training images as trained on (as
+    ``fastmtl compare`` does), where they can be read; else as it is, said on stderr."""
+    from ..gbml import has_batch_stats
+    if not has_batch_stats(backbone):
+        return backbone, "running statistics"
+    try:
+        train = _training_images(args, run, "a GBML checkpoint",
+                                 rotations=bool(run.get("rotations")))
+    except ValueError as exc:
+        say(f"eval: {exc}; each embedding batch is normalized with its own statistics")
+        return backbone, "each embedding batch's statistics"
+    return frozen_for_eval(backbone, train)
+
+
+def _training_images(args: argparse.Namespace, run: dict[str, Any], why: str,
+                     rotations: bool = False) -> FewShotDataset:
+    """The images the checkpoint was trained on (its training split, read again: from
+    --root where that names the same data set, else from where it was trained; at the
+    test images' size), for ``why`` (--centre: without rotations; a GBML checkpoint)."""
     data = run.get("data")
     if data is None:
-        raise ValueError(f"--centre: --checkpoint {args.checkpoint!r} does not record the "
+        raise ValueError(f"{why}: --checkpoint {args.checkpoint!r} does not record the "
                          f"data it was trained on")
     root = args.root if args.root and args.data in (None, data) else run.get("root")
     try:
-        train = registry.load_dataset(data, root, run.get("train_split", "train"),
-                                      image_size=args.image_size or run.get("image_size"),
-                                      seed=run.get("data_seed", 0),
-                                      channels=run.get("channels", 3))
+        return registry.load_dataset(data, root, run.get("train_split", "train"),
+                                     image_size=args.image_size or run.get("image_size"),
+                                     seed=run.get("data_seed", 0),
+                                     channels=run.get("channels", 3),
+                                     **({"rotations": True} if rotations else {}))
     except ValueError as exc:
-        raise ValueError(f"--centre needs the checkpoint's training images: {exc}") from None
+        raise ValueError(f"{why} needs the checkpoint's training images: {exc}") from None
+
+
+def _training_mean(backbone: nn.Module, train: FewShotDataset) -> Tensor:
+    """--centre: the mean feature of the checkpoint's training images."""
     say(f"centre: the mean feature of {train!r}")
     return feature_mean(backbone, train, progress=_dist.is_main())
 

@@ -30,6 +30,7 @@ from ._common import (
     config_from,
     evaluate_all,
     folder_kwargs,
+    frozen_for_eval,
     parser_defaults,
     plot_history,
     positive,
@@ -122,14 +123,15 @@ def _load_test(args: argparse.Namespace) -> FewShotDataset:
     return test
 
 
-def _test_results(args: argparse.Namespace, trainer: Trainer,
-                  test: FewShotDataset) -> dict[str, Any]:
-    """The test split with the logistic protocol and, where the trainer has one, its own
-    adaptation."""
-    rows = evaluate_all(trainer.backbone, test, args.shots, args.ways, args.queries,
+def _test_results(args: argparse.Namespace, trainer: Trainer, test: FewShotDataset,
+                  train: FewShotDataset) -> dict[str, Any]:
+    """The test split with the logistic protocol (a GBML backbone frozen at training
+    statistics) and, where the trainer has one, its own adaptation."""
+    backbone, norm = frozen_for_eval(trainer.backbone, train)
+    rows = evaluate_all(backbone, test, args.shots, args.ways, args.queries,
                         args.eval_episodes, args.eval_seed)
     say(table(rows))
-    out: dict[str, Any] = {"results": rows}
+    out: dict[str, Any] = {"results": rows, "batchnorm": norm}
     if trainer.own_adaptation and trainer.supports_ways(args.ways):
         own = [trainer.evaluate(test, n_way=args.ways, k_shot=k, n_query=args.queries,
                                 episodes=args.eval_episodes, seed=args.eval_seed,
@@ -191,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         atomic_save(trainer.state_dict(), final)
         say(f"wrote {final}")
     if test is not None:
-        payload.update(_test_results(args, trainer, test))
+        payload.update(_test_results(args, trainer, test, train))
     payload["total_seconds"] = time.perf_counter() - t0
     write_json(args.out, payload)
     plot_history(args.plot, history, f"{args.method.upper()}, {args.backbone}, {args.data}")

@@ -82,14 +82,19 @@ def _method_rows(payload: dict[str, Any], extra: list[str]) -> list[str]:
 def _frozen_note(payload: dict[str, Any]) -> str:
     """Which methods the shared protocols normalized with training statistics ("": none,
     as in runs from before that)."""
-    frozen = [m for m, r in payload["results"].items()
+    results = payload["results"]
+    frozen = [m for m, r in results.items()
               if r.get("shared_protocol_norm", "running statistics") != "running statistics"]
     if not frozen:
         return ""
+    stale = [m for m, r in results.items() if "shared_protocol_norm" not in r
+             and m in registry.METHODS and registry.METHODS[m].recipe is None]
     return (f" In these protocols {', '.join(frozen)} (batch-statistics BatchNorm) normalize "
             f"with the statistics of a seeded sample of training images "
-            f"(`fastmtl.gbml.freeze_batch_stats`), as MTL's running statistics; their own "
-            f"adaptation uses each test episode's.")
+            f"(`fastmtl.gbml.freeze_batch_stats`), as MTL's running statistics"
+            + (f"; {', '.join(stale)}, kept from an earlier run, with each 256-image "
+               f"embedding batch's own statistics" if stale else "")
+            + "; their own adaptation uses each test episode's.")
 
 
 def markdown(payload: dict[str, Any]) -> str:

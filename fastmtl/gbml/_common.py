@@ -36,6 +36,7 @@ shows progress and writes checkpoints; evaluation splits its episodes across ran
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
@@ -323,8 +324,9 @@ def freeze_batch_stats(backbone: nn.Module, images: torch.Tensor,
     statistics); a GBML backbone itself normalizes each batch with that batch's statistics.
 
     Raises:
-        ValueError: ``backbone`` has no batch-statistics norm, ``images`` is not a float
-            tensor (N, ...) of at least two images, or ``batch_size`` < 1.
+        ValueError: ``backbone`` has no batch-statistics norm or calls one twice in a
+            forward, ``images`` is not a float tensor (N, ...) of at least two images, or
+            ``batch_size`` < 1.
 
     Example:
         >>> import torch
@@ -337,16 +339,18 @@ def freeze_batch_stats(backbone: nn.Module, images: torch.Tensor,
     """
     _check_images(images, batch_size)
     net = copy.deepcopy(backbone)
-    norms = [(n, m) for n, m in net.named_modules() if isinstance(m, _BatchStatNorm)]
-    if not norms:
+    if not has_batch_stats(net):
         raise ValueError("backbone has no batch-statistics norm (fastmtl.gbml.use_batch_stats)")
+    _check_each_norm_once(net, images[:batch_size])
     was_training = net.training
     net.eval()
-    for name, norm in norms:            # in forward order: the ones before are frozen already
-        mean, var = _input_stats(net, norm, images, batch_size)
-        parent, _, attr = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, attr,
-                _FrozenNorm(norm, mean.to(images.dtype), var.to(images.dtype)))
+    while has_batch_stats(net):      # the first norm a forward meets, until none is left
+        norm, mean, var = _first_norm_stats(net, images, batch_size)
+        frozen = _FrozenNorm(norm, mean.to(images.dtype), var.to(images.dtype))
+        for module in list(net.modules()):
+            for name, child in list(module.named_children()):
+                if child is norm:
+                    setattr(module, name, frozen)
     return net.train(was_training)
 
 
@@ -358,18 +362,38 @@ def _check_images(images: Any, batch_size: Any) -> None:
     checks.integer("batch_size", batch_size, 1)
 
 
-def _input_stats(net: nn.Module, norm: nn.Module, images: torch.Tensor,
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``norm``'s input over all of ``images``."""
-    sums: list[torch.Tensor] = []
+def _check_each_norm_once(net: nn.Module, images: torch.Tensor) -> None:
+    """ValueError if a forward calls one batch-statistics norm more than once (frozen at
+    the statistics of its first input, it would be wrong at the others)."""
+    calls: collections.Counter[int] = collections.Counter()
+    handles = [m.register_forward_pre_hook(lambda mod, _: calls.update([id(mod)]))
+               for m in net.modules() if isinstance(m, _BatchStatNorm)]
+    try:
+        with torch.no_grad():
+            net(images)
+    finally:
+        for h in handles:
+            h.remove()
+    if calls and max(calls.values()) > 1:
+        raise ValueError("a forward of backbone calls one batch-statistics norm at several "
+                         "places; freeze_batch_stats needs each norm called once")
 
-    def gather(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].double().transpose(0, 1).flatten(1)            # (C, batch * positions)
-        sums.append(torch.stack([x.new_tensor(x.shape[1]).expand(len(x)), x.sum(1),
-                                 (x * x).sum(1)]))
+
+def _first_norm_stats(net: nn.Module, images: torch.Tensor, batch_size: int
+                      ) -> tuple[_BatchStatNorm, torch.Tensor, torch.Tensor]:
+    """The batch-statistics norm a forward of ``net`` meets first, and the per-channel
+    mean and biased variance of its input over all of ``images`` (batch by batch)."""
+    met: list[tuple[_BatchStatNorm, torch.Tensor]] = []
+
+    def gather(mod: _BatchStatNorm, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+        count = torch.full_like(mean, x.numel() // x.shape[1])
+        met.append((mod, torch.stack([count, mean, var]).double()))
         raise _Reached
 
-    handle = norm.register_forward_pre_hook(gather)
+    handles = [m.register_forward_pre_hook(gather) for m in net.modules()
+               if isinstance(m, _BatchStatNorm)]
     try:
         with torch.no_grad():
             for lo in range(0, len(images), batch_size):
@@ -377,13 +401,21 @@ def _input_stats(net: nn.Module, norm: nn.Module, images: torch.Tensor,
                     net(images[lo:lo + batch_size])
                 except _Reached:
                     pass
+                if len(met) <= lo // batch_size:
+                    raise ValueError("a forward of backbone on images met none of its "
+                                     "remaining batch-statistics norms")
     finally:
-        handle.remove()
-    if not sums:
-        raise ValueError("backbone never reached one of its norms on images")
-    n, total, square = torch.stack(sums).sum(0)
-    mean = total / n
-    return mean, (square / n - mean * mean).clamp_min(0.0)
+        for h in handles:
+            h.remove()
+    if any(mod is not met[0][0] for mod, _ in met):
+        raise ValueError("backbone met its batch-statistics norms in a different order on "
+                         "different batches of images")
+    # the batches' means and variances combined exactly (Chan et al.), in float64
+    count, means, variances = torch.stack([stats for _, stats in met]).unbind(1)
+    n = count.sum(0)
+    mean = (count * means).sum(0) / n
+    var = (count * (variances + (means - mean) ** 2)).sum(0) / n
+    return met[0][0], mean, var
 
 
 class _MetaLoss(nn.Module):

@@ -361,8 +361,8 @@ def test_batch_stat_baselines_use_training_statistics_in_the_shared_protocols():
     protocols run on fastmtl.gbml.freeze_batch_stats of it with the seeded training sample
     (each embedding batch's own statistics skewed support against query; measured on the
     validation alphabets); MTL keeps its running statistics; the own head is unchanged."""
-    from fastmtl.compare import centre_sample, config_for
-    from fastmtl.compare.run import _evaluate_point, _stats_images
+    from fastmtl.compare import centre_sample, config_for, shared_protocol_stats
+    from fastmtl.compare.run import _evaluate_point
     from fastmtl.data import SyntheticGlyphs
     from fastmtl.evaluate import evaluate, feature_mean
     from fastmtl.gbml import freeze_batch_stats
@@ -371,10 +371,10 @@ def test_batch_stat_baselines_use_training_statistics_in_the_shared_protocols():
     cls, cfg = config_for("protonet", budget_minutes=0.01)
     torch.manual_seed(0)
     trainer = cls(conv4(hidden=8), cfg)
-    stats = _stats_images(trainer.backbone, train, 3)
+    stats = shared_protocol_stats(trainer.backbone, train, 3)
     assert torch.equal(stats, centre_sample(train, 3).tensor())
     mtl_cls, mtl_cfg = config_for("mtl", budget_minutes=0.01)
-    assert _stats_images(mtl_cls(conv4(hidden=8), mtl_cfg).backbone, train, 3) is None
+    assert shared_protocol_stats(mtl_cls(conv4(hidden=8), mtl_cfg).backbone, train, 3) is None
     sample = centre_sample(train, 1, n=12)
     acc = _evaluate_point(trainer, test, [1], [5], 3, 6, 0, sample, stats)
     frozen = freeze_batch_stats(trainer.backbone, stats)

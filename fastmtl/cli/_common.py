@@ -98,14 +98,8 @@ def frozen_for_eval(backbone: nn.Module, train: FewShotDataset,
     """The backbone the logistic protocol evaluates, and how it normalizes: a GBML
     backbone (batch statistics) frozen at the statistics of a seeded sample of ``train``,
     as ``fastmtl compare`` does; any other as it is (running statistics)."""
-    from ..compare import centre_sample
-    from ..gbml import freeze_batch_stats, has_batch_stats
-    if not has_batch_stats(backbone):
-        return backbone, "running statistics"
-    sample = centre_sample(train, seed).tensor()
-    device = next(backbone.parameters()).device
-    return (freeze_batch_stats(backbone, sample.to(device)),
-            f"statistics of {len(sample)} seeded training images (freeze_batch_stats)")
+    from ..compare import shared_protocol_backbone, shared_protocol_stats
+    return shared_protocol_backbone(backbone, shared_protocol_stats(backbone, train, seed))
 
 
 # -- config flags -------------------------------------------------------------------------

@@ -37,10 +37,13 @@ from .run import (
     flop_counter,
     flops_per_step,
     run_method,
+    shared_protocol_backbone,
+    shared_protocol_stats,
 )
 
 __all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_step",
-           "run_method", "centre_sample", "CENTRE_IMAGES", "COMPARABLE", "PROTOCOL_PAIRS",
+           "run_method", "centre_sample", "shared_protocol_stats", "shared_protocol_backbone",
+           "CENTRE_IMAGES", "COMPARABLE", "PROTOCOL_PAIRS",
            "accuracy_key", "accuracy_keys", "differences",
            "setting", "speedup_tables", "merge_runs",
            "markdown", "plot"]

@@ -279,17 +279,37 @@ def _centre_images(centre_from: object, train: FewShotDataset,
     return centre_sample(centre_from, seed)
 
 
-def _stats_images(backbone: torch.nn.Module, train: FewShotDataset,
-                  seed: int) -> torch.Tensor | None:
-    """A batch-statistics backbone's normalization statistics in the shared protocols: a
-    seeded sample of its training images, as they are trained on (None: other backbones,
-    which keep running statistics)."""
+def shared_protocol_stats(backbone: torch.nn.Module, train: FewShotDataset,
+                          seed: int = 0) -> torch.Tensor | None:
+    """The images whose statistics a batch-statistics (GBML) backbone normalizes with in
+    the shared logistic and centred protocols: a seeded sample of its training images, as
+    they are trained on; None for other backbones, which keep running statistics.
+
+    Example:
+        >>> import fastmtl
+        >>> net = fastmtl.gbml.use_batch_stats(fastmtl.models.conv4())
+        >>> shared_protocol_stats(net, fastmtl.data.SyntheticGlyphs(4, 5)).shape
+        torch.Size([20, 1, 28, 28])
+    """
     from ..gbml import has_batch_stats
     return centre_sample(train, seed).tensor() if has_batch_stats(backbone) else None
 
 
-def _device_of(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
+def shared_protocol_backbone(backbone: torch.nn.Module, stats_from: torch.Tensor | None
+                             ) -> tuple[torch.nn.Module, str]:
+    """The backbone the shared protocols evaluate, and how it normalizes: frozen at the
+    statistics of ``stats_from`` (:func:`fastmtl.gbml.freeze_batch_stats`), or as it is
+    where that is None."""
+    if stats_from is None:
+        return backbone, _norm_label(None)
+    from ..gbml import freeze_batch_stats
+    device = next(backbone.parameters()).device
+    return freeze_batch_stats(backbone, stats_from.to(device)), _norm_label(stats_from)
+
+
+def _norm_label(stats_from: torch.Tensor | None) -> str:
+    return "running statistics" if stats_from is None else \
+        f"statistics of {len(stats_from)} seeded training images (freeze_batch_stats)"
 
 
 def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int],
@@ -303,10 +323,7 @@ def _evaluate_point(trainer: Trainer, test: FewShotDataset, shots: Sequence[int]
     batch-statistics backbone normalizes with in the shared protocols
     (:func:`fastmtl.gbml.freeze_batch_stats`)."""
     out: dict[str, Any] = {}
-    backbone = trainer.backbone
-    if stats_from is not None:
-        from ..gbml import freeze_batch_stats
-        backbone = freeze_batch_stats(backbone, stats_from.to(_device_of(backbone)))
+    backbone, _ = shared_protocol_backbone(trainer.backbone, stats_from)
     raw = embed(backbone, test, normalize=False, progress=False)
     feats = {"logistic": torch.nn.functional.normalize(raw, dim=-1)}
     if centre_from is not None:
@@ -360,7 +377,7 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
     flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
     torch.manual_seed(seed)
     trainer = cls(make_backbone(), cfg)
-    stats_from = _stats_images(trainer.backbone, train, seed)
+    stats_from = shared_protocol_stats(trainer.backbone, train, seed)
     device = trainer.device
     _reset_peak(device)
     points: list[dict[str, Any]] = []
@@ -398,8 +415,7 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
                           callbacks=[_timer(eval_every, at_point), _Bar(bar, budget)])
     wall = time.perf_counter() - t0
     return {"settings": dataclasses.asdict(cfg), "flops_per_step": flops,
-            "shared_protocol_norm": "running statistics" if stats_from is None else
-            f"statistics of {len(stats_from)} seeded training images (freeze_batch_stats)",
+            "shared_protocol_norm": _norm_label(stats_from),
             **({"flops_per_small_step": small_flops} if small_flops is not None else {}),
             "points": points,
             "train_seconds": points[-1]["train_seconds"] if points else 0.0,

@@ -2,11 +2,18 @@
 
 The paper's test-time adaptation as a scikit-learn-style estimator over a trained
 backbone: features of the frozen backbone (eval mode, L2-normalized, exactly as
-:func:`fastmtl.evaluate` computes them), then the logistic-regression head of
-:func:`fastmtl.adapt.fit_logistic` (C = 3 by default), or a nearest-prototype head
-(cosine similarity to each class's mean feature). Images may be file paths, PIL images,
-uint8 arrays (H, W) / (H, W, C) or float tensors (C, H, W) already normalized; labels
-any hashable values.
+:func:`fastmtl.evaluate` computes them for a backbone with running statistics), then the
+logistic-regression head of :func:`fastmtl.adapt.fit_logistic` (C = 3 by default), or a
+nearest-prototype head (cosine similarity to each class's mean feature). Images may be
+file paths, PIL images, uint8 arrays (H, W) / (H, W, C) or float tensors (C, H, W)
+already normalized; labels any hashable values.
+
+A GBML backbone (batch-statistics BatchNorm, :mod:`fastmtl.gbml`) would normalize every
+batch of images with that batch's own statistics, so a prediction would depend on which
+images share its call (one image alone: its own statistics). The classifier freezes such
+a backbone (:func:`fastmtl.gbml.freeze_batch_stats`) at the statistics of ``norm_images``
+when given, else of the support images at each :meth:`FewShotClassifier.fit`: every image
+is then normalized alike, whatever it is predicted with.
 """
 from __future__ import annotations
 
@@ -80,9 +87,14 @@ class FewShotClassifier:
         C: inverse L2 strength of the logistic head.
         device: where the backbone runs (None: CUDA when available, else CPU).
         batch_size: images per backbone call.
+        norm_images: for a backbone with batch-statistics norms (a GBML checkpoint's):
+            images (as :meth:`fit` takes them, at least two) whose statistics its norms
+            use, e.g. a few hundred unlabelled images of the domain. None: the support
+            images of each :meth:`fit` (few at 1-shot: 5 images give noisy statistics).
 
     Raises:
-        ValueError: bad arguments.
+        ValueError: bad arguments; ``norm_images`` for a backbone without
+            batch-statistics norms.
 
     Example:
         >>> import fastmtl, numpy as np
@@ -97,7 +109,8 @@ class FewShotClassifier:
     def __init__(self, backbone: nn.Module, image_size: int, channels: int = 3,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  head: str = "logistic", C: float = 3.0,
-                 device: torch.device | str | None = None, batch_size: int = 256):
+                 device: torch.device | str | None = None, batch_size: int = 256,
+                 norm_images: Sequence[Any] | None = None):
         if not isinstance(backbone, nn.Module):
             raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         checks.integer("image_size", image_size, 1)
@@ -114,15 +127,25 @@ class FewShotClassifier:
         self.classes_: np.ndarray | None = None
         self._weight: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
+        # the module features() runs: the backbone, or a copy frozen at fixed statistics
+        self._net: nn.Module = self.backbone
+        self._fixed_norm = norm_images is not None
+        if norm_images is not None:
+            if not _has_batch_stats(self.backbone):
+                raise ValueError("norm_images: the backbone has no batch-statistics norm "
+                                 "(only a GBML backbone normalizes with given statistics)")
+            self._net = _freeze(self.backbone, self._batch_tensor("norm_images", norm_images),
+                                batch_size)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str, head: str = "logistic", C: float = 3.0,
-                        device: torch.device | str | None = None) -> FewShotClassifier:
+                        device: torch.device | str | None = None,
+                        norm_images: Sequence[Any] | None = None) -> FewShotClassifier:
         """A classifier over the backbone of a fastmtl checkpoint (``final.pt``, ...).
 
         Image size, channels and normalization come from the checkpoint's record of its
-        training data.
+        training data; ``norm_images`` as in the constructor (a GBML checkpoint only).
 
         Raises:
             ValueError: not a fastmtl checkpoint, or one that does not record them.
@@ -135,11 +158,13 @@ class FewShotClassifier:
             raise ValueError(f"checkpoint {path!r} does not record {missing} of its training "
                              f"data; use FewShotClassifier(backbone, image_size=..., ...)")
         return cls(net, run["image_size"], run["channels"], run["mean"], run["std"], head=head,
-                   C=C, device=device)
+                   C=C, device=device, norm_images=norm_images)
 
     # -- the estimator ----------------------------------------------------------------------
     def fit(self, images: Sequence[Any], labels: Sequence[Hashable]) -> FewShotClassifier:
-        """Fit the head on support ``images`` with ``labels`` (>= 2 classes).
+        """Fit the head on support ``images`` with ``labels`` (>= 2 classes). A backbone
+        with batch-statistics norms is first frozen at the statistics of ``images`` as one
+        batch (unless the classifier was given ``norm_images``).
 
         Returns:
             self.
@@ -156,15 +181,24 @@ class FewShotClassifier:
             raise ValueError(f"labels must name at least 2 classes, got {classes}")
         index = {c: i for i, c in enumerate(classes)}
         y = torch.tensor([index[v] for v in values], device=self.device)
-        z = self.features(images)
+        source: Any = images
+        net = self._net
+        if not self._fixed_norm and _has_batch_stats(self.backbone):
+            source = self._batch_tensor("images", images)   # read once: statistics, features
+            net = _freeze(self.backbone, source, self.batch_size)
+        z = self._features(source, net)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("images give non-finite features (NaN or infinite pixels?)")
         if self.head == "logistic":
             heads = fit_logistic(z[None], y[None], C=self.C, n_classes=len(classes),
                                  tol=TOL)
-            self._weight, self._bias = heads.weight[0], heads.bias[0]
+            weight, bias = heads.weight[0], heads.bias[0]
         else:
             onehot = F.one_hot(y, len(classes)).to(z.dtype)
-            protos = F.normalize(onehot.T @ z, dim=1)
-            self._weight, self._bias = protos * 10.0, torch.zeros(len(classes), device=z.device)
+            weight = F.normalize(onehot.T @ z, dim=1) * 10.0
+            bias = torch.zeros(len(classes), device=z.device)
+        # all at once, so a fit that fails leaves the classifier as it was
+        self._net, self._weight, self._bias = net, weight, bias
         self.classes_ = _as_array(classes)
         return self
 
@@ -192,23 +226,37 @@ class FewShotClassifier:
         return classes[scores.argmax(1).cpu().numpy()]
 
     def features(self, images: Sequence[Any]) -> torch.Tensor:
-        """L2-normalized backbone features (N, d) of ``images``, in batches, eval mode."""
-        if isinstance(images, (str, os.PathLike)) or not hasattr(images, "__len__"):
-            raise ValueError("images must be a sequence (a list of paths, PIL images or "
-                             "arrays, or a (N, C, H, W) tensor)")
-        if len(images) == 0:
-            raise ValueError("images is empty")
-        if isinstance(images, np.ndarray) and (images.ndim == 2 or (
-                images.ndim == 3 and images.shape[-1] in (1, 3, 4) and images.shape[1] > 4)):
-            raise ValueError(f"images: an array of shape {images.shape} is one image; pass "
-                             f"[image], or a batch (N, H, W) or (N, H, W, C)")
-        dtype = next((p.dtype for p in self.backbone.parameters()), torch.float32)
+        """L2-normalized backbone features (N, d) of ``images``, in batches, eval mode (a
+        batch-statistics backbone: frozen as :meth:`fit` left it; before any fit without
+        ``norm_images``, each batch normalized with its own statistics)."""
+        return self._features(images, self._net)
+
+    def _features(self, images: Sequence[Any], net: nn.Module) -> torch.Tensor:
+        _check_sequence("images", images)
         out = []
         with torch.no_grad():
             for lo in range(0, len(images), self.batch_size):
-                x = self._tensor(images[lo:lo + self.batch_size]).to(self.device, dtype)
-                out.append(self.backbone(x).float())
+                x = self._tensor(images[lo:lo + self.batch_size]).to(self.device, self._dtype)
+                out.append(net(x).float())
         return F.normalize(torch.cat(out), dim=1)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.backbone.parameters()), torch.float32)
+
+    def _batch_tensor(self, name: str, images: Sequence[Any]) -> torch.Tensor:
+        """All of ``images`` as one normalized tensor on the device (ValueError naming
+        ``name``), for the statistics of a batch-statistics backbone."""
+        try:
+            _check_sequence(name, images)
+            x = torch.cat([self._tensor(images[lo:lo + self.batch_size])
+                           for lo in range(0, len(images), self.batch_size)])
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}" if not str(exc).startswith(name) else str(exc)
+                             ) from None
+        if len(x) < 2:
+            raise ValueError(f"{name}: statistics need at least two images, got {len(x)}")
+        return x.to(self.device, self._dtype)
 
     def _tensor(self, images: Iterable[Any]) -> torch.Tensor:
         if isinstance(images, torch.Tensor) and images.dim() == 4:
@@ -275,7 +323,9 @@ class FewShotClassifier:
                                   C=self.C),
                  "classes": classes,
                  "weight": None if self._weight is None else self._weight.cpu(),
-                 "bias": None if self._bias is None else self._bias.cpu()}
+                 "bias": None if self._bias is None else self._bias.cpu(),
+                 "norm_statistics": _norm_statistics(self._net, self.backbone),
+                 "fixed_norm": self._fixed_norm}
         atomic_save(state, path)
 
     @classmethod
@@ -316,6 +366,9 @@ class FewShotClassifier:
         else:
             net = backbone_from_checkpoint(state, path)
         clf = cls(net, device=device, **state["settings"])
+        if state.get("norm_statistics") is not None:
+            clf._net = _frozen_at(clf.backbone, state["norm_statistics"], clf.device, path)
+            clf._fixed_norm = bool(state.get("fixed_norm"))
         if state["classes"] is not None:
             clf.classes_ = _as_array(state["classes"])
             clf._weight = state["weight"].to(clf.device)
@@ -335,6 +388,45 @@ def _check_saved(state: dict[str, Any], path: str) -> None:
     if bad:
         raise ValueError(f"classifier {path!r} is damaged: its settings, weights, classes "
                          f"and head do not fit together")
+
+
+def _check_sequence(name: str, images: Any) -> None:
+    """ValueError naming ``name`` unless ``images`` is a non-empty sequence of images."""
+    if isinstance(images, (str, os.PathLike)) or not hasattr(images, "__len__"):
+        raise ValueError(f"{name} must be a sequence (a list of paths, PIL images or "
+                         f"arrays, or a (N, C, H, W) tensor)")
+    if len(images) == 0:
+        raise ValueError(f"{name} is empty")
+    if isinstance(images, np.ndarray) and (images.ndim == 2 or (
+            images.ndim == 3 and images.shape[-1] in (1, 3, 4) and images.shape[1] > 4)):
+        raise ValueError(f"{name}: an array of shape {images.shape} is one image; pass "
+                         f"[image], or a batch (N, H, W) or (N, H, W, C)")
+
+
+def _freeze(backbone: nn.Module, images: torch.Tensor, batch_size: int) -> nn.Module:
+    from .gbml import freeze_batch_stats
+    return freeze_batch_stats(backbone, images, batch_size=batch_size)
+
+
+def _norm_statistics(net: nn.Module,
+                     backbone: nn.Module) -> dict[str, list[torch.Tensor]] | None:
+    """The statistics ``net`` was frozen at from the batch-statistics ``backbone``, as plain
+    CPU tensors by norm name; None where ``net`` is ``backbone`` itself (not frozen here)."""
+    if net is backbone:
+        return None
+    from .gbml import frozen_statistics
+    return {k: [m.cpu(), v.cpu()] for k, (m, v) in frozen_statistics(net).items()}
+
+
+def _frozen_at(backbone: nn.Module, stats: Any, device: torch.device, path: str) -> nn.Module:
+    """``backbone`` frozen at saved statistics, or ValueError naming ``path``."""
+    from .gbml import freeze_at
+    try:
+        return freeze_at(backbone, {k: tuple(t.to(device) for t in pair)
+                                    for k, pair in stats.items()})
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ValueError(f"classifier {path!r} is damaged: its norm statistics do not fit "
+                         f"its backbone ({exc})") from None
 
 
 def _device(device: torch.device | str | None) -> torch.device:

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import omniglot_root
 from PIL import Image
 
@@ -327,3 +328,71 @@ def test_omniglot_test_alphabets_as_a_folder(tmp_path, trained):
     pred = clf.predict([ds.images[i] for i in qry])
     acc = np.mean(pred == np.array([ds.class_names[ds.labels[i]] for i in qry]))
     assert acc > 0.4, acc                                     # chance 0.2
+
+
+def test_a_gbml_backbone_is_frozen_at_the_support_statistics(tmp_path):
+    """A batch-statistics backbone normalized every predict batch with its own statistics,
+    so an image's class depended on what it was predicted with (alone: its own). Now fit
+    freezes it at the support images' statistics (or at norm_images, kept across fits),
+    saved and loaded with the head."""
+    from fastmtl import FewShotClassifier
+    from fastmtl.gbml import freeze_batch_stats, frozen_statistics, use_batch_stats
+    from fastmtl.models import conv4
+    torch.manual_seed(0)
+    net = use_batch_stats(conv4(in_channels=1, hidden=8))
+    sup, qry, other = torch.randn(6, 1, 28, 28), torch.randn(7, 1, 28, 28) * 2 + 1, \
+        torch.randn(5, 1, 28, 28)
+    labels = ["a", "a", "a", "b", "b", "b"]
+    clf = FewShotClassifier(net, 28, 1, device="cpu", batch_size=4).fit(sup, labels)
+    # the support through the copy is the support as one batch of the backbone itself
+    torch.testing.assert_close(clf.features(sup), F.normalize(net.eval()(sup), dim=1))
+    want = F.normalize(freeze_batch_stats(net, sup)(qry), dim=1)
+    torch.testing.assert_close(clf.features(qry), want)
+    alone = np.concatenate([clf.predict_proba(qry[i:i + 1]) for i in range(len(qry))])
+    np.testing.assert_allclose(alone, clf.predict_proba(qry), rtol=1e-5, atol=1e-6)
+    clf.fit(other, labels[1:])                     # refit: the new support's statistics
+    torch.testing.assert_close(clf.features(qry), F.normalize(
+        freeze_batch_stats(net, other)(qry), dim=1))
+    # norm_images: fixed statistics, whatever the support
+    big = torch.randn(20, 1, 28, 28)
+    fixed = FewShotClassifier(net, 28, 1, device="cpu", norm_images=big).fit(sup, labels)
+    stats = {k: (m.clone(), v.clone()) for k, (m, v) in frozen_statistics(fixed._net).items()}
+    fixed.fit(other, labels[1:])
+    for k, (m, v) in frozen_statistics(fixed._net).items():
+        torch.testing.assert_close((m, v), stats[k], rtol=0, atol=0)
+    torch.testing.assert_close(fixed.features(qry), F.normalize(
+        freeze_batch_stats(net, big)(qry), dim=1))
+    # save / load keep the statistics, and whether they are fixed
+    for c, name in ((clf, "support.pt"), (fixed, "fixed.pt")):
+        c.save(str(tmp_path / name))
+        back = FewShotClassifier.load(str(tmp_path / name))
+        np.testing.assert_allclose(back.predict_proba(qry), c.predict_proba(qry), rtol=1e-5,
+                                   atol=1e-6)
+        back.fit(sup, labels)
+        c.fit(sup, labels)
+        np.testing.assert_allclose(back.predict_proba(qry), c.predict_proba(qry), rtol=1e-5,
+                                   atol=1e-6)
+    # a fit that fails leaves the classifier as it was (NaN support: NaN statistics)
+    before = clf.predict_proba(qry)
+    with pytest.raises(ValueError, match="non-finite features"):
+        clf.fit(torch.full((6, 1, 28, 28), float("nan")), labels)
+    np.testing.assert_array_equal(clf.predict_proba(qry), before)
+    # a backbone the user froze: nothing more to freeze, saved and loaded with it
+    own = FewShotClassifier(freeze_batch_stats(net, big), 28, 1, device="cpu").fit(sup, labels)
+    own.save(str(tmp_path / "own.pt"))
+    back = FewShotClassifier.load(str(tmp_path / "own.pt"), backbone=freeze_batch_stats(net, big))
+    np.testing.assert_allclose(back.predict_proba(qry), own.predict_proba(qry), rtol=1e-5,
+                               atol=1e-6)
+    good = torch.load(tmp_path / "fixed.pt", weights_only=True)
+    first = sorted(good["norm_statistics"])[0]
+    for damaged in ({first: [torch.zeros(3), torch.ones(3)]}, {"nowhere": [1, 2]}):
+        torch.save({**good, "norm_statistics": {**good["norm_statistics"], **damaged}},
+                   tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match="damaged"):
+            FewShotClassifier.load(str(tmp_path / "bad.pt"))
+    with pytest.raises(ValueError, match="norm_images: the backbone has no batch-statistics"):
+        FewShotClassifier(conv4(in_channels=1, hidden=8), 28, 1, device="cpu", norm_images=big)
+    for images, needle in ((big[:1], "at least two"), ([], "norm_images is empty"),
+                           (torch.zeros(3, 1, 9, 9), r"norm_images: image tensors")):
+        with pytest.raises(ValueError, match=needle):
+            FewShotClassifier(net, 28, 1, device="cpu", norm_images=images)

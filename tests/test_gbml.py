@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import omniglot_root
+from conftest import omniglot_root, write_runs_zip
 from torch.func import functional_call
 
 import fastmtl
@@ -591,13 +591,46 @@ def test_freeze_batch_stats_follows_the_forward_and_bad_input():
             freeze_batch_stats(*args)
 
 
+def test_freeze_at_gives_back_a_frozen_copy_from_its_statistics():
+    """frozen_statistics / freeze_at: what freeze_batch_stats returned, rebuilt from plain
+    tensors (as FewShotClassifier saves it), without the images; bad statistics are
+    ValueErrors."""
+    from fastmtl.gbml import freeze_at, freeze_batch_stats, frozen_statistics, has_batch_stats
+    torch.manual_seed(0)
+    net = use_batch_stats(conv4(hidden=8))
+    x, y = torch.randn(12, 1, 28, 28), torch.randn(3, 1, 28, 28)
+    frozen = freeze_batch_stats(net, x, batch_size=5)
+    stats = frozen_statistics(frozen)
+    assert len(stats) == 4 and frozen_statistics(net) == {}
+    again = freeze_at(net, stats)
+    assert has_batch_stats(net) and not has_batch_stats(again)
+    torch.testing.assert_close(again(y), frozen(y), rtol=0, atol=0)
+    name = sorted(stats)[0]
+    bad = [({}, "must name"), ({**stats, "extra": stats[name]}, "must name"),
+           ({**stats, name: (stats[name][0][:3], stats[name][1])}, "8 values"),
+           ({**stats, name: (stats[name][0], -stats[name][1] - 1)}, "non-negative"),
+           ({**stats, name: stats[name][0]}, "mean and a"),
+           ({**stats, name: (stats[name][0] * float("nan"), stats[name][1])}, "finite")]
+    for given, needle in bad:
+        with pytest.raises(ValueError, match=needle):
+            freeze_at(net, given)
+    with pytest.raises(ValueError, match="backbone has no batch-statistics norm"):
+        freeze_at(conv4(hidden=8), stats)
+    with pytest.raises(ValueError, match="backbone must be an nn.Module"):
+        freeze_at("conv4", stats)
+    # statistics follow the backbone's dtype (as saved: float32 on the CPU)
+    wide = freeze_at(copy.deepcopy(net).double(), stats)
+    torch.testing.assert_close(wide(y.double()), frozen(y).double(), rtol=1e-5, atol=1e-5)
+
+
 def test_cli_evaluates_a_gbml_backbone_frozen_at_training_statistics(tmp_path):
-    """`fastmtl train --method protonet` and `fastmtl eval` of its checkpoint run the
-    logistic protocol on the backbone frozen at the statistics of the seeded training
-    sample (as compare does), and record it; the numbers are the API's on that copy."""
+    """`fastmtl train --method protonet` and `fastmtl eval` of its checkpoint (the
+    logistic protocol and Lake's one-shot runs) run on the backbone frozen at the
+    statistics of the seeded training sample (as compare does), and record it; the
+    numbers are the API's on that copy."""
     from fastmtl.cli import main
     from fastmtl.compare import centre_sample
-    from fastmtl.evaluate import evaluate
+    from fastmtl.evaluate import evaluate, one_shot_runs
     from fastmtl.gbml import freeze_batch_stats
     ck, out, ev = tmp_path / "ck", tmp_path / "train.json", tmp_path / "eval.json"
     assert main(["train", "--method", "protonet", "--data", "synthetic", "--epochs", "1",
@@ -623,3 +656,19 @@ def test_cli_evaluates_a_gbml_backbone_frozen_at_training_statistics(tmp_path):
     want = evaluate(frozen, test, n_way=5, k_shot=1, n_query=15, episodes=6, seed=0,
                     progress=False)
     assert got["results"][0]["mean"] == want["mean"]
+    # Lake's one-shot runs too (their 800 images were embedded 256 a batch, each batch
+    # normalized on its own, mixing runs)
+    runs = write_runs_zip(tmp_path / "all_runs.zip", n_runs=2, n_way=5)
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
+                 "--out", str(ev)]) == 0
+    got = json.loads(ev.read_text())
+    assert got["batchnorm"] == trained["batchnorm"]
+    want_runs = one_shot_runs(frozen, runs, image_size=run.get("image_size") or 28)
+    for key in ("nn_errors", "logistic_errors"):
+        assert got["results"][key] == want_runs[key]
+    # FewShotClassifier.from_checkpoint with norm_images: the same frozen copy
+    sample = centre_sample(train, 0).tensor()
+    clf = fastmtl.FewShotClassifier.from_checkpoint(str(ck / "final.pt"), device="cpu",
+                                                    norm_images=sample)
+    x = test.tensor()[:9]
+    torch.testing.assert_close(clf.features(x), F.normalize(frozen(x), dim=1))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import omniglot_root
+from conftest import omniglot_root, write_runs_zip
 from PIL import Image
 
 from fastmtl.data import (
@@ -241,39 +241,9 @@ def test_split_argument_errors(tmp_path, archives):
 
 # ----------------------------------------------------------------------- one-shot runs
 
-def _runs_zip(path: Path, n_runs=3, n_way=5, prefix="", shuffle_seed=0, lines=None):
-    """Runs whose training image j is a bar at column band j; each test image repeats the
-    bar of the class ``class_labels.txt`` gives it (a permutation of the classes)."""
-    rng = np.random.default_rng(shuffle_seed)
-    width = 105 // n_way
-    with zipfile.ZipFile(path, "w") as zf:
-        for r in range(1, n_runs + 1):
-            run = f"run{r:02d}"
-            answer = rng.permutation(n_way)
-            for j in range(n_way):
-                bar = np.full((105, 105), 255, np.uint8)
-                bar[:, j * width:(j + 1) * width] = 0
-                img = Image.fromarray(bar).convert("1")
-                out = io.BytesIO()
-                img.save(out, "PNG")
-                zf.writestr(f"{prefix}{run}/training/class{j + 1:02d}.png", out.getvalue())
-            for k in range(n_way):
-                bar = np.full((105, 105), 255, np.uint8)
-                j = answer[k]
-                bar[10:95, j * width:(j + 1) * width] = 0       # drawn a little shorter
-                out = io.BytesIO()
-                Image.fromarray(bar).convert("1").save(out, "PNG")
-                zf.writestr(f"{prefix}{run}/test/item{k + 1:02d}.png", out.getvalue())
-            text = lines if lines is not None else "".join(
-                f"{run}/test/item{k + 1:02d}.png {run}/training/class{answer[k] + 1:02d}.png\n"
-                for k in range(n_way))
-            zf.writestr(f"{prefix}{run}/class_labels.txt", text)
-    return path
-
-
 @pytest.mark.parametrize("prefix", ["", "all_runs/"])
 def test_runs_nearest_neighbour_is_exact_on_identity_features(tmp_path, prefix):
-    path = _runs_zip(tmp_path / "runs.zip", prefix=prefix)
+    path = write_runs_zip(tmp_path / "runs.zip", prefix=prefix)
     runs = read_one_shot_runs(path, image_size=20)
     assert runs.run_names == ["run01", "run02", "run03"]
     assert runs.train_index.shape == runs.test_index.shape == runs.answers.shape == (3, 5)
@@ -291,7 +261,7 @@ def test_runs_nearest_neighbour_is_exact_on_identity_features(tmp_path, prefix):
 
 def test_runs_errors_follow_the_labels(tmp_path):
     """The same images with every run's labels rotated by one class: every answer wrong."""
-    path = _runs_zip(tmp_path / "runs.zip", n_runs=2, n_way=4)
+    path = write_runs_zip(tmp_path / "runs.zip", n_runs=2, n_way=4)
     with zipfile.ZipFile(path) as zf:
         entries = {n: zf.read(n) for n in zf.namelist()}
     wrong = tmp_path / "wrong.zip"
@@ -322,14 +292,14 @@ def test_runs_bad_input(tmp_path):
         zf.writestr("images/a.png", b"")
     with pytest.raises(ValueError, match="no runNN/class_labels.txt"):
         one_shot_runs(flat, tmp_path / "other.zip")
-    bad = _runs_zip(tmp_path / "bad.zip", n_runs=1, lines="run01/test/item01.png\n")
+    bad = write_runs_zip(tmp_path / "bad.zip", n_runs=1, lines="run01/test/item01.png\n")
     with pytest.raises(ValueError, match="line 1 is not"):
         one_shot_runs(flat, bad)
-    gone = _runs_zip(tmp_path / "gone.zip", n_runs=1,
-                     lines="run01/test/item01.png run01/training/class09.png\n")
+    gone = write_runs_zip(tmp_path / "gone.zip", n_runs=1,
+                          lines="run01/test/item01.png run01/training/class09.png\n")
     with pytest.raises(ValueError, match="class09.png'?, which is not in the zip"):
         one_shot_runs(flat, gone)
-    good = _runs_zip(tmp_path / "good.zip", n_runs=1)
+    good = write_runs_zip(tmp_path / "good.zip", n_runs=1)
     with pytest.raises(ValueError, match="image_size"):
         one_shot_runs(flat, good, image_size=0)
     with pytest.raises(ValueError, match="backbone"):
@@ -354,7 +324,7 @@ def test_cli_trains_on_the_vinyals_split_and_scores_the_one_shot_runs(tmp_path, 
                  "--val-queries", "1", "--eval-episodes", "2", "--queries", "1",
                  "--shots", "1", "--checkpoint-dir", str(ck)]) == 0
     capsys.readouterr()
-    runs = _runs_zip(tmp_path / "all_runs.zip", n_runs=2, n_way=5, prefix="all_runs/")
+    runs = write_runs_zip(tmp_path / "all_runs.zip", n_runs=2, n_way=5, prefix="all_runs/")
     out = tmp_path / "runs.json"
     assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
                  "--out", str(out)]) == 0
@@ -371,6 +341,10 @@ def test_cli_trains_on_the_vinyals_split_and_scores_the_one_shot_runs(tmp_path, 
     assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
                  "--views"]) == 2
     assert "--views has no effect with --omniglot-runs" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--omniglot-runs", str(runs),
+                 "--root", str(root)]) == 2     # MTL: running statistics, nothing to find
+    assert "--root has no effect with --omniglot-runs on a checkpoint with running" in \
+        capsys.readouterr().err
     # --centre reads the checkpoint's training split again: here vinyals-train
     assert main(["eval", "--checkpoint", str(ck / "final.pt"), "--split", "vinyals-test",
                  "--centre", "--episodes", "2", "--queries", "1", "--shots", "1"]) == 0

@@ -33,14 +33,18 @@ if TYPE_CHECKING:  # for the annotations only
 
 def _one_shot_runs(args: argparse.Namespace, backbone: nn.Module, run: dict[str, Any]) -> int:
     """Lake et al.'s 20 one-shot runs: error rates, nearest neighbour and logistic."""
+    from ..gbml import has_batch_stats
     defaults = parser_defaults(args.parser)
     refuse_inert_flags(args, defaults, [
         (f, False, "--omniglot-runs (its 20 runs are fixed 20-way 1-shot tasks)")
-        for f in ("data", "root", "split", "seed", "shots", "ways", "queries", "episodes",
-                  "data_seed", "centre", "views")])
+        for f in ("data", "split", "seed", "shots", "ways", "queries", "episodes",
+                  "data_seed", "centre", "views")] + [
+        ("root", has_batch_stats(backbone), "--omniglot-runs on a checkpoint with running "
+         "statistics (--root only finds a GBML checkpoint's training images)")])
     if args.out:
         checks.writable_file("--out", args.out)
     size = args.image_size or run.get("image_size") or 28
+    backbone, norm = _frozen(args, run, backbone)
     try:
         res = one_shot_runs(backbone, args.omniglot_runs, image_size=size, C=args.C)
     except ValueError as exc:
@@ -51,7 +55,7 @@ def _one_shot_runs(args: argparse.Namespace, backbone: nn.Module, run: dict[str,
         f"{100 - res['logistic_error']:.2f}%)")
     write_json(args.out, {"command": command_line(), "checkpoint": args.checkpoint,
                           "protocol": "omniglot-one-shot-runs", "runs_file": args.omniglot_runs,
-                          "results": res, "machine": machine_info()})
+                          "results": res, "batchnorm": norm, "machine": machine_info()})
     return 0
 
 
@@ -100,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _frozen(args: argparse.Namespace, run: dict[str, Any],
             backbone: nn.Module) -> tuple[nn.Module, str]:
     """A GBML backbone frozen at the statistics of its training images as trained on (as
-    ``fastmtl compare`` does), where they can be read; else as it is, said on stderr."""
+    ``fastmtl compare`` does), where they can be read; else as it is, and says so."""
     from ..gbml import has_batch_stats
     if not has_batch_stats(backbone):
         return backbone, "running statistics"

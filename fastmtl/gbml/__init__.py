@@ -29,7 +29,13 @@ backbone, call :func:`use_batch_stats` on it first.
 """
 from __future__ import annotations
 
-from ._common import freeze_batch_stats, has_batch_stats, use_batch_stats
+from ._common import (
+    freeze_at,
+    freeze_batch_stats,
+    frozen_statistics,
+    has_batch_stats,
+    use_batch_stats,
+)
 from .anil import ANIL, ANILConfig
 from .maml import MAML, MAMLConfig
 from .protonet import ProtoNet, ProtoNetConfig, prototype_logits
@@ -37,4 +43,5 @@ from .r2d2 import R2D2, R2D2Config, ridge_regression
 
 __all__ = ["MAML", "MAMLConfig", "ANIL", "ANILConfig", "R2D2", "R2D2Config", "ProtoNet",
            "ProtoNetConfig", "prototype_logits", "ridge_regression",
-           "use_batch_stats", "freeze_batch_stats", "has_batch_stats"]
+           "use_batch_stats", "freeze_batch_stats", "has_batch_stats", "frozen_statistics",
+           "freeze_at"]

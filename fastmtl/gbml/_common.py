@@ -346,12 +346,76 @@ def freeze_batch_stats(backbone: nn.Module, images: torch.Tensor,
     net.eval()
     while has_batch_stats(net):      # the first norm a forward meets, until none is left
         norm, mean, var = _first_norm_stats(net, images, batch_size)
-        frozen = _FrozenNorm(norm, mean.to(images.dtype), var.to(images.dtype))
-        for module in list(net.modules()):
-            for name, child in list(module.named_children()):
-                if child is norm:
-                    setattr(module, name, frozen)
+        _swap(net, norm, _FrozenNorm(norm, mean.to(images.dtype), var.to(images.dtype)))
     return net.train(was_training)
+
+
+def frozen_statistics(net: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The (mean, variance) each norm of a :func:`freeze_batch_stats` copy uses, by module
+    name: copies, to be saved and given back to :func:`freeze_at` (empty: none frozen).
+
+    Example:
+        >>> import torch
+        >>> from fastmtl.models import conv4
+        >>> net = freeze_batch_stats(use_batch_stats(conv4(hidden=8)), torch.randn(4, 1, 28, 28))
+        >>> stats = frozen_statistics(net)
+        >>> sorted(stats)[:2], stats["blocks.0.1"][0].shape
+        (['blocks.0.1', 'blocks.1.1'], torch.Size([8]))
+    """
+    return {name: (m.mean.detach().clone(), m.var.detach().clone())
+            for name, m in net.named_modules() if isinstance(m, _FrozenNorm)}
+
+
+def freeze_at(backbone: nn.Module,
+              statistics: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """A copy of ``backbone`` (batch statistics, :func:`use_batch_stats`) with its norms
+    frozen at ``statistics``, as :func:`frozen_statistics` gives them (moved to the
+    backbone's device and dtype): what :func:`freeze_batch_stats` returned, without the
+    images.
+
+    Raises:
+        ValueError: ``backbone`` has no batch-statistics norm; ``statistics`` does not
+            name exactly its batch-statistics norms, each with a finite mean and a finite
+            non-negative variance of its width.
+
+    Example:
+        >>> import torch
+        >>> from fastmtl.models import conv4
+        >>> net, x = use_batch_stats(conv4(hidden=8)), torch.randn(6, 1, 28, 28)
+        >>> frozen = freeze_batch_stats(net, x)
+        >>> again = freeze_at(net, frozen_statistics(frozen))
+        >>> bool(torch.equal(again(x[:2]), frozen(x[:2])))
+        True
+    """
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    net = copy.deepcopy(backbone)
+    norms = {name: m for name, m in net.named_modules() if isinstance(m, _BatchStatNorm)}
+    if not norms:
+        raise ValueError("backbone has no batch-statistics norm (fastmtl.gbml.use_batch_stats)")
+    if not isinstance(statistics, dict) or set(statistics) != set(norms):
+        raise ValueError(f"statistics must name the batch-statistics norms of backbone "
+                         f"({sorted(norms)}), got {checks.describe(statistics)}")
+    like = next(net.parameters(), torch.empty(0))
+    for name, pair in statistics.items():
+        width = norms[name].num_features
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+                isinstance(t, torch.Tensor) and t.is_floating_point()
+                and tuple(t.shape) == (width,) and bool(torch.isfinite(t).all())
+                for t in pair)) or bool((pair[1] < 0).any()):
+            raise ValueError(f"statistics[{name!r}] must be a finite mean and a finite "
+                             f"non-negative variance of {width} values")
+        mean, var = (t.detach().to(like.device, like.dtype, copy=True) for t in pair)
+        _swap(net, norms[name], _FrozenNorm(norms[name], mean, var))
+    return net
+
+
+def _swap(net: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``net`` holds ``old``."""
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if child is old:
+                setattr(module, name, new)
 
 
 def _check_images(images: Any, batch_size: Any) -> None:

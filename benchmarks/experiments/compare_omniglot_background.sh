@@ -4,7 +4,9 @@
 # tuning/run_omniglot_background.sh and tables.py), 10 minutes each, 5-way and
 # 20-way test episodes, seeds 0 and 1 side by side (one torch thread each, one core each:
 # run it on an otherwise idle 2-core machine), then their merge. --centre adds the logistic
-# protocol on centred features (`fastmtl eval --centre`) for every method.
+# protocol on centred features (`fastmtl eval --centre`) for every method; in the shared
+# protocols the GBML baselines are frozen at the statistics of 4,096 training images
+# (fastmtl.gbml.freeze_batch_stats). The committed files are from its run of 2026-12-08.
 # Usage: benchmarks/experiments/compare_omniglot_background.sh ROOT OUT
 set -euo pipefail
 ROOT=${1:-../shared/data/omniglot-background}

@@ -1,5 +1,7 @@
 #!/bin/bash
-# How the committed compare_omniglot_background_{seed0,seed1,merged} files were last made:
+# Superseded (kept for the record; its figures are in benchmarks/results/ledger.jsonl): the
+# committed compare_omniglot_background_{seed0,seed1,merged} files come from a full run of
+# compare_omniglot_background.sh of 2026-12-08. Before that they were made so:
 # the run of compare_omniglot_background.sh (2026-12-07, with --centre), then R2D2 and
 # ProtoNet run again after `fastmtl compare` began to evaluate batch-statistics backbones
 # in the shared logistic and centred protocols on a copy frozen at training statistics

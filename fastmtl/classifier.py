@@ -367,7 +367,7 @@ class FewShotClassifier:
             net = backbone_from_checkpoint(state, path)
         clf = cls(net, device=device, **state["settings"])
         if state.get("norm_statistics") is not None:
-            clf._net = _frozen_at(clf.backbone, state["norm_statistics"], clf.device, path)
+            clf._net = _frozen_at(clf.backbone, state["norm_statistics"], path)
             clf._fixed_norm = bool(state.get("fixed_norm"))
         if state["classes"] is not None:
             clf.classes_ = _as_array(state["classes"])
@@ -418,13 +418,13 @@ def _norm_statistics(net: nn.Module,
     return {k: [m.cpu(), v.cpu()] for k, (m, v) in frozen_statistics(net).items()}
 
 
-def _frozen_at(backbone: nn.Module, stats: Any, device: torch.device, path: str) -> nn.Module:
-    """``backbone`` frozen at saved statistics, or ValueError naming ``path``."""
+def _frozen_at(backbone: nn.Module, stats: Any, path: str) -> nn.Module:
+    """``backbone`` frozen at saved statistics (moved to its device by ``freeze_at``), or
+    ValueError naming ``path``."""
     from .gbml import freeze_at
     try:
-        return freeze_at(backbone, {k: tuple(t.to(device) for t in pair)
-                                    for k, pair in stats.items()})
-    except (ValueError, AttributeError, TypeError) as exc:
+        return freeze_at(backbone, stats)
+    except ValueError as exc:
         raise ValueError(f"classifier {path!r} is damaged: its norm statistics do not fit "
                          f"its backbone ({exc})") from None
 

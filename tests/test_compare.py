@@ -20,7 +20,7 @@ def run(tmp_path_factory):
     t0 = time.perf_counter()
     code = main(["compare", "--data", "synthetic", "--methods", METHODS, "--budget-minutes",
                  "0.06", "--eval-every", "1.8", "--episodes", "10", "--out", str(out),
-                 "--threads", "2"])
+                 "--threads", "2", "--sample-images", "256"])
     wall = time.perf_counter() - t0
     return out, code, wall
 
@@ -66,7 +66,7 @@ def test_compare_resume_keeps_finished_methods(run):
     t0 = time.perf_counter()
     code = main(["compare", "--data", "synthetic", "--methods", METHODS, "--budget-minutes",
                  "0.06", "--eval-every", "1.8", "--episodes", "10", "--out", str(out),
-                 "--resume"])
+                 "--sample-images", "256", "--resume"])
     assert code == 0 and time.perf_counter() - t0 < 30
     assert json.loads((out / "compare.json").read_text())["results"] == before
 
@@ -85,6 +85,8 @@ def test_compare_resume_keeps_finished_methods(run):
     (["--eval-split", "train"], "--eval-split"),
     (["--image-size", "0"], "--image-size"),     # was run at 28 px and recorded as 0
     (["--eval-at", "1,nan"], "--eval-at"),
+    (["--sample-images", "1"], "--sample-images"),
+    (["--sample-images", "0"], "--sample-images"),
 ])
 def test_bad_input_fails_in_one_line_before_training(tmp_path, flags, needle):
     flags = list(flags)
@@ -187,9 +189,19 @@ def test_merge_averages_runs_point_by_point(run, tmp_path):
     assert (tmp_path / "m" / "compare.png").stat().st_size > 0
 
 
+def test_runs_without_sample_images_were_made_with_4096():
+    """compare.json files from before --sample-images froze and centred at 4,096 images:
+    their absent key reads so, for --resume and merge."""
+    from fastmtl.compare import CENTRE_IMAGES, differences, setting
+    assert setting({}, "sample_images") == CENTRE_IMAGES == 4096
+    assert differences({"sample_images": 4096}, {}) == []
+    assert differences({"sample_images": 64}, {}) == ["sample_images"]
+
+
 @pytest.mark.parametrize("change, needle", [
     (lambda p: p.update(seed=0), "differ in their seed"),
     (lambda p: p.update(episodes=p["episodes"] + 1), "episodes"),
+    (lambda p: p.update(sample_images=4096), "sample_images"),
     (lambda p: p["results"].pop("anil"), "methods"),
     (lambda p: p["results"]["mtl"]["points"].pop(), "evaluation points"),
     (None, "two or more"),
@@ -252,7 +264,8 @@ def test_several_ways_on_the_validation_classes(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "load_dataset", recording)
     out = tmp_path / "c"
     base = ["compare", "--data", "synthetic", "--methods", "mtl,protonet", "--budget-minutes",
-            "0.03", "--eval-every", "1", "--episodes", "4", "--shots", "1", "--out", str(out)]
+            "0.03", "--eval-every", "1", "--episodes", "4", "--shots", "1", "--out", str(out),
+            "--sample-images", "64"]
     assert main([*base, "--ways", "5", "10", "--eval-split", "val"]) == 0
     assert splits == ["train", "val"]
     payload = json.loads((out / "compare.json").read_text())
@@ -282,10 +295,11 @@ def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys):
     rows without "centred") and records what ran them."""
     out = tmp_path / "c"
     base = ["compare", "--data", "synthetic", "--methods", "mtl,protonet", "--budget-minutes",
-            "0.03", "--eval-every", "1", "--episodes", "4", "--shots", "1", "--out", str(out)]
+            "0.03", "--eval-every", "1", "--episodes", "4", "--shots", "1", "--out", str(out),
+            "--sample-images", "64"]
     assert main([*base, "--centre"]) == 0
     payload = json.loads((out / "compare.json").read_text())
-    assert payload["centre"] is True
+    assert payload["centre"] is True and payload["sample_images"] == 64
     for m, res in payload["results"].items():
         for p in res["points"]:
             assert sorted(p["accuracy"]["1"]) == (["centred", "logistic"] if m == "mtl"
@@ -298,7 +312,8 @@ def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys):
     assert "protonet *centred* |" in md and "protonet *own* (MTL centred) |" in md
     assert "1-shot centred final" in md and "unless marked *centred* or *own*" in md
     assert payload["results"]["mtl"]["shared_protocol_norm"] == "running statistics"
-    assert payload["results"]["protonet"]["shared_protocol_norm"].startswith("statistics of")
+    assert payload["results"]["protonet"]["shared_protocol_norm"].startswith(
+        "statistics of 64 seeded training images")
     assert "In these protocols protonet (batch-statistics BatchNorm) normalize" in md
     # Resuming a run without --centre, from before the frozen statistics: the kept
     # baseline has no centred rows, and its shared rows used per-batch statistics.
@@ -371,6 +386,8 @@ def test_batch_stat_baselines_use_training_statistics_in_the_shared_protocols():
     cls, cfg = config_for("protonet", budget_minutes=0.01)
     torch.manual_seed(0)
     trainer = cls(conv4(hidden=8), cfg)
+    assert torch.equal(shared_protocol_stats(trainer.backbone, train, 3, n=7),
+                       centre_sample(train, 3, n=7).tensor())
     stats = shared_protocol_stats(trainer.backbone, train, 3)
     assert torch.equal(stats, centre_sample(train, 3).tensor())
     mtl_cls, mtl_cfg = config_for("mtl", budget_minutes=0.01)

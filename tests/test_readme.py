@@ -1,7 +1,8 @@
 """Every shell and Python block of README.md runs, at a tiny budget.
 
 A test may change a command in two ways only: shrink the flags that set how long it runs
-(:data:`SHRINK`: minutes, episodes, evaluation points), and point it at folders it makes
+(:data:`SHRINK`: minutes, episodes, evaluation points, the training sample of compare's
+shared protocols), and point it at folders it makes
 in a temporary directory (the user's images) or at the Omniglot archives the tests use
 (``$FASTMTL_OMNIGLOT`` or ``../shared/data/omniglot``; skipped, saying so, without them).
 Everything else (the data set, the method, the default recipe, the image size) is the
@@ -28,7 +29,8 @@ BLOCK = re.compile(r"^```(bash|sh|shell|python)[ \t]*\n(.*?)^```", re.M | re.S)
 SHRINK = {
     "demo": {"--minutes": "0.05", "--episodes": "10"},
     "train": {"--max-minutes": "0.05", "--eval-episodes": "10", "--val-episodes": "10"},
-    "compare": {"--budget-minutes": "0.03", "--eval-at": "1", "--episodes": "5"},
+    "compare": {"--budget-minutes": "0.03", "--eval-at": "1", "--episodes": "5",
+                "--sample-images": "256"},
     "eval": {"--episodes": "10"},
     "merge": {},
     "adapt": {},

@@ -94,13 +94,13 @@ def test_resume_with_another_setting_is_refused(tmp_path, capsys):
     --resume and merge: a resumed run with another --ways is refused, naming it."""
     out = tmp_path / "c"
     base = ["compare", "--methods", "protonet", "--budget-minutes", "0.02", "--eval-every",
-            "0.5", "--episodes", "4", "--shots", "1", "--out", str(out),
+            "0.5", "--episodes", "4", "--shots", "1", "--out", str(out), "--sample-images", "64",
             "--settings", str(tmp_path / "s.json")]
     (tmp_path / "s.json").write_text(json.dumps({"protonet": {"n_way": 5}}))
     assert main(base) == 0
     capsys.readouterr()
     for flags, needle in ((["--ways", "3"], "ways"), (["--queries", "5"], "queries"),
-                          (["--seed", "1"], "seed")):
+                          (["--seed", "1"], "seed"), (["--sample-images", "99"], "sample_images")):
         code, lines, _ = _run(base + flags + ["--resume"], capsys)
         assert code == 2 and len(lines) == 1 and needle in lines[0], lines
     (tmp_path / "s.json").write_text(json.dumps({"protonet": {"n_way": 6}}))

@@ -106,6 +106,9 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     if any(w < 2 for w in args.ways) or len(set(args.ways)) != len(args.ways):
         raise ValueError(f"--ways must be different numbers >= 2, got {args.ways}")
     check_image_size(args)
+    if args.sample_images < 2:
+        raise ValueError(f"--sample-images must be >= 2 (statistics need two images), got "
+                         f"{args.sample_images}")
     if args.episodes < 2:
         raise ValueError(f"--episodes must be >= 2 (a confidence interval needs two), got "
                          f"{args.episodes}")
@@ -122,7 +125,7 @@ def _payload(args: argparse.Namespace, methods: list[str], settings: dict[str, A
             "budget_minutes": args.budget_minutes, "eval_every": args.eval_every,
             "shots": list(args.shots), "ways": args.ways[0], "also_ways": args.ways[1:],
             "queries": args.queries, "episodes": args.episodes, "eval_split": args.eval_split,
-            "centre": args.centre,
+            "centre": args.centre, "sample_images": args.sample_images,
             # the folder flags where they are read (elsewhere absent: their defaults)
             **({"channels": args.channels, "skip_bad_images": args.skip_bad_images}
                if registry.uses(args.data, "channels") else {}),
@@ -192,7 +195,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 budget_minutes=args.budget_minutes, eval_every=args.eval_every,
                 shots=args.shots, ways=args.ways, queries=args.queries,
                 episodes=args.episodes, seed=args.seed, settings=settings,
-                recipe=args.recipe, centre_from=centre_from, done=done,
+                recipe=args.recipe, centre_from=centre_from,
+                sample_images=args.sample_images, done=done,
                 on_method_done=save)
     save()
     write_outputs(payload, args.out)
@@ -276,9 +280,15 @@ def _add_test_flags(p: argparse.ArgumentParser) -> None:
                    help="test episodes per shot setting and time point")
     p.add_argument("--centre", action="store_true",
                    help="also evaluate every method by the logistic protocol on features "
-                        "centred on the mean feature of 4,096 training images, without "
-                        "rotations (protocol 'centred', as `fastmtl eval --centre` without "
-                        "--views; off the training clock)")
+                        "centred on the mean feature of --sample-images training images, "
+                        "without rotations (protocol 'centred', as `fastmtl eval --centre` "
+                        "without --views; off the training clock)")
+    p.add_argument("--sample-images", type=positive("--sample-images", int),
+                   default=cmp.CENTRE_IMAGES,
+                   help="seeded training images whose statistics a batch-statistics (GBML) "
+                        "backbone is frozen at in the shared protocols, and whose mean "
+                        "feature --centre uses; fewer make each evaluation point cheaper and "
+                        "those statistics noisier (>= 2)")
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:

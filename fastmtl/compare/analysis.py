@@ -24,9 +24,11 @@ __all__ = ["COMPARABLE", "PROTOCOL_PAIRS", "differences", "speedup_tables", "mer
 COMPARABLE = ("data", "root", "image_size", "data_seed", "channels", "skip_bad_images",
               "backbone", "rotations", "budget_minutes", "eval_every", "shots", "ways",
               "also_ways", "queries", "episodes", "eval_split", "recipe", "settings_overrides",
-              "machine.torch_threads")
+              "sample_images", "machine.torch_threads")
 # What a key absent from a compare.json (one written before the key was recorded) means.
-_ABSENT = {"also_ways": [], "eval_split": "test", "channels": 3, "skip_bad_images": False}
+# sample_images: the one sample size (run.CENTRE_IMAGES) before --sample-images.
+_ABSENT = {"also_ways": [], "eval_split": "test", "channels": 3, "skip_bad_images": False,
+           "sample_images": 4096}
 
 _Result = dict[str, Any]                    # one method's entry of compare.json's results
 _Reach = tuple[float, float] | None         # (seconds, FLOPs) of a crossing, None: never
@@ -46,8 +48,8 @@ def differences(a: dict[str, Any], b: dict[str, Any],
 
 def setting(payload: dict[str, Any], key: str) -> Any:
     """``payload[key]``, a dot reading inside a key (``"machine.torch_threads"``); where
-    absent, what its absence means (``also_ways``: none, ``eval_split``: test, the
-    folder flags their defaults) or None.
+    absent, what its absence means (``also_ways``: none, ``eval_split``: test,
+    ``sample_images``: 4096, the folder flags their defaults) or None.
 
     Example:
         >>> setting({"machine": {"torch_threads": 2}}, "machine.torch_threads")

@@ -47,7 +47,8 @@ __all__ = ["compare", "config_for", "check_data", "flop_counter", "flops_per_ste
 # this many of the training split without rotations (all of them where there are fewer),
 # drawn once per comparison, the same for every method and point. The mean of 4,096
 # features is within sampling noise of the whole set's, and a point then costs the same
-# on a set of 50,000 images as on 5,000.
+# on a set of 50,000 images as on 5,000. The default of ``compare(sample_images=...)``
+# (``--sample-images``), which also sets the sample a batch-statistics backbone is frozen at.
 CENTRE_IMAGES = 4096
 
 
@@ -264,8 +265,8 @@ def centre_sample(train: FewShotDataset, seed: int = 0,
                           train.mean, train.std, f"{train.name} (centre sample)")
 
 
-def _centre_images(centre_from: object, train: FewShotDataset,
-                   seed: int) -> FewShotDataset | None:
+def _centre_images(centre_from: object, train: FewShotDataset, seed: int,
+                   n: int = CENTRE_IMAGES) -> FewShotDataset | None:
     """:func:`compare`'s sample of ``centre_from`` (None: none); ValueError unless it is
     a data set of the training images' shape."""
     if centre_from is None:
@@ -276,14 +277,15 @@ def _centre_images(centre_from: object, train: FewShotDataset,
                else type(centre_from).__name__)
         raise ValueError(f"centre_from must be a FewShotDataset of the training images' "
                          f"shape {train.image_shape}, got {got}")
-    return centre_sample(centre_from, seed)
+    return centre_sample(centre_from, seed, n)
 
 
 def shared_protocol_stats(backbone: torch.nn.Module, train: FewShotDataset,
-                          seed: int = 0) -> torch.Tensor | None:
+                          seed: int = 0, n: int = CENTRE_IMAGES) -> torch.Tensor | None:
     """The images whose statistics a batch-statistics (GBML) backbone normalizes with in
-    the shared logistic and centred protocols: a seeded sample of its training images, as
-    they are trained on; None for other backbones, which keep running statistics.
+    the shared logistic and centred protocols: a seeded sample of ``n`` of its training
+    images (:func:`centre_sample`), as they are trained on; None for other backbones,
+    which keep running statistics.
 
     Example:
         >>> import fastmtl
@@ -292,7 +294,7 @@ def shared_protocol_stats(backbone: torch.nn.Module, train: FewShotDataset,
         torch.Size([20, 1, 28, 28])
     """
     from ..gbml import has_batch_stats
-    return centre_sample(train, seed).tensor() if has_batch_stats(backbone) else None
+    return centre_sample(train, seed, n).tensor() if has_batch_stats(backbone) else None
 
 
 def shared_protocol_backbone(backbone: torch.nn.Module, stats_from: torch.Tensor | None
@@ -369,15 +371,16 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
                test: FewShotDataset, *, eval_every: float | Sequence[float],
                shots: Sequence[int], ways: int | Sequence[int], queries: int, episodes: int,
                seed: int, bar: tqdm | None = None,
-               centre_from: FewShotDataset | None = None) -> dict[str, Any]:
-    """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s
-    (``ways``: one number of ways, or several, the first the main one; ``centre_from``:
-    training images whose mean feature centres the "centred" protocol, None: not run)."""
+               centre_from: FewShotDataset | None = None,
+               sample_images: int = CENTRE_IMAGES) -> dict[str, Any]:
+    """Train one method for ``cfg.max_minutes`` and evaluate it every ``eval_every`` s;
+    the arguments as :func:`compare`'s (``centre_from``: the sample itself, None: the
+    "centred" protocol is not run)."""
     ways = _ways_list(ways)
     flops, small_flops = _step_flops(cls, cfg, make_backbone, train)
     torch.manual_seed(seed)
     trainer = cls(make_backbone(), cfg)
-    stats_from = shared_protocol_stats(trainer.backbone, train, seed)
+    stats_from = shared_protocol_stats(trainer.backbone, train, seed, sample_images)
     device = trainer.device
     _reset_peak(device)
     points: list[dict[str, Any]] = []
@@ -427,7 +430,8 @@ def run_method(method: str, cfg: TrainerConfig, cls: TrainerClass,
 
 def _check_compare_args(methods: Sequence[str], budget_minutes: float,
                         eval_every: float | Sequence[float], episodes: int,
-                        settings: dict[str, dict[str, Any]] | None) -> None:
+                        settings: dict[str, dict[str, Any]] | None,
+                        sample_images: int = CENTRE_IMAGES) -> None:
     """ValueError naming the first bad argument of :func:`compare`, before any work."""
     if not methods:
         raise ValueError("methods: name at least one method")
@@ -441,9 +445,17 @@ def _check_compare_args(methods: Sequence[str], budget_minutes: float,
         raise ValueError(f"eval_every ({first} s) is larger than the budget "
                          f"({60 * budget_minutes:g} s)")
     checks.integer("episodes", episodes, 2)
+    checks.integer("sample_images", sample_images, 2)
     unknown = sorted(set(settings or {}) - set(registry.METHOD_NAMES))
     if unknown:
         raise ValueError(f"settings: unknown method(s) {unknown}")
+
+
+def _configs(methods: list[str], settings: dict[str, dict[str, Any]] | None, seed: int,
+             budget_minutes: float, recipe: str | None) -> dict[str, tuple[TrainerClass, Any]]:
+    """Each method's (trainer class, config) for :func:`compare`."""
+    return {m: config_for(m, (settings or {}).get(m), seed, budget_minutes,
+                          recipe if registry.METHODS[m].recipe else None) for m in methods}
 
 
 def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
@@ -451,9 +463,9 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
             eval_every: float | Sequence[float], shots: Sequence[int] = (1, 5),
             ways: int | Sequence[int] = 5, queries: int = 15, episodes: int = 300, seed: int = 0,
             settings: dict[str, dict[str, Any]] | None = None, recipe: str | None = None,
-            centre_from: FewShotDataset | None = None, done: dict[str, Any] | None = None,
-            on_method_done: Callable[[str, dict[str, Any]], None] | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            centre_from: FewShotDataset | None = None, sample_images: int = CENTRE_IMAGES,
+            done: dict[str, Any] | None = None, progress: bool = True,
+            on_method_done: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train and evaluate each method; returns ``{method: result}``.
 
     Args:
@@ -470,8 +482,10 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
         recipe: MTL's recipe (None: the registry's, the fast one).
         centre_from: the training images without rotations (``eval --centre``'s): also
             evaluate every method by the logistic protocol on features centred on the mean
-            feature of :data:`CENTRE_IMAGES` of them (:func:`centre_sample`, drawn once, the
+            feature of ``sample_images`` of them (:func:`centre_sample`, drawn once, the
             same for every method and point), protocol ``"centred"``.
+        sample_images: that sample's size, also that of the training images a GBML
+            backbone is frozen at in the shared protocols (:func:`shared_protocol_stats`).
         done: results of methods already run (``--resume``): those are kept, not rerun.
         on_method_done: called with (method, result) after each method (to save).
         progress: show a progress bar per method.
@@ -486,14 +500,12 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
         >>> # results = compare(["mtl", "protonet"], train, test, lambda: conv4(),
         >>> #                   budget_minutes=1, eval_every=20)
     """
-    methods = list(methods)
-    _check_compare_args(methods, budget_minutes, eval_every, episodes, settings)
-    ways = _ways_list(ways)
-    configs = {m: config_for(m, (settings or {}).get(m), seed, budget_minutes,
-                             recipe if registry.METHODS[m].recipe else None) for m in methods}
+    methods, ways = list(methods), _ways_list(ways)
+    _check_compare_args(methods, budget_minutes, eval_every, episodes, settings, sample_images)
+    configs = _configs(methods, settings, seed, budget_minutes, recipe)
     for m, (_, cfg) in configs.items():
         check_data(m, cfg, train, test, shots, ways, queries)
-    sample = _centre_images(centre_from, train, seed)
+    sample = _centre_images(centre_from, train, seed, sample_images)
     results = dict(done or {})
     for m in [m for m in methods if m not in results]:
         cls, cfg = configs[m]
@@ -502,7 +514,7 @@ def compare(methods: Sequence[str], train: FewShotDataset, test: FewShotDataset,
             results[m] = run_method(m, cfg, cls, make_backbone, train, test,
                                     eval_every=eval_every, shots=list(shots), ways=ways,
                                     queries=queries, episodes=episodes, seed=seed, bar=bar,
-                                    centre_from=sample)
+                                    centre_from=sample, sample_images=sample_images)
         if on_method_done is not None:
             on_method_done(m, results[m])
     return results

@@ -320,6 +320,22 @@ def test_synthetic_is_deterministic_and_prefix_stable():
     assert bigger.class_names[:5] == a.class_names
 
 
+def test_synthetic_splits_render_only_their_classes_and_equal_the_full_set_subset():
+    """The registry's splits draw only their class range, image for image what the full
+    data set's subset holds (it was so built until the range was drawn alone)."""
+    from fastmtl.data.named import SYNTHETIC_SPLITS, synthetic
+    full = SyntheticGlyphs(400, 20, seed=2, image_size=12)
+    for split, (lo, hi) in SYNTHETIC_SPLITS.items():
+        ds, ref = synthetic(None, split, image_size=12, seed=2), full.subset(range(lo, hi))
+        np.testing.assert_array_equal(ds.images, ref.images)
+        np.testing.assert_array_equal(ds.labels, ref.labels)
+        assert ds.class_names == ref.class_names and ds.name == f"synthetic-{split}"
+        assert (ds.mean, ds.std) == (ref.mean, ref.std)
+    for bad, name in (({"seed": -1}, "seed"), ({"image_size": 4}, "image_size")):
+        with pytest.raises(ValueError, match=name):
+            synthetic(None, "val", **bad)
+
+
 def test_synthetic_normalization_constants():
     ds = SyntheticGlyphs(60, 5, seed=11)
     x = ds.tensor()

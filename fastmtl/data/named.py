@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .. import checks
 from .base import FewShotDataset
 from .folder import ImageFolder
 from .omniglot import Omniglot
 from .pickles import CIFARFS, FC100, MiniImageNet, TieredImageNet, _PickleBenchmark
-from .synthetic import SyntheticGlyphs
+from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, glyph_classes
 from .transforms import with_rotations
 
 __all__ = ["SYNTHETIC_SPLITS", "synthetic", "omniglot", "folder", "miniimagenet",
@@ -48,8 +49,12 @@ def synthetic(root: str | None, split: str, image_size: int | None = None, seed:
     if split not in SYNTHETIC_SPLITS:
         raise ValueError(f"split must be one of {sorted(SYNTHETIC_SPLITS)}, got {split!r}")
     lo, hi = SYNTHETIC_SPLITS[split]
-    full = SyntheticGlyphs(hi, 20, seed=seed, image_size=image_size or 28)
-    return _finish(full.subset(range(lo, hi), name=f"synthetic-{split}"), rotations)
+    size = image_size or 28
+    checks.integer("seed", seed, 0)
+    checks.integer("image_size", size, 8)
+    images, labels, names = glyph_classes(range(lo, hi), 20, int(seed), int(size))
+    return _finish(FewShotDataset(images, labels, names, SYNTHETIC_MEAN, SYNTHETIC_STD,
+                                  f"synthetic-{split}"), rotations)
 
 
 def omniglot(root: str | None, split: str, image_size: int | None = None,

@@ -74,20 +74,28 @@ class SyntheticGlyphs(FewShotDataset):
         checks.integer("seed", seed, 0)
         checks.integer("image_size", image_size, 8)
         n_classes, per_class, seed, image_size = map(int, (n_classes, per_class, seed, image_size))
-        strokes = np.empty((n_classes, per_class, _MAX_STROKES, _POINTS_PER_STROKE, 2))
-        widths = np.empty((n_classes, per_class))
-        for c in range(n_classes):
-            shape_rng, draw_rng = (np.random.Generator(np.random.PCG64(s)) for s in
-                                   np.random.SeedSequence(seed, spawn_key=(c,)).spawn(2))
-            glyph = _random_glyph(shape_rng)
-            strokes[c], widths[c] = _draw_class(glyph, per_class, image_size, draw_rng)
-        images = _render(strokes.reshape(-1, _MAX_STROKES, _POINTS_PER_STROKE, 2),
-                         widths.reshape(-1), image_size)
-        labels = np.repeat(np.arange(n_classes, dtype=np.int64), per_class)
-        names = [f"glyph{c:04d}" for c in range(n_classes)]
+        images, labels, names = glyph_classes(range(n_classes), per_class, seed, image_size)
         super().__init__(images, labels, names, SYNTHETIC_MEAN, SYNTHETIC_STD,
                          name="synthetic")
         self.seed = seed
+
+
+def glyph_classes(classes: range, per_class: int, seed: int,
+                  image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images, labels 0..len(classes)-1, names) of the glyph classes ``classes`` alone:
+    image for image what ``SyntheticGlyphs(classes.stop, per_class, seed,
+    image_size).subset(classes)`` holds, without rendering the classes before them."""
+    strokes = np.empty((len(classes), per_class, _MAX_STROKES, _POINTS_PER_STROKE, 2))
+    widths = np.empty((len(classes), per_class))
+    for i, c in enumerate(classes):
+        shape_rng, draw_rng = (np.random.Generator(np.random.PCG64(s)) for s in
+                               np.random.SeedSequence(seed, spawn_key=(c,)).spawn(2))
+        glyph = _random_glyph(shape_rng)
+        strokes[i], widths[i] = _draw_class(glyph, per_class, image_size, draw_rng)
+    images = _render(strokes.reshape(-1, _MAX_STROKES, _POINTS_PER_STROKE, 2),
+                     widths.reshape(-1), image_size)
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), per_class)
+    return images, labels, [f"glyph{c:04d}" for c in classes]
 
 
 def _random_glyph(rng: np.random.Generator) -> dict:

@@ -288,7 +288,7 @@ def test_several_ways_on_the_validation_classes(tmp_path, monkeypatch):
     assert proc.returncode == 2 and "also_ways" in proc.stderr and "eval_split" in proc.stderr
 
 
-def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys):
+def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys, monkeypatch):
     """--centre: every point of every method holds "centred" beside the logistic protocol
     (and the baselines' own); the tables pair MTL's centred head with each baseline's
     centred and own rows; a run resumed with --centre keeps the finished methods (their
@@ -297,7 +297,18 @@ def test_centre_adds_the_centred_protocol_for_every_method(tmp_path, capsys):
     base = ["compare", "--data", "synthetic", "--methods", "mtl,protonet", "--budget-minutes",
             "0.03", "--eval-every", "1", "--episodes", "4", "--shots", "1", "--out", str(out),
             "--sample-images", "64"]
+    from fastmtl.compare import run as compare_run
+    drawn, draw = [], compare_run.centre_sample
+
+    def recording(train, seed=0, n=compare_run.CENTRE_IMAGES):
+        drawn.append((train.name, n))
+        return draw(train, seed, n)
+
+    monkeypatch.setattr(compare_run, "centre_sample", recording)
     assert main([*base, "--centre"]) == 0
+    # the centring sample (training images without rotations) and protonet's frozen one
+    assert sorted(drawn) == [("synthetic-train", 64)] * 2, drawn
+    monkeypatch.undo()
     payload = json.loads((out / "compare.json").read_text())
     assert payload["centre"] is True and payload["sample_images"] == 64
     for m, res in payload["results"].items():

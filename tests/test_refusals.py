@@ -87,6 +87,10 @@ def test_compare_settings_for_a_method_not_run_are_refused(tmp_path, capsys):
     code, lines, _ = _run(["compare", "--root", "somewhere", "--out", str(tmp_path / "c")],
                           capsys)
     assert code == 2 and "--root" in lines[0] and "--data synthetic" in lines[0]
+    # --sample-images where nothing is sampled: MTL alone (running statistics), no --centre
+    code, lines, _ = _run(["compare", "--methods", "mtl", "--sample-images", "64",
+                           "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "--sample-images" in lines[0] and "--centre" in lines[0]
 
 
 def test_resume_with_another_setting_is_refused(tmp_path, capsys):

@@ -87,6 +87,9 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     data = f"--data {args.data}"
     refuse_inert_flags(args, defaults, [
         ("recipe", recipes, "--methods without mtl (recipes are MTL's)"),
+        ("sample_images", args.centre or any(registry.METHODS[m].recipe is None
+                                             for m in methods),
+         "--methods without a GBML baseline and without --centre (nothing is sampled)"),
         ("channels", registry.uses(args.data, "channels"), data),
         ("skip_bad_images", registry.uses(args.data, "skip_bad_images"), data),
         ("data_seed", registry.uses(args.data, "seed"), data),
@@ -285,10 +288,11 @@ def _add_test_flags(p: argparse.ArgumentParser) -> None:
                         "without --views; off the training clock)")
     p.add_argument("--sample-images", type=positive("--sample-images", int),
                    default=cmp.CENTRE_IMAGES,
-                   help="seeded training images whose statistics a batch-statistics (GBML) "
-                        "backbone is frozen at in the shared protocols, and whose mean "
-                        "feature --centre uses; fewer make each evaluation point cheaper and "
-                        "those statistics noisier (>= 2)")
+                   help="how many seeded training images a batch-statistics (GBML) "
+                        "backbone is frozen at in the shared protocols, and --centre "
+                        "averages (the same size; without rotations for --centre); fewer "
+                        "make each evaluation point cheaper and those statistics noisier "
+                        "(>= 2)")
 
 
 def add_parsers(sub: argparse._SubParsersAction[Parser]) -> None:

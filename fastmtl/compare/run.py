@@ -294,6 +294,7 @@ def shared_protocol_stats(backbone: torch.nn.Module, train: FewShotDataset,
         torch.Size([20, 1, 28, 28])
     """
     from ..gbml import has_batch_stats
+    checks.integer("n", n, 2)
     return centre_sample(train, seed, n).tensor() if has_batch_stats(backbone) else None
 
 

@@ -15,7 +15,7 @@ from .base import FewShotDataset
 from .folder import ImageFolder
 from .omniglot import Omniglot
 from .pickles import CIFARFS, FC100, MiniImageNet, TieredImageNet, _PickleBenchmark
-from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, glyph_classes
+from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, _glyph_classes
 from .transforms import with_rotations
 
 __all__ = ["SYNTHETIC_SPLITS", "synthetic", "omniglot", "folder", "miniimagenet",
@@ -52,7 +52,7 @@ def synthetic(root: str | None, split: str, image_size: int | None = None, seed:
     size = image_size or 28
     checks.integer("seed", seed, 0)
     checks.integer("image_size", size, 8)
-    images, labels, names = glyph_classes(range(lo, hi), 20, int(seed), int(size))
+    images, labels, names = _glyph_classes(range(lo, hi), 20, int(seed), int(size))
     return _finish(FewShotDataset(images, labels, names, SYNTHETIC_MEAN, SYNTHETIC_STD,
                                   f"synthetic-{split}"), rotations)
 

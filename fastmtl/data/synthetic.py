@@ -74,13 +74,13 @@ class SyntheticGlyphs(FewShotDataset):
         checks.integer("seed", seed, 0)
         checks.integer("image_size", image_size, 8)
         n_classes, per_class, seed, image_size = map(int, (n_classes, per_class, seed, image_size))
-        images, labels, names = glyph_classes(range(n_classes), per_class, seed, image_size)
+        images, labels, names = _glyph_classes(range(n_classes), per_class, seed, image_size)
         super().__init__(images, labels, names, SYNTHETIC_MEAN, SYNTHETIC_STD,
                          name="synthetic")
         self.seed = seed
 
 
-def glyph_classes(classes: range, per_class: int, seed: int,
+def _glyph_classes(classes: range, per_class: int, seed: int,
                   image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images, labels 0..len(classes)-1, names) of the glyph classes ``classes`` alone:
     image for image what ``SyntheticGlyphs(classes.stop, per_class, seed,

@@ -25,12 +25,12 @@ import argparse
 import copy
 import json
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
 
 from fastmtl import registry
+from fastmtl._env import machine_info
 from fastmtl.compare import centre_sample, config_for
 from fastmtl.evaluate import embed, evaluate, feature_mean
 from fastmtl.training import AtTrainingSeconds, Callback
@@ -108,7 +108,7 @@ def main() -> None:
     with open(os.path.join(args.out, f"{args.label}_s{args.seed}.json"), "w") as f:
         json.dump({"label": args.label, "seed": args.seed, "overrides": overrides,
                    "ema": args.ema or None,
-                   "machine": platform.processor() or platform.machine(),
+                   "machine": machine_info(),
                    "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 

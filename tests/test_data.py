@@ -336,6 +336,22 @@ def test_synthetic_splits_render_only_their_classes_and_equal_the_full_set_subse
             synthetic(None, "val", **bad)
 
 
+def test_synthetic_draws_are_kept_but_never_shared():
+    """A split loaded again comes from the kept draw: equal, yet a changed copy does not
+    reach the next load (nor does a changed SyntheticGlyphs reach the next one)."""
+    from fastmtl.data.named import synthetic
+    a = synthetic(None, "val", image_size=12, seed=5)
+    a.images[:] = 0
+    a.labels[:] = 0
+    b = synthetic(None, "val", image_size=12, seed=5)
+    assert b.images.max() == 255 and b.labels.max() == 39
+    np.testing.assert_array_equal(b.images, SyntheticGlyphs(280, 20, seed=5, image_size=12)
+                                  .subset(range(240, 280)).images)
+    g = SyntheticGlyphs(3, 2, seed=5)
+    g.images[:] = 7
+    assert SyntheticGlyphs(3, 2, seed=5).images.max() == 255
+
+
 def test_synthetic_normalization_constants():
     ds = SyntheticGlyphs(60, 5, seed=11)
     x = ds.tensor()

@@ -7,6 +7,8 @@ extends a smaller one and splits can be taken as disjoint class ranges.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from .. import checks
@@ -27,6 +29,10 @@ _SCALE = (0.85, 1.15)
 _SHEAR = 0.15
 _SHIFT_PX = 1.5
 _RENDER_CHUNK = 256             # images per vectorized rendering pass (bounds memory)
+# The last few draws of at most _KEEP_BYTES of images, by (classes, per_class, seed,
+# size): the CLI and the tests load the same splits many times in one process.
+_KEEP, _KEEP_BYTES = 4, 32 << 20
+_kept: OrderedDict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
 # Bernstein bases for a line, a quadratic and a cubic Bezier curve, sampled once.
 _T = np.linspace(0.0, 1.0, _POINTS_PER_STROKE)
@@ -81,10 +87,27 @@ class SyntheticGlyphs(FewShotDataset):
 
 
 def _glyph_classes(classes: range, per_class: int, seed: int,
-                  image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images, labels 0..len(classes)-1, names) of the glyph classes ``classes`` alone:
     image for image what ``SyntheticGlyphs(classes.stop, per_class, seed,
-    image_size).subset(classes)`` holds, without rendering the classes before them."""
+    image_size).subset(classes)`` holds, without rendering the classes before them.
+    Small draws are kept (:data:`_KEEP`) and handed out again as fresh copies."""
+    key = (classes.start, classes.stop, classes.step, per_class, seed, image_size)
+    names = [f"glyph{c:04d}" for c in classes]
+    if key in _kept:
+        _kept.move_to_end(key)
+        images, labels = _kept[key]
+        return images.copy(), labels.copy(), names
+    images, labels = _draw(classes, per_class, seed, image_size)
+    if images.nbytes <= _KEEP_BYTES:
+        _kept[key] = (images.copy(), labels.copy())
+        while len(_kept) > _KEEP:
+            _kept.popitem(last=False)
+    return images, labels, names
+
+
+def _draw(classes: range, per_class: int, seed: int,
+          image_size: int) -> tuple[np.ndarray, np.ndarray]:
     strokes = np.empty((len(classes), per_class, _MAX_STROKES, _POINTS_PER_STROKE, 2))
     widths = np.empty((len(classes), per_class))
     for i, c in enumerate(classes):
@@ -94,8 +117,7 @@ def _glyph_classes(classes: range, per_class: int, seed: int,
         strokes[i], widths[i] = _draw_class(glyph, per_class, image_size, draw_rng)
     images = _render(strokes.reshape(-1, _MAX_STROKES, _POINTS_PER_STROKE, 2),
                      widths.reshape(-1), image_size)
-    labels = np.repeat(np.arange(len(classes), dtype=np.int64), per_class)
-    return images, labels, [f"glyph{c:04d}" for c in classes]
+    return images, np.repeat(np.arange(len(classes), dtype=np.int64), per_class)
 
 
 def _random_glyph(rng: np.random.Generator) -> dict:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from fastmtl import registry
 from fastmtl._env import machine_info
-from fastmtl.compare import centre_sample, config_for
+from early_protocols import background_data  # this folder (run as a script)
+from fastmtl.compare import config_for
 from fastmtl.evaluate import embed, evaluate, feature_mean
 from fastmtl.training import AtTrainingSeconds, Callback
 
@@ -83,9 +84,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/early_mtl")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    train = registry.load_dataset("omniglot", args.root, "train", rotations=True)
-    val = registry.load_dataset("omniglot", args.root, "val")
-    sample = centre_sample(registry.load_dataset("omniglot", args.root, "train"), 123)
+    train, val, sample = background_data(args.root)
     overrides = dict(TUNED, **json.loads(args.overrides))
     cls, cfg = config_for("mtl", overrides, args.seed, 10.0, None)
     torch.manual_seed(args.seed)

@@ -32,6 +32,14 @@ TIMES = [10, 20, 30, 45, 60, 90, 120, 180]
 SETTINGS = [(5, 1), (5, 5), (20, 1)]
 
 
+def background_data(root: str):
+    """(training split with rotations, validation split, the 4,096-image centring sample
+    of the training split without rotations) of the background set at 28 px."""
+    train = registry.load_dataset("omniglot", root, "train", rotations=True)
+    val = registry.load_dataset("omniglot", root, "val")
+    return train, val, centre_sample(registry.load_dataset("omniglot", root, "train"), 123)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("seed", type=int)
@@ -41,9 +49,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/early")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    train = registry.load_dataset("omniglot", args.root, "train", rotations=True)
-    val = registry.load_dataset("omniglot", args.root, "val")
-    sample = centre_sample(registry.load_dataset("omniglot", args.root, "train"), 123)
+    train, val, sample = background_data(args.root)
     cls, cfg = config_for(args.method, {"lr": args.lr}, args.seed, 3.0, None)
     torch.manual_seed(args.seed)
     trainer = cls(registry.build_backbone("conv4", train.channels), cfg)
